@@ -1,0 +1,67 @@
+"""`omni-train` subcommands. Each parses its flags and calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _shards_build(args: argparse.Namespace) -> int:
+    from omni_train.data.writer import build_shards_cli
+    return build_shards_cli(args)
+
+
+def _shards_inspect(args: argparse.Namespace) -> int:
+    from omni_train.data.inspect import inspect_cli
+    return inspect_cli(args)
+
+
+def _tokenizer_train(args: argparse.Namespace) -> int:
+    from omni_train.data.text import train_tokenizer_cli
+    return train_tokenizer_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omni-train", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    shards = commands.add_parser("shards", help="build, generate and inspect WebDataset shards").add_subparsers(dest="shards_command", required=True)
+    build = shards.add_parser("build", help="write shards from a ShareGPT-style manifest (or a folder of recordings)")
+    build.add_argument("--manifest", help="JSON or JSONL manifest (messages with <audio>/<image>/<video> placeholders + audios/images/videos lists)")
+    build.add_argument("--media-root", default=".", help="directory the manifest's media paths are relative to")
+    build.add_argument("--out", required=True, help="output directory")
+    build.add_argument("--prefix", default="train", help="shard file name prefix: <prefix>-000000.tar")
+    build.add_argument("--max-samples", type=int, default=1000, help="samples per shard")
+    build.add_argument("--max-bytes", type=float, default=1e9, help="bytes per shard")
+    build.add_argument("--task", default=None, help="meta.task for entries that do not set one")
+    build.add_argument("--language", default=None, help="meta.language for entries that do not set one")
+    build.set_defaults(func=_shards_build)
+
+    inspect = shards.add_parser("inspect", help="count samples, tasks, languages, hours, frames, tokens")
+    inspect.add_argument("pattern", help="shard path, brace pattern or glob")
+    inspect.add_argument("--decode", action="store_true", help="run every sample through the training decode + tokenize and list the unusable ones")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.add_argument("--recipe", default=None, help="recipe whose data.* settings (caps, tokenizer) apply")
+    inspect.add_argument("--tokenizer", default=None, help="sentencepiece .model or HF tokenizer dir (default: byte-level)")
+    inspect.set_defaults(func=_shards_inspect)
+
+    tokenizer = commands.add_parser("tokenizer", help="train a tokenizer").add_subparsers(dest="tokenizer_command", required=True)
+    train = tokenizer.add_parser("train", help="train a multilingual sentencepiece tokenizer on the text of shards")
+    train.add_argument("--shards", required=True, help="shard pattern")
+    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--out", required=True, help="output .model file")
+    train.set_defaults(func=_tokenizer_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:  # user errors: one line, no traceback
+        print(f"omni-train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""In-memory forms of one sample on its way to a batch: decoded media, then tokenized text.
+
+`EncodedMedia` is what a per-modality decoder returns: the tensors its encoder consumes and the
+exact number of positions that encoder will produce, so the chat template can reserve them.
+`TokenizedSample` is one rendered conversation; `packing` packs several into a sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+MODALITY_IDS = {"text": 0, "audio": 1, "image": 2, "video": 3}
+
+
+@dataclass(kw_only=True)
+class EncodedMedia:
+    modality: str                     # "audio" | "image" | "video"
+    num_tokens: int                   # positions the encoder + projector produce for this item
+    token_timestamps_s: torch.Tensor  # (num_tokens,) float32: time of each position; 0 for images
+    tensors: dict[str, torch.Tensor]  # encoder inputs, see the modality module for the keys
+    duration_s: float = 0.0           # audio/video duration after capping; 0 for images
+
+    def __post_init__(self):
+        assert self.token_timestamps_s.shape == (self.num_tokens,), (self.token_timestamps_s.shape, self.num_tokens)
+
+
+@dataclass(kw_only=True)
+class TokenizedSample:
+    input_ids: torch.Tensor     # (L,) int64; media positions hold the modality's pad token id
+    labels: torch.Tensor        # (L,) int64; -100 where no loss (everything but assistant turns)
+    modality_ids: torch.Tensor  # (L,) int8; MODALITY_IDS
+    timestamps_s: torch.Tensor  # (L,) float32; media positions' timestamps, -1 for text
+    media: list[EncodedMedia] = field(default_factory=list)  # in placeholder order
+    key: str = ""
+    shard: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+class MediaError(ValueError):
+    """Media that cannot be used (undecodable, over a duration or pixel cap); the sample is skipped and logged."""
