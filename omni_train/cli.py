@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--max-bytes", type=float, default=1e9, help="bytes per shard")
     build.add_argument("--task", default=None, help="meta.task for entries that do not set one")
     build.add_argument("--language", default=None, help="meta.language for entries that do not set one")
+    build.add_argument("--overwrite", action="store_true", help="replace existing <prefix>-*.tar shards in --out")
     build.set_defaults(func=_shards_build)
 
     inspect = shards.add_parser("inspect", help="count samples, tasks, languages, hours, frames, tokens")

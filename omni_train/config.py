@@ -1,0 +1,120 @@
+"""Recipes: YAML merged over the config dataclasses, then dotted command-line overrides.
+
+    cfg = load_recipe("recipes/smoke.yaml", ["data.seq_len=1024", "seed=3"])
+
+The schema is a tree of plain kw_only dataclasses, each defined next to the code it configures
+(`DataConfig` in `data/pipeline.py`, `AudioConfig` in `data/audio.py`, ...). OmegaConf does the
+merge and type checks; each dataclass validates its own fields in `__post_init__`. Any problem
+stops before work starts with a `RecipeError` whose one line names the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from omni_train.data.pipeline import DataConfig
+
+
+class RecipeError(ValueError):
+    """A recipe or override that cannot be used; the message is one line naming the key."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class RecipeConfig:
+    name: str
+    output_dir: str | None = None  # default: runs/<name>
+    seed: int = 0
+    data: DataConfig
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name must be a non-empty run name without '/', got {self.name!r}")
+        if self.output_dir is None:
+            self.output_dir = str(Path("runs") / self.name)
+
+
+def _one_line(e: OmegaConfBaseException) -> str:
+    first = str(e).splitlines()[0]
+    key = getattr(e, "full_key", None)
+    return f"{key}: {first}" if key else first
+
+
+def _instantiate(cls: type, node: Any, path: str) -> Any:
+    """Build dataclass `cls` from a resolved plain dict, bottom-up, so a validation error names its dotted key."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for field in dataclasses.fields(cls):
+        if field.name not in node:
+            continue
+        kwargs[field.name] = _convert(hints[field.name], node[field.name], f"{path}{field.name}")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise RecipeError(_name_key(str(e), path.rstrip("."), cls)) from None
+
+
+def _name_key(message: str, where: str, cls: type) -> str:
+    """Make a dataclass's validation message start with the full dotted key it is about."""
+    if not where or message.startswith(where):
+        return message
+    last = where.rpartition(".")[2].split("[")[0]
+    if message.startswith(last + "."):  # "audio.n_fft must ..." under data.audio
+        return where[: len(where) - len(where.rpartition(".")[2])] + message
+    for field in dataclasses.fields(cls):
+        if message.startswith(field.name + " "):
+            return f"{where}.{message}"
+    return f"{where}: {message}"
+
+
+def _convert(hint: Any, value: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return _instantiate(hint, value, path + ".")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list and args and dataclasses.is_dataclass(args[0]):
+        return [_instantiate(args[0], item, f"{path}[{i}].") for i, item in enumerate(value)]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        for arg in args:
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                return _instantiate(arg, value, path + ".")
+    return value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"override {text!r} is not key=value (for example train.steps=200)")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = (), *, schema: type = RecipeConfig) -> Any:
+    """Recipe file + overrides -> validated `schema` instance, or `RecipeError` naming the key."""
+    base = OmegaConf.structured(schema)
+    try:
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise RecipeError(f"recipe {path} does not exist")
+            try:
+                text = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise RecipeError(f"recipe {path}: invalid YAML ({str(e).splitlines()[0]})") from None
+            base = OmegaConf.merge(base, text)
+        for override in overrides:
+            key, value = parse_override(override)
+            OmegaConf.update(base, key, value, merge=True)
+        resolved = OmegaConf.to_container(base, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as e:
+        raise RecipeError(_one_line(e)) from None
+    return _instantiate(schema, resolved, "")
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML (written to the run directory and stored in checkpoints)."""
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,212 @@
+"""The audio encoder: Whisper-style conv subsampling + bidirectional transformer over independent 30 s windows.
+
+    mel (W, num_mel_bins, T) + valid frames (W,)
+      -> conv1, conv2 (kernel 3, stride 2, padding 1, GELU)      (W, T / 4, dim), 25 positions per second
+      -> + embed_positions (sinusoidal init, trainable)
+      -> pre-norm layers, attention within the valid positions of each window
+      -> layer_norm, then the valid positions of every window in order  (num_audio_tokens_total, dim)
+
+Windows never see each other (a one-hour meeting costs 120 window-sized attentions, not one
+huge one), and a window's valid outputs depend only on its valid frames: the padded frames are
+zeros (as the convolutions' own padding), the conv1 outputs past the valid length are zeroed
+before conv2, and padded positions are masked out of attention. So the input may be cut to
+the longest valid window of the batch, which saves most of the work for short clips, and the
+number of outputs per window is exactly `data.audio._tokens_in_window`, the function the
+chat template used to reserve placeholders.
+
+Parameter names follow transformers' `WhisperEncoder` (`conv1`, `conv2`, `embed_positions`,
+`layers.N.self_attn.{q,k,v,out}_proj`, `self_attn_layer_norm`, `fc1`, `fc2`,
+`final_layer_norm`, `layer_norm`), so a Whisper checkpoint maps one to one; note that Whisper's
+conv1 has stride 1 (50 positions per second), ours stride 2 (Qwen2.5-Omni's 40 ms per token).
+
+`EncoderLayer` is the pre-norm bidirectional block that the vision encoder shares.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from omni_train.data.audio import AudioConfig, _tokens_in_window
+from omni_train.model.attention import BACKENDS, attention, attention_backend, document_ids_to_cu_seqlens
+from omni_train.model.rope import apply_rotary
+
+NUM_STRIDE2_CONVS = 2  # conv1 and conv2: 4 mel frames (40 ms) per token, data.audio.downsample = 4
+
+
+@dataclass(kw_only=True)
+class AudioEncoderConfig:
+    dim: int
+    num_layers: int
+    num_heads: int
+    ffn_dim: int
+    num_mel_bins: int = 128        # must equal data.audio.num_mel_bins
+    window_frames: int = 3000      # mel frames per window (data.audio.window_s / 10 ms): sizes embed_positions
+    layer_norm_eps: float = 1e-5   # Whisper's
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        for name in ("dim", "num_layers", "num_heads", "ffn_dim", "num_mel_bins", "window_frames"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"model.audio.{name} must be a positive integer, got {value!r}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"model.audio.dim ({self.dim}) must be a multiple of model.audio.num_heads ({self.num_heads})")
+        if self.dim % 2:
+            raise ValueError(f"model.audio.dim must be even (sinusoidal positions pair sin and cos), got {self.dim}")
+        if self.layer_norm_eps <= 0 or self.init_std <= 0:
+            raise ValueError(f"model.audio.layer_norm_eps and model.audio.init_std must be > 0, "
+                             f"got {self.layer_norm_eps} and {self.init_std}")
+
+    @property
+    def num_positions(self) -> int:
+        """Encoder positions of a full window (750 for 3000 frames)."""
+        return int(_tokens_in_window(self.window_frames, _token_layout(self.num_mel_bins, NUM_STRIDE2_CONVS)))
+
+
+def _token_layout(num_mel_bins: int, num_convs: int) -> AudioConfig:
+    """The data layer's AudioConfig whose token arithmetic is that of the first `num_convs` stride-2 convs."""
+    return AudioConfig(num_mel_bins=num_mel_bins, downsample=2 ** num_convs)
+
+
+def sinusoids(num_positions: int, dim: int, max_timescale: float = 10000.0) -> torch.Tensor:
+    """(num_positions, dim) float32: sines in the first half, cosines in the second, geometric timescales (Whisper)."""
+    log_increment = math.log(max_timescale) / (dim // 2 - 1) if dim > 2 else 0.0
+    inv_timescales = torch.exp(-log_increment * torch.arange(dim // 2, dtype=torch.float32))  # (dim / 2,)
+    angles = torch.arange(num_positions, dtype=torch.float32)[:, None] * inv_timescales  # (N, dim / 2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class EncoderAttention(nn.Module):
+    """Bidirectional multi-head attention within documents; optional rotary positions (vision)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q_proj = nn.Linear(dim, dim)
+        # No key bias (Whisper): it adds q.b to every score of a query row, which softmax cancels.
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, *, document_ids: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
+                backend: str, cu_seqlens: torch.Tensor | None, max_seqlen: int | None) -> torch.Tensor:
+        batch, seq_len, dim = x.shape
+        q, k, v = (proj(x).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, L, Dh) each
+        if rotary is not None:
+            q, k = apply_rotary(q, k, *rotary)
+        out = attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, document_ids=document_ids,
+                        causal=False, backend=backend)  # (B, H, L, Dh)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, seq_len, dim))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm block (Whisper / SigLIP): x + attn(ln(x)), then x + fc2(gelu(fc1(ln(x))))."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, eps: float):
+        super().__init__()
+        self.self_attn_layer_norm = nn.LayerNorm(dim, eps=eps)
+        self.self_attn = EncoderAttention(dim, num_heads)
+        self.final_layer_norm = nn.LayerNorm(dim, eps=eps)
+        self.fc1 = nn.Linear(dim, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, dim)
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None, *,
+                document_ids: torch.Tensor, backend: str, cu_seqlens: torch.Tensor | None,
+                max_seqlen: int | None) -> torch.Tensor:
+        x = x + self.self_attn(self.self_attn_layer_norm(x), document_ids=document_ids, rotary=rotary, backend=backend,
+                               cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+
+
+def run_layers(layers: nn.ModuleList, x: torch.Tensor, document_ids: torch.Tensor, *, backend: str,
+               rotary: tuple[torch.Tensor, torch.Tensor] | None = None, activation_checkpointing: bool = False) -> torch.Tensor:
+    """Apply encoder layers to x (B, L, D) with attention inside each document of document_ids (B, L), -1 = padding."""
+    if backend == "auto":
+        backend = attention_backend(x.device, x.dtype)
+    cu_seqlens, max_seqlen = document_ids_to_cu_seqlens(document_ids) if backend != "sdpa" else (None, None)
+    kwargs = dict(document_ids=document_ids, backend=backend, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    for layer in layers:
+        if activation_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(layer, x, rotary, use_reentrant=False, **kwargs)
+        else:
+            x = layer(x, rotary, **kwargs)
+    return x
+
+
+@torch.no_grad()
+def init_encoder_weights(module: nn.Module, std: float) -> None:
+    """Normal(0, std) linear and conv weights, zero biases, unit LayerNorms: the backbone's initializer."""
+    for sub in module.modules():
+        if isinstance(sub, (nn.Linear, nn.Conv1d)):
+            sub.weight.normal_(0.0, std)
+            if sub.bias is not None:
+                sub.bias.zero_()
+        elif isinstance(sub, nn.LayerNorm):
+            sub.weight.fill_(1.0)
+            sub.bias.zero_()
+
+
+class AudioEncoder(nn.Module):
+    """(W, num_mel_bins, T) windows + (W,) valid frames -> (sum of valid tokens, dim), windows in order."""
+
+    def __init__(self, cfg: AudioEncoderConfig, *, activation_checkpointing: bool = False, attn_backend: str = "auto"):
+        super().__init__()
+        if attn_backend not in BACKENDS:
+            raise ValueError(f"attn_backend must be one of {', '.join(BACKENDS)}, got {attn_backend!r}")
+        self.cfg = cfg
+        self.activation_checkpointing = activation_checkpointing
+        self.attn_backend = attn_backend
+        # The data layer's token arithmetic after conv1 and after conv2: one definition of the counts.
+        self._layouts = [_token_layout(cfg.num_mel_bins, i + 1) for i in range(NUM_STRIDE2_CONVS)]
+        self.conv1 = nn.Conv1d(cfg.num_mel_bins, cfg.dim, kernel_size=3, stride=2, padding=1)
+        self.conv2 = nn.Conv1d(cfg.dim, cfg.dim, kernel_size=3, stride=2, padding=1)
+        self.embed_positions = nn.Embedding(cfg.num_positions, cfg.dim)
+        self.layers = nn.ModuleList(EncoderLayer(cfg.dim, cfg.num_heads, cfg.ffn_dim, cfg.layer_norm_eps)
+                                    for _ in range(cfg.num_layers))
+        self.layer_norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        init_encoder_weights(self, self.cfg.init_std)
+        self.embed_positions.weight.copy_(sinusoids(self.cfg.num_positions, self.cfg.dim))
+
+    def num_tokens(self, window_frames: torch.Tensor) -> torch.Tensor:
+        """(W,) valid frames -> (W,) encoder positions per window: `data.audio._tokens_in_window`."""
+        return _tokens_in_window(window_frames, self._layouts[-1])
+
+    def dummy_input(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One short window of zeros (8 frames, 2 positions): runs the encoder when a batch has no audio."""
+        num_frames = 2 ** NUM_STRIDE2_CONVS * 2
+        return (torch.zeros(1, self.cfg.num_mel_bins, num_frames, device=device),
+                torch.full((1,), num_frames, dtype=torch.long, device=device))
+
+    def forward(self, mel: torch.Tensor, window_frames: torch.Tensor) -> torch.Tensor:
+        num_windows, num_mels, num_frames = mel.shape
+        if num_mels != self.cfg.num_mel_bins:
+            raise ValueError(f"audio windows have {num_mels} mel bins but model.audio.num_mel_bins is "
+                             f"{self.cfg.num_mel_bins}: set it to data.audio.num_mel_bins")
+        if num_frames > self.cfg.window_frames:
+            raise ValueError(f"audio windows have {num_frames} frames, over model.audio.window_frames="
+                             f"{self.cfg.window_frames}: set it to data.audio.window_s / 10 ms")
+        window_frames = window_frames.to(mel.device)
+        # Frames past the longest valid window are zeros in every window; dropping them changes no valid output.
+        mel = mel[..., : max(int(window_frames.max()), 1)].to(self.conv1.weight.dtype)  # (W, M, T)
+        x = F.gelu(self.conv1(mel))                                                       # (W, D, T / 2)
+        valid1 = _tokens_in_window(window_frames, self._layouts[0])                       # (W,)
+        x = x + 0*(torch.arange(x.shape[-1], device=x.device) < valid1[:, None])[:, None].to(x.dtype)
+        x = F.gelu(self.conv2(x)).transpose(1, 2)                                         # (W, T / 4, D)
+        num_positions = x.shape[1]
+        x = x + self.embed_positions.weight[:num_positions]
+        is_valid = torch.arange(num_positions, device=x.device) < self.num_tokens(window_frames)[:, None]  # (W, T / 4)
+        document_ids = torch.where(is_valid, 0, -1)  # one document per row: each window attends only to itself
+        x = run_layers(self.layers, x, document_ids, backend=self.attn_backend,
+                       activation_checkpointing=self.activation_checkpointing)
+        return self.layer_norm(x)[is_valid]                                               # (num_tokens, D)

@@ -1,0 +1,177 @@
+"""The multimodal model: encoders -> projectors -> fusion -> shared backbone -> next-token loss.
+
+`OmniModel.forward(batch)` reads the batch of `data.packing.collate_packed` (keys in the
+README's batch table) and is the whole composition in one place:
+
+    audio_mel (W, mels, T)        -> audio_encoder  -> audio_projector  -> (num audio tokens, D)
+    image/video_patches (P, ...)  -> vision_encoder -> vision_projector -> (num image + video tokens, D)
+    fusion "interleave": the features replace the placeholder positions of their modality, in
+        the row-major order of the batch (the order collate_packed lists the media in); the
+        number of positions and of features must match, else ValueError with both counts
+    backbone(inputs_embeds, position_ids, document_ids) -> hidden (B, L, D)
+    loss: position t predicts labels[t + 1] when t + 1 is in the same document; mean over the
+        positions that have a target (assistant tokens)
+
+Distributed-safety rule: every encoder and every projector runs exactly once per forward, also
+when the batch holds none of its modality (it then runs on `dummy_input()`, one short window
+or one 2x2 block of zero patches, and `0.0 * features.sum()` is added to the embeddings).
+Images and videos go through the vision encoder together, in one call. So under DeepSpeed
+ZeRO-3 every rank gathers the same parameters in the same order whatever its batch holds (a
+rank whose batch has no video cannot leave the others waiting in an all-gather), and every
+parameter gets a gradient, zero where its modality was absent, on every rank (DDP's reducer
+and ZeRO's gradient partitioning expect one for each).
+
+Submodule names (`audio_encoder`, `vision_encoder`, `audio_projector`, `vision_projector`,
+`backbone`) are what the training engine groups parameters by.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omni_train.data.sample import MODALITY_IDS
+from omni_train.model.audio_encoder import AudioEncoder, AudioEncoderConfig
+from omni_train.model.backbone import Backbone, BackboneConfig
+from omni_train.model.projectors import build_projector, check_projector_kind
+from omni_train.model.vision_encoder import VisionEncoder, VisionEncoderConfig
+
+FUSIONS = ("interleave",)
+MEDIA = ("audio", "image", "video")
+IGNORE_INDEX = -100  # labels without loss (data.packing.IGNORE_INDEX)
+
+
+@dataclass(kw_only=True)
+class OmniConfig:
+    backbone: BackboneConfig
+    audio: AudioEncoderConfig | None = None    # None: a model without audio input
+    vision: VisionEncoderConfig | None = None  # None: a model without image or video input
+    projector: str = "mlp"                     # projectors.PROJECTOR_KINDS
+    fusion: str = "interleave"                 # FUSIONS
+    activation_checkpointing: bool = False     # recompute every encoder and backbone layer in backward
+
+    def __post_init__(self):
+        check_projector_kind(self.projector)
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"model.fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+
+
+@dataclass
+class OmniOutput:
+    loss: torch.Tensor            # () mean next-token cross-entropy over the loss tokens (0 when there are none)
+    num_loss_tokens: int          # positions with a target, the loss's denominator
+    per_token_loss: torch.Tensor  # (B, L) float32: at t, the loss of predicting labels[t]; 0 where there is none
+    logits: torch.Tensor | None = None  # (B, L, vocab): at t, the prediction of token t + 1; with return_logits
+
+
+class OmniModel(nn.Module):
+    """Modality encoders and projectors in front of the shared decoder backbone; see the module docstring."""
+
+    def __init__(self, cfg: OmniConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim, checkpointing = cfg.backbone.dim, cfg.activation_checkpointing
+        self.audio_encoder = self.audio_projector = self.vision_encoder = self.vision_projector = None
+        if cfg.audio is not None:
+            self.audio_encoder = AudioEncoder(cfg.audio, activation_checkpointing=checkpointing)
+            self.audio_projector = build_projector(cfg.projector, cfg.audio.dim, dim)
+        if cfg.vision is not None:
+            self.vision_encoder = VisionEncoder(cfg.vision, activation_checkpointing=checkpointing)
+            self.vision_projector = build_projector(cfg.projector, cfg.vision.out_dim, dim, input_norm=True)
+        self.backbone = Backbone(cfg.backbone, activation_checkpointing=checkpointing)
+
+    def forward(self, batch: dict[str, Any], *, return_logits: bool = False) -> OmniOutput:
+        features, unused = self._encode(batch)                                   # encoders -> projectors
+        embeds = self.backbone.embed(batch["input_ids"])                         # (B, L, D)
+        embeds = fuse_interleave(embeds, batch["modality_ids"], features)        # fusion
+        if unused:  # modalities absent from this batch: keep their modules in the graph (module docstring)
+            embeds = embeds + sum(0.0 * out.sum() for out in unused).to(embeds.dtype)
+        hidden = self.backbone(inputs_embeds=embeds, position_ids=batch["position_ids"],
+                               document_ids=batch["document_ids"])                # (B, L, D)
+        loss, num_loss_tokens, per_token_loss = self.next_token_loss(hidden, batch["labels"], batch["document_ids"])
+        logits = self.backbone.logits(hidden) if return_logits else None
+        return OmniOutput(loss=loss, num_loss_tokens=num_loss_tokens, per_token_loss=per_token_loss, logits=logits)
+
+    def next_token_loss(self, hidden: torch.Tensor, labels: torch.Tensor,
+                        document_ids: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """Cross-entropy of predicting labels[t + 1] at t, never across a document: (mean, count, (B, L) per label position).
+
+        Logits are computed only where there is a target: assistant tokens are a small part of a
+        multimodal batch, and (B, L, vocab) fp32 logits would dominate the memory.
+        """
+        same_document = (document_ids[:, 1:] == document_ids[:, :-1]) & (document_ids[:, :-1] >= 0)
+        targets = torch.where(same_document, labels[:, 1:], IGNORE_INDEX)        # (B, L - 1), at the predicting position
+        rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+        logits = self.backbone.logits(hidden[rows, cols])                         # (N, vocab)
+        token_loss = F.cross_entropy(logits.float(), targets[rows, cols], reduction="none")  # (N,)
+        per_token_loss = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+        per_token_loss = per_token_loss.index_put((rows, cols + 1), token_loss)   # (B, L), at the label's position
+        num_loss_tokens = int(rows.numel())
+        return token_loss.sum() / max(num_loss_tokens, 1), num_loss_tokens, per_token_loss
+
+    @torch.no_grad()
+    def encode_media(self, batch: dict[str, Any], *, pooled: bool = False) -> dict[str, torch.Tensor]:
+        """Projected features of the modalities in the batch: {modality: (num_tokens, D)}, or (num_items, D) mean-pooled."""
+        features, _ = self._encode(batch)
+        if not pooled:
+            return features
+        return {modality: torch.stack([item.mean(dim=0) for item in feats.split(batch[f"{modality}_num_tokens"].tolist())])
+                for modality, feats in features.items()}
+
+    def _encode(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        """Run every encoder + projector once: ({present modality: (num_tokens, D)}, [outputs of dummy inputs])."""
+        for modality, key, module in (("audio", "audio_mel", self.audio_encoder), ("image", "image_patches", self.vision_encoder),
+                                      ("video", "video_patches", self.vision_encoder)):
+            if key in batch and module is None:
+                raise ValueError(f"the batch has {modality} but the model has no encoder for it "
+                                 f"(model.{'audio' if modality == 'audio' else 'vision'} is not set)")
+        device = batch["input_ids"].device
+        features: dict[str, torch.Tensor] = {}
+        unused: list[torch.Tensor] = []
+        if self.audio_encoder is not None:
+            if "audio_mel" in batch:
+                features["audio"] = self.audio_projector(self.audio_encoder(batch["audio_mel"], batch["audio_window_frames"]))
+            else:
+                unused.append(self.audio_projector(self.audio_encoder(*self.audio_encoder.dummy_input(device))))
+        if self.vision_encoder is not None:
+            present = [m for m in ("image", "video") if f"{m}_patches" in batch]
+            if present:  # one call for images and videos together: the same collectives on every rank
+                patches = torch.cat([batch[f"{m}_patches"] for m in present])
+                grid_thw = torch.cat([batch[f"{m}_grid_thw"] for m in present])
+                out = self.vision_projector(self.vision_encoder(patches, grid_thw))
+                merge = self.vision_encoder.cfg.merge_size ** 2
+                features.update(zip(present, out.split([batch[f"{m}_patches"].shape[0] // merge for m in present])))
+            else:
+                unused.append(self.vision_projector(self.vision_encoder(*self.vision_encoder.dummy_input(device))))
+        return features, unused
+
+    def num_parameters(self) -> dict[str, int]:
+        """Parameters per submodule (absent encoders count 0) and in total."""
+        counts = {name: sum(p.numel() for p in module.parameters()) if module is not None else 0
+                  for name, module in (("audio_encoder", self.audio_encoder), ("audio_projector", self.audio_projector),
+                                       ("vision_encoder", self.vision_encoder), ("vision_projector", self.vision_projector),
+                                       ("backbone", self.backbone))}
+        counts["total"] = sum(counts.values())
+        return counts
+
+
+def fuse_interleave(embeds: torch.Tensor, modality_ids: torch.Tensor, features: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Put each modality's features (N_m, D) at its placeholder positions of embeds (B, L, D), in row-major order.
+
+    ValueError when a modality's placeholder positions and features differ in number (a feature
+    count of 0 for a modality the batch brought no media for).
+    """
+    for modality in MEDIA:
+        positions = (modality_ids == MODALITY_IDS[modality]).nonzero(as_tuple=True)  # row-major
+        num_features = features[modality].shape[0] if modality in features else 0
+        if positions[0].numel() != num_features:
+            raise ValueError(f"fusion: the batch has {positions[0].numel()} {modality} placeholder positions but the "
+                             f"{modality} encoder produced {num_features} features; the data's and the model's "
+                             f"{modality} settings disagree")
+        if num_features:
+            embeds = embeds.index_put(positions, features[modality].to(embeds.dtype))
+    return embeds

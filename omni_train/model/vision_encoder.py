@@ -1,0 +1,139 @@
+"""The vision encoder for images and video: patch embedding, 2-D rotary positions, attention per frame group, 2x2 merge.
+
+    patches (P, 3 * tp * p * p) + grid_thw (N, 3)      the data layer's layout (data/image.py)
+      -> patch_embedding: one Linear, the same map as Qwen2-VL's Conv3d(kernel = stride = (tp, p, p))
+      -> pre-norm layers (audio_encoder.EncoderLayer) with 2-D rotary positions (row, column)
+      -> post_layernorm
+      -> merge: each run of merge_size**2 consecutive patches concatenated   (P / m**2, m**2 * dim)
+
+Attention stays inside one frame group: an image, or one temporal patch (tp frames) of a video,
+as in Qwen2-VL. Groups are laid out as rows of a padded (G, longest group) batch so that the CPU
+path (SDPA with a mask) costs G small attentions rather than one (P x P) mask; images of very
+different sizes in one batch pay some padding in the linear layers for that.
+
+Rotary positions follow Qwen2-VL (arXiv:2409.12191): half of each head's rotary frequencies turn
+with the patch row, half with the patch column, so any resolution and aspect ratio works without
+interpolating a position table. The data layer orders patches (t, h / m, w / m, m, m), which puts
+each merge block in m**2 consecutive rows: the merge is a reshape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from omni_train.model.attention import BACKENDS
+from omni_train.model.audio_encoder import EncoderLayer, init_encoder_weights, run_layers
+from omni_train.model.rope import rope_inv_freq
+
+
+@dataclass(kw_only=True)
+class VisionEncoderConfig:
+    dim: int
+    num_layers: int
+    num_heads: int
+    ffn_dim: int
+    patch_size: int = 14           # must equal data.image.patch_size
+    temporal_patch_size: int = 2   # must equal data.image.temporal_patch_size
+    merge_size: int = 2            # must equal data.image.merge_size
+    num_channels: int = 3
+    rope_theta: float = 10000.0
+    layer_norm_eps: float = 1e-6   # SigLIP's
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        for name in ("dim", "num_layers", "num_heads", "ffn_dim", "patch_size", "temporal_patch_size", "merge_size",
+                     "num_channels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"model.vision.{name} must be a positive integer, got {value!r}")
+        if self.dim % self.num_heads or (self.dim // self.num_heads) % 4:
+            raise ValueError(f"model.vision.dim / model.vision.num_heads must be a multiple of 4 (2-D rotary: "
+                             f"row and column bands of pairs), got {self.dim} / {self.num_heads}")
+        if self.rope_theta <= 0 or self.layer_norm_eps <= 0 or self.init_std <= 0:
+            raise ValueError("model.vision.rope_theta, model.vision.layer_norm_eps and model.vision.init_std must be > 0")
+
+    @property
+    def patch_dim(self) -> int:
+        return self.num_channels * self.temporal_patch_size * self.patch_size ** 2
+
+    @property
+    def out_dim(self) -> int:
+        return self.dim * self.merge_size ** 2
+
+
+def _group_layout(grid_thw: list[list[int]], merge_size: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Per frame group: sizes, then per patch (in data order) its row and column: (G,), (P,), (P,)."""
+    sizes, rows, cols = [], [], []
+    m = merge_size
+    for t, h, w in grid_thw:
+        # (h / m, w / m, m, m) block order of data/image.py:image_to_patches
+        row = torch.arange(h).view(h // m, 1, m, 1).expand(h // m, w // m, m, m).flatten()
+        col = torch.arange(w).view(1, w // m, 1, m).expand(h // m, w // m, m, m).flatten()
+        sizes += [h * w] * t
+        rows += [row] * t
+        cols += [col] * t
+    return sizes, torch.cat(rows), torch.cat(cols)
+
+
+class VisionEncoder(nn.Module):
+    """(P, patch_dim) patches of N images or videos + (N, 3) grid_thw -> (P / merge_size**2, merge_size**2 * dim)."""
+
+    def __init__(self, cfg: VisionEncoderConfig, *, activation_checkpointing: bool = False, attn_backend: str = "auto"):
+        super().__init__()
+        if attn_backend not in BACKENDS:
+            raise ValueError(f"attn_backend must be one of {', '.join(BACKENDS)}, got {attn_backend!r}")
+        self.cfg = cfg
+        self.activation_checkpointing = activation_checkpointing
+        self.attn_backend = attn_backend
+        self.patch_embedding = nn.Linear(cfg.patch_dim, cfg.dim)
+        self.layers = nn.ModuleList(EncoderLayer(cfg.dim, cfg.num_heads, cfg.ffn_dim, cfg.layer_norm_eps)
+                                    for _ in range(cfg.num_layers))
+        self.post_layernorm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        init_encoder_weights(self, self.cfg.init_std)
+
+    def dummy_input(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One merge block of zero patches (one token): runs the encoder when a batch has no image or video."""
+        m = self.cfg.merge_size
+        return (torch.zeros(m * m, self.cfg.patch_dim, device=device),
+                torch.tensor([[1, m, m]], dtype=torch.long, device=device))
+
+    def rotary(self, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(..., L) patch rows and columns -> cos, sin (..., L, head_dim) float32: rows turn the first band, columns the second."""
+        head_dim = self.cfg.dim // self.cfg.num_heads
+        inv_freq = rope_inv_freq(head_dim // 2, self.cfg.rope_theta, device=rows.device)  # (head_dim / 4,)
+        freqs = torch.cat([rows[..., None] * inv_freq, cols[..., None] * inv_freq], dim=-1)  # (..., L, head_dim / 2)
+        angles = torch.cat([freqs, freqs], dim=-1)  # "rotate half" pairs dim i with i + head_dim / 2
+        return angles.cos(), angles.sin()
+
+    def forward(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if patches.shape[-1] != cfg.patch_dim:
+            raise ValueError(f"patches have {patches.shape[-1]} values, model.vision expects num_channels * "
+                             f"temporal_patch_size * patch_size**2 = {cfg.patch_dim}: match data.image")
+        grid = grid_thw.tolist()
+        if any(h % cfg.merge_size or w % cfg.merge_size for _, h, w in grid):
+            raise ValueError(f"grid_thw {grid} has sides that are not multiples of model.vision.merge_size={cfg.merge_size}")
+        sizes, rows, cols = _group_layout(grid, cfg.merge_size)
+        num_patches = sum(sizes)
+        if num_patches != patches.shape[0]:
+            raise ValueError(f"grid_thw covers {num_patches} patches but {patches.shape[0]} were given")
+        device = patches.device
+        x = self.patch_embedding(patches.to(self.patch_embedding.weight.dtype))  # (P, D)
+
+        # Frame groups as rows of a padded (G, S) layout; `index` picks each slot's patch, `is_valid` the real slots.
+        sizes_t = torch.tensor(sizes, device=device)
+        slot = torch.arange(max(sizes), device=device)
+        is_valid = slot < sizes_t[:, None]                                           # (G, S)
+        index = torch.where(is_valid, (torch.cumsum(sizes_t, 0) - sizes_t)[:, None] + slot, 0)  # (G, S)
+        rotary = self.rotary(rows.to(device, torch.float32)[index], cols.to(device, torch.float32)[index])
+        x = run_layers(self.layers, x[index], torch.where(is_valid, 0, -1), backend=self.attn_backend, rotary=rotary,
+                       activation_checkpointing=self.activation_checkpointing)      # (G, S, D)
+        x = self.post_layernorm(x[is_valid])                                         # (P, D), data order
+        return x.reshape(num_patches // cfg.merge_size ** 2, cfg.out_dim)             # (P / m**2, m**2 * D)

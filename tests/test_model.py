@@ -1,0 +1,239 @@
+"""The multimodal model on real batches: encoders -> projectors -> fusion -> backbone -> loss.
+
+Media are generated (espeak-ng, ffmpeg, PIL), decoded by the data layer, rendered with the chat
+template and packed by `collate_packed`, exactly as the training pipeline does; the model is a
+tiny random configuration.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from omni_train.data import synth
+from omni_train.data.audio import AudioConfig, encode_audio, num_audio_tokens, split_windows
+from omni_train.data.image import ImageConfig, encode_image
+from omni_train.data.packing import collate_packed
+from omni_train.data.sample import MODALITY_IDS
+from omni_train.data.text import Tokenizer, render_chat
+from omni_train.data.video import VideoConfig, encode_video
+from omni_train.model.audio_encoder import AudioEncoder, AudioEncoderConfig
+from omni_train.model.backbone import BackboneConfig
+from omni_train.model.omni import OmniConfig, OmniModel
+from omni_train.model.projectors import build_projector
+from omni_train.model.vision_encoder import VisionEncoder, VisionEncoderConfig
+
+TOKENIZER = Tokenizer.byte_level()
+AUDIO_CFG, IMAGE_CFG, VIDEO_CFG = AudioConfig(), ImageConfig(), VideoConfig()
+ENCODERS = ("audio_encoder", "audio_projector", "vision_encoder", "vision_projector")
+
+
+def tiny_config(**overrides) -> OmniConfig:
+    fields = dict(
+        backbone=BackboneConfig(vocab_size=TOKENIZER.vocab_size, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                                ffn_dim=128),
+        audio=AudioEncoderConfig(dim=32, num_layers=2, num_heads=4, ffn_dim=64),
+        vision=VisionEncoderConfig(dim=32, num_layers=2, num_heads=2, ffn_dim=64))
+    return OmniConfig(**{**fields, **overrides})
+
+
+def tiny_model(seed: int = 0, **overrides) -> OmniModel:
+    torch.manual_seed(seed)
+    return OmniModel(tiny_config(**overrides))
+
+
+def chat(modality: str | None, prompt: str, answer: str) -> list[dict]:
+    media = [{"type": modality, "member": f"{modality}_0"}] if modality else []
+    return [{"role": "user", "content": [*media, {"type": "text", "text": prompt}]},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory) -> dict:
+    """Tokenized samples of every modality, from real generated media."""
+    root = tmp_path_factory.mktemp("model_media")
+    short = encode_audio(synth.speech(root / "short.wav", "three plus five is eight"), AUDIO_CFG)
+    long = encode_audio(synth.tone(root / "long.flac", 35.0, frequency_hz=330.0), AUDIO_CFG)
+    image = encode_image(synth.pattern_image(root / "image.png", 112, 84), IMAGE_CFG)
+    video = encode_video(synth.test_pattern_video(root / "clip.mp4", 2.0, fps=10, width=160, height=120),
+                         VIDEO_CFG, IMAGE_CFG)
+    return {
+        "long_audio": render_chat(chat("audio", "What pitch?", "330 Hz"), [long], TOKENIZER),
+        "image": render_chat(chat("image", "Describe.", "green bands"), [image], TOKENIZER),
+        "short_audio": render_chat(chat("audio", "", "three plus five is eight"), [short], TOKENIZER),
+        "video": render_chat(chat("video", "What happens?", "a test pattern"), [video], TOKENIZER),
+        "text": render_chat(chat(None, "print 2 plus 2", "print(2 + 2)"), [], TOKENIZER),
+        "media": {"short": short, "long": long, "image": image, "video": video},
+    }
+
+
+def collate(rows: list[list]) -> dict:
+    seq_len = max(sum(len(s) for s in row) for row in rows)
+    return collate_packed(rows, seq_len=seq_len, pad_id=TOKENIZER.pad_id, audio_cfg=AUDIO_CFG)
+
+
+def packed_batch(samples) -> dict:
+    """Two rows holding all five documents (order: long audio, image, short audio, video, text)."""
+    return collate([[samples["long_audio"], samples["image"]], [samples["short_audio"], samples["video"], samples["text"]]])
+
+
+def grad_sums(model: OmniModel) -> dict[str, list[float | None]]:
+    return {name: [None if p.grad is None else float(p.grad.abs().sum()) for p in getattr(model, name).parameters()]
+            for name in ENCODERS}
+
+
+def test_all_modalities_forward_backward_and_counts(samples):
+    model = tiny_model()
+    batch = packed_batch(samples)
+    out = model(batch)
+    assert torch.isfinite(out.loss) and out.loss > 0
+    has_target = (batch["labels"] != -100) & (batch["position_ids"] > 0)  # a document's first token has no predictor
+    assert out.num_loss_tokens == int(has_target.sum()) > 0
+    assert out.per_token_loss.shape == batch["input_ids"].shape
+    assert torch.equal(out.per_token_loss != 0, has_target)
+    assert torch.isclose(out.loss, out.per_token_loss.sum() / out.num_loss_tokens)
+    out.loss.backward()
+    for name, sums in grad_sums(model).items():
+        assert all(s is not None and s > 0 for s in sums), (name, sums)
+
+    features = model.encode_media(batch)
+    for modality in ("audio", "image", "video"):
+        num_positions = int((batch["modality_ids"] == MODALITY_IDS[modality]).sum())
+        assert features[modality].shape == (num_positions, 64)
+        assert num_positions == int(batch[f"{modality}_num_tokens"].sum())
+    assert features["audio"].shape[0] == samples["media"]["long"].num_tokens + samples["media"]["short"].num_tokens
+    pooled = model.encode_media(batch, pooled=True)
+    assert {m: tuple(t.shape) for m, t in pooled.items()} == {"audio": (2, 64), "image": (1, 64), "video": (1, 64)}
+    assert torch.allclose(pooled["image"][0], features["image"].mean(0))
+
+
+def test_absent_modalities_get_zero_not_none_gradients(samples):
+    model = tiny_model()
+    model(collate([[samples["image"], samples["text"]]])).loss.backward()
+    sums = grad_sums(model)
+    assert all(s == 0.0 for s in sums["audio_encoder"] + sums["audio_projector"]), sums  # 0.0, not None
+    assert all(s is not None and s > 0 for s in sums["vision_encoder"] + sums["vision_projector"])
+
+    model.zero_grad(set_to_none=True)
+    model(collate([[samples["text"]]])).loss.backward()
+    sums = grad_sums(model)
+    assert all(s == 0.0 for name in ENCODERS for s in sums[name]), sums
+
+
+def test_placeholder_feature_count_mismatch_raises(samples):
+    model = tiny_model()
+    batch = packed_batch(samples)
+    row, col = (batch["modality_ids"] == MODALITY_IDS["image"]).nonzero()[0].tolist()
+    num_image = int(batch["image_num_tokens"].sum())
+    batch["modality_ids"] = batch["modality_ids"].clone()
+    batch["modality_ids"][row, col] = MODALITY_IDS["text"]
+    with pytest.raises(ValueError, match=f"{num_image - 1} image placeholder positions .* produced {num_image} features"):
+        model(batch)
+
+    no_video = collate([[samples["text"]]])
+    no_video["modality_ids"] = no_video["modality_ids"].clone()
+    no_video["modality_ids"][0, 3] = MODALITY_IDS["video"]  # a placeholder without media
+    with pytest.raises(ValueError, match="1 video placeholder positions .* produced 0 features"):
+        model(no_video)
+    with pytest.raises(ValueError, match="model.audio is not set"):
+        tiny_model(audio=None)(collate([[samples["short_audio"]]]))
+
+
+def test_packed_and_one_sample_per_row_give_the_same_per_sample_losses(samples):
+    model = tiny_model()
+    order = ["long_audio", "image", "short_audio", "video", "text"]
+    packed = packed_batch(samples)
+    separate = collate([[samples[name]] for name in order])
+    assert separate["input_ids"].shape[0] == 5 and packed["input_ids"].shape[0] == 2
+
+    def per_document(batch):
+        with torch.no_grad():
+            per_token = model(batch).per_token_loss
+        real = batch["document_ids"] >= 0
+        return torch.zeros(len(order)).index_add_(0, batch["document_ids"][real], per_token[real])
+
+    packed_losses, separate_losses = per_document(packed), per_document(separate)
+    assert (packed_losses > 0).all()
+    torch.testing.assert_close(packed_losses, separate_losses, rtol=1e-5, atol=1e-5)
+
+
+def test_audio_encoder_windows_are_independent_and_counted_exactly(samples):
+    torch.manual_seed(0)
+    encoder = AudioEncoder(AudioEncoderConfig(dim=32, num_layers=2, num_heads=4, ffn_dim=64)).eval()
+    mel = samples["media"]["long"].tensors["mel"]  # (128, 3500)
+    windows, frames = split_windows(mel, AUDIO_CFG)
+    assert frames.tolist() == [3000, 500]
+    with torch.no_grad():
+        out = encoder(windows, frames)
+        assert out.shape == (num_audio_tokens(mel.shape[1], AUDIO_CFG), 32) == (samples["media"]["long"].num_tokens, 32)
+        assert out.shape[0] == 750 + 125
+
+        changed = windows.clone()
+        changed[1] = torch.randn_like(changed[1])
+        out_changed = encoder(changed, frames)
+        torch.testing.assert_close(out_changed[:750], out[:750], rtol=0, atol=1e-6)  # first window untouched
+        assert not torch.allclose(out_changed[750:], out[750:])
+
+        # a window's outputs depend only on its valid frames: not on its padding, nor on the other windows
+        changed[1, :, 500:] = 0.0
+        alone = encoder(changed[1:, :, :500], frames[1:])
+        torch.testing.assert_close(alone, out_changed[750:], rtol=1e-5, atol=1e-5)
+
+
+def test_vision_encoder_merges_and_keeps_images_apart(samples):
+    torch.manual_seed(0)
+    cfg = VisionEncoderConfig(dim=32, num_layers=2, num_heads=2, ffn_dim=64)
+    encoder = VisionEncoder(cfg).eval()
+    image, video = samples["media"]["image"], samples["media"]["video"]
+    with torch.no_grad():
+        alone = encoder(image.tensors["patches"], image.tensors["grid_thw"][None])
+        both = encoder(torch.cat([image.tensors["patches"], video.tensors["patches"]]),
+                       torch.stack([image.tensors["grid_thw"], video.tensors["grid_thw"]]))
+    assert alone.shape == (image.num_tokens, 4 * 32)
+    assert both.shape == (image.num_tokens + video.num_tokens, 4 * 32)
+    torch.testing.assert_close(both[: image.num_tokens], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_a_few_steps_reduce_the_loss(samples):
+    model = tiny_model()
+    batch = collate([[samples["short_audio"], samples["image"]], [samples["video"], samples["text"]]])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(8):
+        loss = model(batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.5, losses
+
+
+def test_loss_never_crosses_a_document_boundary():
+    model = tiny_model()
+    # every token labelled: two documents then padding; the first token of each document has no predictor
+    document_ids = torch.tensor([[0, 0, 0, 1, 1, -1]])
+    labels = torch.tensor([[5, 6, 7, 8, 9, -100]])
+    hidden = torch.randn(1, 6, 64, requires_grad=True)
+    loss, num_loss_tokens, per_token_loss = model.next_token_loss(hidden, labels, document_ids)
+    assert num_loss_tokens == 3
+    assert (per_token_loss[0] != 0).tolist() == [False, True, True, False, True, False]
+    loss.backward()
+    assert hidden.grad[0, 2].abs().sum() == 0 and hidden.grad[0, 0].abs().sum() > 0  # position 2 predicts nothing
+    logits = model.backbone.logits(hidden[0, 3])
+    expected = torch.nn.functional.cross_entropy(logits[None], labels[0, 4:5])
+    torch.testing.assert_close(per_token_loss[0, 4], expected)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"model\.projector must be one of mlp, linear, got 'qformer'"):
+        tiny_config(projector="qformer")
+    with pytest.raises(ValueError, match=r"model\.projector must be one of mlp, linear"):
+        build_projector("conv", 8, 8)
+    with pytest.raises(ValueError, match=r"model\.fusion must be one of interleave, got 'concat'"):
+        tiny_config(fusion="concat")
+    with pytest.raises(ValueError, match=r"model\.vision\.dim"):
+        VisionEncoderConfig(dim=30, num_layers=1, num_heads=3, ffn_dim=8)
+    linear = tiny_model(projector="linear")
+    assert [type(m).__name__ for m in linear.audio_projector] == ["Linear"]
+    counts = linear.num_parameters()
+    assert counts["total"] == sum(p.numel() for p in linear.parameters()) == sum(v for k, v in counts.items() if k != "total")
