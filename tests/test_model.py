@@ -12,16 +12,16 @@ import torch
 
 from omni_train.data import synth
 from omni_train.data.audio import AudioConfig, encode_audio, num_audio_tokens, split_windows
-from omni_train.data.image import ImageConfig, encode_image
+from omni_train.data.image import ImageConfig, encode_image, image_to_patches
 from omni_train.data.packing import collate_packed
 from omni_train.data.sample import MODALITY_IDS
 from omni_train.data.text import Tokenizer, render_chat
 from omni_train.data.video import VideoConfig, encode_video
 from omni_train.model.audio_encoder import AudioEncoder, AudioEncoderConfig
 from omni_train.model.backbone import BackboneConfig
-from omni_train.model.omni import OmniConfig, OmniModel
+from omni_train.model.omni import OmniConfig, OmniModel, fuse_interleave
 from omni_train.model.projectors import build_projector
-from omni_train.model.vision_encoder import VisionEncoder, VisionEncoderConfig
+from omni_train.model.vision_encoder import VisionEncoder, VisionEncoderConfig, _group_layout
 
 TOKENIZER = Tokenizer.byte_level()
 AUDIO_CFG, IMAGE_CFG, VIDEO_CFG = AudioConfig(), ImageConfig(), VideoConfig()
@@ -141,20 +141,30 @@ def test_placeholder_feature_count_mismatch_raises(samples):
 
 def test_packed_and_one_sample_per_row_give_the_same_per_sample_losses(samples):
     model = tiny_model()
-    order = ["long_audio", "image", "short_audio", "video", "text"]
-    packed = packed_batch(samples)
-    separate = collate([[samples[name]] for name in order])
+    packed_order = ["short_audio", "video", "text", "long_audio", "image"]
+    separate_order = ["long_audio", "image", "short_audio", "video", "text"]  # another media order than packed's
+    packed = collate([[samples[name] for name in packed_order[:3]], [samples[name] for name in packed_order[3:]]])
+    separate = collate([[samples[name]] for name in separate_order])
     assert separate["input_ids"].shape[0] == 5 and packed["input_ids"].shape[0] == 2
 
-    def per_document(batch):
+    def per_document(batch, order):
         with torch.no_grad():
             per_token = model(batch).per_token_loss
         real = batch["document_ids"] >= 0
-        return torch.zeros(len(order)).index_add_(0, batch["document_ids"][real], per_token[real])
+        sums = torch.zeros(len(order)).index_add_(0, batch["document_ids"][real], per_token[real])
+        return dict(zip(order, sums.tolist()))
 
-    packed_losses, separate_losses = per_document(packed), per_document(separate)
-    assert (packed_losses > 0).all()
-    torch.testing.assert_close(packed_losses, separate_losses, rtol=1e-5, atol=1e-5)
+    packed_losses, separate_losses = per_document(packed, packed_order), per_document(separate, separate_order)
+    assert all(loss > 0 for loss in packed_losses.values())
+    for name in separate_order:
+        assert packed_losses[name] == pytest.approx(separate_losses[name], rel=1e-5, abs=1e-5), name
+
+
+def test_fusion_fills_placeholders_in_row_major_order():
+    modality_ids = torch.tensor([[0, 1, 1, 0, 2], [1, 0, 2, 2, 0]])
+    features = {"audio": torch.tensor([[1.0], [2.0], [3.0]]), "image": torch.tensor([[4.0], [5.0], [6.0]])}
+    fused = fuse_interleave(torch.zeros(2, 5, 1), modality_ids, features)
+    assert fused[..., 0].tolist() == [[0, 1, 2, 0, 4], [3, 0, 5, 6, 0]]
 
 
 def test_audio_encoder_windows_are_independent_and_counted_exactly(samples):
@@ -174,10 +184,15 @@ def test_audio_encoder_windows_are_independent_and_counted_exactly(samples):
         torch.testing.assert_close(out_changed[:750], out[:750], rtol=0, atol=1e-6)  # first window untouched
         assert not torch.allclose(out_changed[750:], out[750:])
 
-        # a window's outputs depend only on its valid frames: not on its padding, nor on the other windows
-        changed[1, :, 500:] = 0.0
-        alone = encoder(changed[1:, :, :500], frames[1:])
-        torch.testing.assert_close(alone, out_changed[750:], rtol=1e-5, atol=1e-5)
+        # a window's outputs depend only on its valid frames, not on how far it is padded; odd and even
+        # conv1 lengths (497 frames -> 249, 500 -> 250) differ in whether conv2 reaches past the valid ones
+        for num_frames in (497, 500):
+            changed[1, :, num_frames:] = 0.0
+            frames[1] = num_frames
+            padded = encoder(changed, frames)[750:]
+            alone = encoder(changed[1:, :, :num_frames], frames[1:])
+            assert alone.shape[0] == num_audio_tokens(num_frames, AUDIO_CFG)
+            torch.testing.assert_close(alone, padded, rtol=1e-5, atol=1e-5)
 
 
 def test_vision_encoder_merges_and_keeps_images_apart(samples):
@@ -192,6 +207,27 @@ def test_vision_encoder_merges_and_keeps_images_apart(samples):
     assert alone.shape == (image.num_tokens, 4 * 32)
     assert both.shape == (image.num_tokens + video.num_tokens, 4 * 32)
     torch.testing.assert_close(both[: image.num_tokens], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_vision_positions_follow_the_patch_layout():
+    """Rows and columns given to the 2-D rotary positions are those of data/image.py's patch order."""
+    cfg = ImageConfig()
+    gh, gw = 6, 4
+    rows = torch.arange(gh).repeat_interleave(cfg.patch_size)[:, None].expand(-1, gw * cfg.patch_size)
+    cols = torch.arange(gw).repeat_interleave(cfg.patch_size)[None, :].expand(gh * cfg.patch_size, -1)
+    pixels = torch.stack([rows, cols, torch.zeros_like(rows)]).float()[None].expand(2, -1, -1, -1)  # (T, 3, H, W)
+    patches, grid_thw = image_to_patches(pixels, cfg, 2)
+    sizes, got_rows, got_cols = _group_layout([grid_thw.tolist(), [2, gh, gw]], cfg.merge_size)
+    assert sizes == [gh * gw] * 3
+    first = patches.view(gh * gw, 3, -1)[:, :, 0]  # each patch's top-left value per channel
+    assert torch.equal(got_rows[: gh * gw], first[:, 0].long()) and torch.equal(got_cols[: gh * gw], first[:, 1].long())
+    assert torch.equal(got_rows[gh * gw:], got_rows[: gh * gw].repeat(2))
+
+    encoder = VisionEncoder(VisionEncoderConfig(dim=32, num_layers=1, num_heads=2, ffn_dim=8))
+    cos, _ = encoder.rotary(got_rows.float(), got_cols.float())  # (P, 16): rows turn the first band
+    same_row = got_rows == got_rows[0]
+    assert torch.equal(cos[same_row, :4], cos[:1, :4].expand(int(same_row.sum()), -1))
+    assert not torch.equal(cos[same_row, 4:8], cos[:1, 4:8].expand(int(same_row.sum()), -1))
 
 
 def test_a_few_steps_reduce_the_loss(samples):

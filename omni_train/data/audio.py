@@ -84,9 +84,9 @@ class AudioConfig:
 
 
 def _one_line(e: BaseException) -> str:
-    """An exception as one short line, without torchcodec's C++ source-location prefix."""
+    """An exception's first sentence on one line, without torchcodec's C++ source-location prefix."""
     text = " ".join(str(e).split())
-    text = re.sub(r"^\w+, \S+\.cpp:\d+, ", "", text)
+    text = re.sub(r"^\w+, \S+\.cpp:\d+, ", "", text).split(". ")[0]
     return f"{type(e).__name__}: {text[:200]}"
 
 
@@ -222,10 +222,14 @@ def log_mel(waveform: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
     padded = torch.nn.functional.pad(waveform, (0, (num_windows - 1) * window_samples + padded_len - num_samples))
     windows = padded.unfold(0, padded_len, window_samples)                             # (W, P), a view
     batch = max(1, _SAMPLES_PER_BATCH // window_samples)
-    parts = [_log_mel_windows(windows[i : i + batch], cfg) for i in range(0, num_windows, batch)]
-    features = torch.cat(parts) if len(parts) > 1 else parts[0]                        # (W, T, M)
-    # Every window but the last is exactly window_frames long, so flattening lines up the frames.
-    return features.reshape(-1, cfg.num_mel_bins)[:num_frames].T.contiguous()           # (M, num_frames)
+    features = torch.empty(cfg.num_mel_bins, num_frames)                               # (M, num_frames)
+    for first in range(0, num_windows, batch):
+        part = _log_mel_windows(windows[first : first + batch], cfg)                  # (b, T, M)
+        # Every window but the last is exactly window_frames long, so flattening lines up the frames.
+        start = first * cfg.window_frames
+        end = min(num_frames, start + part.shape[0] * part.shape[1])
+        features[:, start:end] = part.reshape(-1, cfg.num_mel_bins)[: end - start].T
+    return features
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ fusion turns into time positions.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import math
 import re
@@ -54,6 +55,10 @@ class VideoConfig:
             raise ValueError(f"video.max_duration_s must be > 0, got {self.max_duration_s!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"video.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        # A missing optional backend stops the run here instead of turning every video into a skipped sample.
+        if self.backend == "decord" and importlib.util.find_spec("decord") is None:
+            raise ValueError("video.backend=decord needs the decord package: `pip install decord` "
+                             "(or `pip install omni_train[decord]`), or use video.backend=torchcodec")
 
 
 def sample_frame_times(duration_s: float, num_source_frames: int, source_fps: float,
@@ -114,11 +119,7 @@ def _decode_torchcodec(src: bytes | str | Path, cfg: VideoConfig, label: str) ->
 
 
 def _decode_decord(src: bytes | str | Path, cfg: VideoConfig, label: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-    try:
-        import decord
-    except ImportError:
-        raise MediaError(f"{label}: video.backend=decord but decord is not installed "
-                         f"(`pip install decord` or `pip install omni_train[decord]`)") from None
+    import decord  # importable: VideoConfig checked it
     reader = decord.VideoReader(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else str(src))
     num_source_frames = len(reader)
     source_fps = reader.get_avg_fps()

@@ -201,7 +201,7 @@ class AudioEncoder(nn.Module):
         mel = mel[..., : max(int(window_frames.max()), 1)].to(self.conv1.weight.dtype)  # (W, M, T)
         x = F.gelu(self.conv1(mel))                                                       # (W, D, T / 2)
         valid1 = _tokens_in_window(window_frames, self._layouts[0])                       # (W,)
-        x = x + 0*(torch.arange(x.shape[-1], device=x.device) < valid1[:, None])[:, None].to(x.dtype)
+        x = x * (torch.arange(x.shape[-1], device=x.device) < valid1[:, None])[:, None].to(x.dtype)
         x = F.gelu(self.conv2(x)).transpose(1, 2)                                         # (W, T / 4, D)
         num_positions = x.shape[1]
         x = x + self.embed_positions.weight[:num_positions]

@@ -1,0 +1,96 @@
+"""Checkpoints: atomic per-step folders holding the engine's state and the trainer's.
+
+    runs/<name>/checkpoints/step_00000200/
+        engine/ or model.safetensors + optimizer.pt + scheduler.pt   (the engine's own format)
+        trainer_state.json     step, tokens seen, the resolved config
+        data_rank{R}.json      rank R's data-pipeline state (exact resume)
+        rng_rank{R}.pt         rank R's torch RNG states (tensors only, loaded with weights_only=True)
+        rng_rank{R}.json       rank R's Python and NumPy RNG states
+
+Every rank writes into `step_XXXXXXXX.tmp`; after a barrier, rank 0 renames it to its final name,
+so a folder named `step_*` is always complete. `resume: auto` picks the highest such step.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:08d}"
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return sorted(found)
+
+
+def resolve_resume(resume: str, root: Path) -> Path | None:
+    """train.resume -> the checkpoint folder to load, or None to start fresh."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = list_checkpoints(root)
+        return found[-1][1] if found else None
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise ValueError(f"train.resume: {path} is not a checkpoint folder (no trainer_state.json)")
+    return path
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, state, gauss = random.getstate()
+    plain = {"numpy": [kind, keys.tolist(), pos, has_gauss, cached], "python": [version, list(state), gauss]}
+    return tensors, plain
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, state, gauss = plain["python"]
+    random.setstate((version, tuple(state), gauss))
+
+
+def write_rank_state(directory: Path, rank: int, data_state: dict) -> None:
+    (directory / f"data_rank{rank}.json").write_text(json.dumps(data_state))
+    tensors, plain = rng_state()
+    torch.save(tensors, directory / f"rng_rank{rank}.pt")
+    (directory / f"rng_rank{rank}.json").write_text(json.dumps(plain))
+
+
+def read_rank_state(directory: Path, rank: int) -> dict:
+    data_path = directory / f"data_rank{rank}.json"
+    if not data_path.is_file():
+        raise ValueError(f"{directory}: no state for rank {rank}; resume with the world size the checkpoint was written with")
+    set_rng_state(torch.load(directory / f"rng_rank{rank}.pt", weights_only=True),
+                  json.loads((directory / f"rng_rank{rank}.json").read_text()))
+    return json.loads(data_path.read_text())
+
+
+def finalize(tmp: Path, final: Path, keep: int) -> None:
+    """Rank 0, after every rank has written into `tmp`: make it visible atomically, drop the oldest."""
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    if keep > 0:
+        for _, old in list_checkpoints(final.parent)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,217 @@
+"""The one place where the single-device model is wrapped for training: single process, DDP or DeepSpeed ZeRO.
+
+    dist = init_distributed(train_cfg.engine)            # torchrun env -> process group (gloo on CPU, NCCL on GPU)
+    engine = build_engine(model, train_cfg, dist)
+    out = engine.train_step(micro_batches)               # forward + backward per micro-batch, then one optimizer step
+    engine.save(dir) / engine.load(dir)
+    shutdown(engine, dist)
+
+Model code never sees any of this. Gradient accumulation, clipping, bf16 and the optimizer step
+differ per engine and live here; the loop calls the same three methods whatever the engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from omni_train.train.optim import build_scheduler, check_stage_modules, module_groups
+
+ENGINES = ("single", "ddp", "deepspeed")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None  # None: no process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(engine: str) -> Dist:
+    """Read torchrun's environment and start the process group the engine needs."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if engine == "single":
+        if world_size > 1:
+            raise ValueError(f"train.engine=single runs one process, but torchrun started {world_size}; use ddp or deepspeed")
+        return Dist(0, 1, 0, device, None)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not torch_dist.is_initialized():
+        if engine == "deepspeed":
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        elif world_size > 1 or "MASTER_ADDR" in os.environ:
+            torch_dist.init_process_group(backend=backend)
+        else:
+            return Dist(0, 1, 0, device, None)
+    return Dist(rank, world_size, local_rank, device, backend)
+
+
+def barrier(dist: Dist) -> None:
+    if dist.backend is not None and torch_dist.is_initialized():
+        torch_dist.barrier()
+
+
+def all_reduce(values: list[float], dist: Dist, op: str = "sum") -> list[float]:
+    if dist.backend is None or dist.world_size == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=dist.device if dist.backend == "nccl" else "cpu")
+    torch_dist.all_reduce(tensor, op={"sum": torch_dist.ReduceOp.SUM, "min": torch_dist.ReduceOp.MIN,
+                                      "max": torch_dist.ReduceOp.MAX}[op])
+    return tensor.tolist()
+
+
+def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def deepspeed_config(cfg, micro_batch_size: int) -> dict:
+    """configs/deepspeed/zero{N}.json (or train.deepspeed_config) completed from the recipe."""
+    path = Path(cfg.deepspeed_config) if cfg.deepspeed_config else REPO_ROOT / "configs" / "deepspeed" / f"zero{cfg.zero_stage}.json"
+    if cfg.zero_stage == 0 and not cfg.deepspeed_config:
+        ds = {"zero_optimization": {"stage": 0}}
+    else:
+        if not path.is_file():
+            raise ValueError(f"train.deepspeed_config: {path} does not exist")
+        ds = json.loads(path.read_text())
+    ds["zero_optimization"]["stage"] = cfg.zero_stage
+    ds.update({
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_allow_untested_optimizer": True,  # our torch AdamW avoids the fused_adam JIT build on CPU
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "steps_per_print": 10**9,
+    })
+    return ds
+
+
+class Engine:
+    """train_step / eval_loss / save / load over one of the three wrappers."""
+
+    def __init__(self, model: nn.Module, cfg, dist: Dist, micro_batch_size: int):
+        self.cfg, self.dist = cfg, dist
+        self.model = model
+        check_stage_modules(model, cfg.stages)
+        groups = module_groups(model, cfg.modules, cfg.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                                      foreach=dist.device.type == "cuda")
+        make_scheduler = lambda opt: build_scheduler(opt, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,  # noqa: E731
+                                                     min_lr_ratio=cfg.min_lr_ratio, stages=cfg.stages)
+        self.autocast = cfg.precision == "bf16" and cfg.engine != "deepspeed"
+        if cfg.engine == "deepspeed":
+            import deepspeed
+
+            self.wrapped, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=make_scheduler, config=deepspeed_config(cfg, micro_batch_size))
+            self.module = self.wrapped.module
+        else:
+            model.to(dist.device)
+            self.optimizer, self.scheduler = optimizer, make_scheduler(optimizer)
+            if cfg.engine == "ddp" and dist.backend is not None:
+                from torch.nn.parallel import DistributedDataParallel
+
+                # every encoder runs on every step (omni.py), so no unused parameters are expected
+                self.wrapped = DistributedDataParallel(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+            else:
+                self.wrapped = model
+            self.module = model
+
+    def _forward(self, batch: dict[str, Any]):
+        with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return self.wrapped(move_batch(batch, self.dist.device))
+
+    def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
+        """One optimizer step over len(micro_batches) == train.grad_accum micro-batches."""
+        self.wrapped.train()
+        losses = []
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            if self.cfg.engine == "deepspeed":
+                out = self._forward(batch)
+                self.wrapped.backward(out.loss)
+                self.wrapped.step()
+            else:
+                sync = contextlib.nullcontext() if last or not hasattr(self.wrapped, "no_sync") else self.wrapped.no_sync()
+                with sync:
+                    out = self._forward(batch)
+                    (out.loss / len(micro_batches)).backward()
+            losses.append(out.loss.detach().float().item())
+        if self.cfg.engine == "deepspeed":
+            grad_norm = self.wrapped.get_global_grad_norm()
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        else:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+        return {"loss": sum(losses) / len(losses), "grad_norm": grad_norm, "lr": self.lr()}
+
+    def lr(self) -> float:
+        return max(g["lr"] for g in self.optimizer.param_groups)
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict[str, Any]) -> tuple[float, int]:
+        """(sum of token losses, number of loss tokens) of one batch."""
+        self.wrapped.eval()
+        out = self._forward(batch)
+        return float(out.loss) * int(out.num_loss_tokens), int(out.num_loss_tokens)
+
+    # -- checkpoints: `directory` is a fresh per-checkpoint folder that every rank writes into
+    def save(self, directory: Path) -> None:
+        if self.cfg.engine == "deepspeed":
+            self.wrapped.save_checkpoint(str(directory), tag="engine")
+            return
+        if self.dist.is_main:
+            state = {k: v.detach().contiguous().cpu() for k, v in self.module.state_dict().items()}
+            save_file(state, str(directory / "model.safetensors"))
+            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
+
+    def load(self, directory: Path) -> None:
+        if self.cfg.engine == "deepspeed":
+            path, _ = self.wrapped.load_checkpoint(str(directory), tag="engine", load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+            if path is None:
+                raise ValueError(f"{directory}: no DeepSpeed checkpoint (engine/) to resume from")
+            return
+        if not (directory / "model.safetensors").is_file():
+            raise ValueError(f"{directory}: no model.safetensors; was it written by train.engine=deepspeed?")
+        self.module.load_state_dict(load_file(str(directory / "model.safetensors"), device=str(self.dist.device)))
+        # weights_only: optimizer and scheduler states are tensors and numbers, never arbitrary objects
+        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.dist.device, weights_only=True))
+        self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
+
+
+def shutdown(engine: Engine | None, dist: Dist) -> None:
+    """The exit sequence that avoids DeepSpeed's occasional abort at interpreter shutdown (ENVIRONMENT.md)."""
+    barrier(dist)
+    if engine is not None and engine.cfg.engine == "deepspeed":
+        engine.wrapped.destroy()
+    del engine
+    gc.collect()
+    barrier(dist)
+    if dist.backend is not None and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()

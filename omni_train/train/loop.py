@@ -1,0 +1,210 @@
+"""The training loop: a visible `while` over steps, with eval, checkpoint and log as `every(...)` lines.
+
+    torchrun --nproc_per_node=2 launch/pretrain.py --recipe recipes/smoke.yaml train.steps=50
+
+`train(cfg)` builds the model (single-device code), wraps it once in `engine.Engine`, streams
+packed batches from `data.pipeline.DataPipeline`, and writes the run directory:
+config.yaml, metrics.jsonl, skipped.jsonl, checkpoints/step_XXXXXXXX/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from omni_train.train.checkpoint import finalize, read_rank_state, resolve_resume, step_dir, write_rank_state
+from omni_train.train.engine import ENGINES, Engine, all_reduce, barrier, init_distributed, shutdown
+from omni_train.train.metrics import TRACKERS, MetricsLogger
+from omni_train.train.optim import ModuleOptimConfig, StageConfig
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 2000
+    engine: str = "deepspeed"           # single | ddp | deepspeed
+    zero_stage: int = 2                 # 0-3, with engine=deepspeed
+    deepspeed_config: str | None = None  # default: configs/deepspeed/zero{zero_stage}.json
+    precision: str = "bf16"             # fp32 | bf16
+    grad_accum: int = 1                 # micro-batches per optimizer step
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1           # cosine decays to lr * min_lr_ratio at `steps`
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 200               # 0: no held-out eval
+    eval_batches: int = 20              # per rank, at most
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3           # 0 keeps all
+    resume: str = "auto"                # auto (latest in output_dir) | never | a checkpoint path
+    tracker: str = "wandb"              # wandb (offline without WANDB_API_KEY) | none
+    progress: bool = True
+    modules: dict[str, ModuleOptimConfig] = field(default_factory=dict)
+    stages: list[StageConfig] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.tracker not in TRACKERS:
+            raise ValueError(f"tracker must be one of {', '.join(TRACKERS)}, got {self.tracker!r}")
+        for name in ("steps", "grad_accum", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "eval_batches", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"lr must be > 0 and min_lr_ratio in [0, 1], got lr={self.lr}, min_lr_ratio={self.min_lr_ratio}")
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens_seen: int = 0     # real (non-padding) tokens, all ranks
+    samples_seen: int = 0
+
+
+def every(step: int, n: int) -> bool:
+    return n > 0 and step % n == 0
+
+
+class Evaluator:
+    """Held-out loss on `data.eval`: the same batches every time, the same number on every rank."""
+
+    def __init__(self, cfg, dist, tokenizer):
+        self.cfg, self.dist, self.tokenizer = cfg, dist, tokenizer
+        self.batches: list[dict] | None = None
+
+    def __call__(self, engine: Engine) -> float | None:
+        from omni_train.data.pipeline import DataPipeline
+
+        if self.batches is None:
+            pipeline = DataPipeline(dataclasses.replace(self.cfg.data, num_workers=0), self.cfg.data.eval,
+                                    tokenizer=self.tokenizer, rank=self.dist.rank, world_size=self.dist.world_size,
+                                    seed=self.cfg.seed, epochs=1)
+            self.batches = []
+            for batch in pipeline:
+                self.batches.append(batch)
+                if len(self.batches) == self.cfg.train.eval_batches:
+                    break
+            # ZeRO-3 gathers parameters in every forward: all ranks must run the same number
+            (num,) = all_reduce([len(self.batches)], self.dist, op="min")
+            self.batches = self.batches[: int(num)]
+        if not self.batches:
+            return None
+        total = count = 0.0
+        for batch in self.batches:
+            loss_sum, n = engine.eval_loss(batch)
+            total, count = total + loss_sum, count + n
+        total, count = all_reduce([total, count], self.dist)
+        return total / max(count, 1)
+
+
+def save_checkpoint(engine: Engine, state: TrainState, data, cfg, dist, config_yaml: str) -> Path:
+    root = Path(cfg.output_dir) / "checkpoints"
+    final = step_dir(root, state.step)
+    tmp = final.with_name(final.name + ".tmp")
+    if dist.is_main:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(dist)
+    engine.save(tmp)
+    write_rank_state(tmp, dist.rank, data.state_dict())
+    if dist.is_main:
+        (tmp / "trainer_state.json").write_text(json.dumps({**dataclasses.asdict(state), "world_size": dist.world_size}))
+        (tmp / "config.yaml").write_text(config_yaml)
+    barrier(dist)
+    if dist.is_main:
+        finalize(tmp, final, cfg.train.keep_checkpoints)
+    barrier(dist)
+    return final
+
+
+def train(cfg) -> TrainState:
+    """Run (or resume) the recipe `cfg` in this process; torchrun starts one per rank."""
+    from omni_train.config import to_yaml
+    from omni_train.data.pipeline import DataPipeline
+    from omni_train.data.text import Tokenizer
+
+    tcfg = cfg.train
+    dist = init_distributed(tcfg.engine)
+    output_dir = Path(cfg.output_dir)
+    config_yaml = to_yaml(cfg)
+    if dist.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(config_yaml)
+
+    tokenizer = Tokenizer.from_path(cfg.data.tokenizer)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    from omni_train.model.omni import build_model
+
+    model = build_model(cfg.model, vocab_size=tokenizer.vocab_size)
+    engine = Engine(model, tcfg, dist, micro_batch_size=cfg.data.batch_size)
+    data = DataPipeline(cfg.data, tokenizer=tokenizer, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed,
+                        skip_log=output_dir / "skipped.jsonl")
+    state = TrainState()
+    torch.manual_seed(cfg.seed * 1000 + dist.rank)  # per-rank randomness from here on (dropout, sampling)
+
+    checkpoint = resolve_resume(tcfg.resume, output_dir / "checkpoints")
+    if checkpoint is not None:
+        engine.load(checkpoint)
+        saved = json.loads((checkpoint / "trainer_state.json").read_text())
+        if saved["world_size"] != dist.world_size:
+            raise ValueError(f"{checkpoint} was written by {saved['world_size']} ranks, this run has {dist.world_size}")
+        state = TrainState(step=saved["step"], tokens_seen=saved["tokens_seen"], samples_seen=saved["samples_seen"])
+        data.load_state_dict(read_rank_state(checkpoint, dist.rank))
+
+    logger = MetricsLogger(output_dir, enabled=dist.is_main, total_steps=tcfg.steps, start_step=state.step,
+                           tracker=tcfg.tracker, run_name=cfg.name, config=dataclasses.asdict(cfg), progress=tcfg.progress)
+    if checkpoint is not None:
+        logger.write(f"resumed from {checkpoint} at step {state.step}")
+    evaluator = Evaluator(cfg, dist, tokenizer) if cfg.data.eval and tcfg.eval_every else None
+    batches = iter(data)
+
+    while state.step < tcfg.steps:
+        start = time.perf_counter()
+        micro_batches = [next(batches) for _ in range(tcfg.grad_accum)]
+        loader_wait_s = time.perf_counter() - start
+        result = engine.train_step(micro_batches)
+        state.step += 1
+        real = sum(b["num_real_tokens"] for b in micro_batches)
+        positions = sum(b["input_ids"].numel() for b in micro_batches)
+        samples = sum(len(b["samples"]) for b in micro_batches)
+        loss_sum, real, positions, samples = all_reduce([result["loss"], real, positions, samples], dist)
+        step_s = time.perf_counter() - start
+        state.tokens_seen += int(real)
+        state.samples_seen += int(samples)
+        row = {"step": state.step, "loss": loss_sum / dist.world_size, "lr": result["lr"], "grad_norm": result["grad_norm"],
+               "tokens_per_s": real / step_s, "real_token_fraction": real / positions, "loader_wait_s": loader_wait_s,
+               "step_s": step_s, "tokens_seen": state.tokens_seen}
+
+        if evaluator is not None and every(state.step, tcfg.eval_every):
+            eval_loss = evaluator(engine)
+            if eval_loss is not None:
+                row["eval_loss"] = eval_loss
+                logger.write(f"step {state.step}: eval loss {eval_loss:.4f}")
+        if every(state.step, tcfg.log_every) or state.step == 1 or state.step == tcfg.steps or "eval_loss" in row:
+            logger.log(row)
+        logger.progress(state.step, row)
+        if every(state.step, tcfg.checkpoint_every) or state.step == tcfg.steps:
+            path = save_checkpoint(engine, state, data, cfg, dist, config_yaml)
+            logger.write(f"step {state.step}: checkpoint {path}")
+
+    logger.close()
+    shutdown(engine, dist)
+    return state
