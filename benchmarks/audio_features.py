@@ -105,7 +105,7 @@ def main() -> None:
         arrays = [c.numpy() for c in clips]
         ours_s = best_time_s(lambda: [log_mel(c, cfg) for c in clips], args.repeats)
         if len(clips) == 1 and clips[0].shape[0] > 30 * SAMPLE_RATE_HZ:
-            chunks = [a for a in np.split(arrays[0], range(30 * SAMPLE_RATE_HZ, arrays[0].shape[0], 30 * SAMPLE_RATE_HZ))]
+            chunks = np.split(arrays[0], range(30 * SAMPLE_RATE_HZ, arrays[0].shape[0], 30 * SAMPLE_RATE_HZ))
             hf_s = min(best_time_s(lambda: hf(chunks), args.repeats),
                        best_time_s(lambda: [hf([c]) for c in chunks], args.repeats))
         else:

@@ -20,6 +20,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from omni_train.data.pipeline import DataConfig
+from omni_train.model.omni import OmniConfig
+from omni_train.train.loop import TrainConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class RecipeError(ValueError):
@@ -32,12 +36,31 @@ class RecipeConfig:
     output_dir: str | None = None  # default: runs/<name>
     seed: int = 0
     data: DataConfig
+    model: OmniConfig
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def __post_init__(self):
         if not self.name or "/" in self.name:
             raise ValueError(f"name must be a non-empty run name without '/', got {self.name!r}")
         if self.output_dir is None:
             self.output_dir = str(Path("runs") / self.name)
+        check_model_matches_data(self.model, self.data)
+
+
+def check_model_matches_data(model: OmniConfig, data: DataConfig) -> None:
+    """The encoders must expect what the data layer produces; say which keys disagree."""
+    pairs = []
+    if model.audio is not None:
+        pairs += [("model.audio.num_mel_bins", model.audio.num_mel_bins, "data.audio.num_mel_bins", data.audio.num_mel_bins),
+                  ("model.audio.window_frames", model.audio.window_frames, "data.audio.window_s / hop", data.audio.window_frames)]
+    if model.vision is not None:
+        pairs += [("model.vision.patch_size", model.vision.patch_size, "data.image.patch_size", data.image.patch_size),
+                  ("model.vision.merge_size", model.vision.merge_size, "data.image.merge_size", data.image.merge_size),
+                  ("model.vision.temporal_patch_size", model.vision.temporal_patch_size, "data.video.temporal_patch_size",
+                   data.video.temporal_patch_size)]
+    for model_key, model_value, data_key, data_value in pairs:
+        if model_value != data_value:
+            raise ValueError(f"{model_key}={model_value} does not match {data_key}={data_value}")
 
 
 def _one_line(e: OmegaConfBaseException) -> str:
@@ -93,21 +116,47 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else None
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] = (), *, schema: type = RecipeConfig) -> Any:
-    """Recipe file + overrides -> validated `schema` instance, or `RecipeError` naming the key."""
-    base = OmegaConf.structured(schema)
+def preset_path(preset: str) -> Path:
+    """model.preset -> configs/model/<preset>.yaml (in the working directory, else in the repository), or a path."""
+    candidates = [Path(preset)] if preset.endswith((".yaml", ".yml")) else [
+        Path("configs/model") / f"{preset}.yaml", REPO_ROOT / "configs" / "model" / f"{preset}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in (REPO_ROOT / "configs" / "model").glob("*.yaml"))
+    raise RecipeError(f"model.preset: no preset {preset!r} (configs/model has {', '.join(known)})")
+
+
+def _read_yaml(path: Path, what: str) -> dict:
     try:
+        text = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{what} {path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(text, dict):
+        raise RecipeError(f"{what} {path}: expected a mapping of keys at the top level")
+    return text
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = (), *, schema: type = RecipeConfig) -> Any:
+    """Recipe file + overrides -> validated `schema` instance, or `RecipeError` naming the key.
+
+    Layers, later winning: dataclass defaults, the model preset (configs/model/<model.preset>.yaml),
+    the recipe file, the command-line overrides.
+    """
+    base = OmegaConf.structured(schema)
+    parsed = [parse_override(o) for o in overrides]
+    try:
+        text: dict = {}
         if path is not None:
             path = Path(path)
             if not path.is_file():
                 raise RecipeError(f"recipe {path} does not exist")
-            try:
-                text = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as e:
-                raise RecipeError(f"recipe {path}: invalid YAML ({str(e).splitlines()[0]})") from None
-            base = OmegaConf.merge(base, text)
-        for override in overrides:
-            key, value = parse_override(override)
+            text = _read_yaml(path, "recipe")
+        if "model" in {f.name for f in dataclasses.fields(schema)}:
+            preset = dict(parsed).get("model.preset") or (text.get("model") or {}).get("preset") or "tiny"
+            base = OmegaConf.merge(base, {"model": _read_yaml(preset_path(str(preset)), "model preset")})
+        base = OmegaConf.merge(base, text)
+        for key, value in parsed:
             OmegaConf.update(base, key, value, merge=True)
         resolved = OmegaConf.to_container(base, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as e:

@@ -12,6 +12,8 @@ data:
   seq_len: 512
   train: [{shards: "shards/x-{000000..000003}.tar", weight: 2.0}]
   audio: {num_mel_bins: 80}
+model:
+  audio: {num_mel_bins: 80}
 """
 
 
@@ -42,6 +44,11 @@ def test_bad_values_name_the_key(recipe, override, match):
     with pytest.raises(RecipeError, match=match) as info:
         load_recipe(recipe, [override])
     assert "\n" not in str(info.value)
+
+
+def test_model_and_data_must_agree(recipe):
+    with pytest.raises(RecipeError, match=r"model.audio.num_mel_bins=128 does not match data.audio.num_mel_bins=80"):
+        load_recipe(recipe, ["model.audio.num_mel_bins=128"])
 
 
 def test_missing_recipe_file(tmp_path):

@@ -33,7 +33,7 @@ __all__ = ["BackboneConfig", "Backbone", "document_ids_to_cu_seqlens"]
 
 @dataclass(kw_only=True)
 class BackboneConfig:
-    vocab_size: int
+    vocab_size: int                       # 0 in a recipe: the tokenizer's size, filled in when the model is built
     dim: int                              # hidden_size
     num_layers: int
     num_heads: int
@@ -51,29 +51,31 @@ class BackboneConfig:
     init_std: float = 0.02                # normal init of linear and embedding weights when not loading
 
     def __post_init__(self):
-        for name in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim",
+        if not isinstance(self.vocab_size, int) or self.vocab_size < 0:
+            raise ValueError(f"model.backbone.vocab_size must be a positive integer, or 0 for the tokenizer's, got {self.vocab_size!r}")
+        for name in ("dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim",
                      "max_position_embeddings"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"model.{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise ValueError(f"model.backbone.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"model.num_kv_heads ({self.num_kv_heads}) must divide model.num_heads ({self.num_heads})")
+            raise ValueError(f"model.backbone.num_kv_heads ({self.num_kv_heads}) must divide model.backbone.num_heads ({self.num_heads})")
         if self.head_dim is None:
             if self.dim % self.num_heads:
-                raise ValueError(f"model.dim ({self.dim}) must be a multiple of model.num_heads ({self.num_heads}) "
-                                 f"unless model.head_dim is set")
+                raise ValueError(f"model.backbone.dim ({self.dim}) must be a multiple of model.backbone.num_heads ({self.num_heads}) "
+                                 f"unless model.backbone.head_dim is set")
             self.head_dim = self.dim // self.num_heads
         if not isinstance(self.head_dim, int) or self.head_dim <= 0 or self.head_dim % 2:
-            raise ValueError(f"model.head_dim must be a positive even integer (RoPE rotates pairs), got {self.head_dim!r}")
+            raise ValueError(f"model.backbone.head_dim must be a positive even integer (RoPE rotates pairs), got {self.head_dim!r}")
         if self.rms_norm_eps <= 0:
-            raise ValueError(f"model.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+            raise ValueError(f"model.backbone.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
         if self.rope_theta <= 0:
-            raise ValueError(f"model.rope_theta must be > 0, got {self.rope_theta}")
+            raise ValueError(f"model.backbone.rope_theta must be > 0, got {self.rope_theta}")
         if self.init_std <= 0:
-            raise ValueError(f"model.init_std must be > 0, got {self.init_std}")
+            raise ValueError(f"model.backbone.init_std must be > 0, got {self.init_std}")
         if self.mrope_section is not None:
             self.mrope_section = list(self.mrope_section)
             if len(self.mrope_section) != 3 or sum(self.mrope_section) != self.head_dim // 2 or min(self.mrope_section) < 0:
-                raise ValueError(f"model.mrope_section must be 3 non-negative sizes (time, height, width) summing to "
+                raise ValueError(f"model.backbone.mrope_section must be 3 non-negative sizes (time, height, width) summing to "
                                  f"head_dim // 2 = {self.head_dim // 2}, got {self.mrope_section}")
 
 
@@ -164,6 +166,8 @@ class Backbone(nn.Module):
         super().__init__()
         if attn_backend not in BACKENDS:
             raise ValueError(f"attn_backend must be one of {', '.join(BACKENDS)}, got {attn_backend!r}")
+        if cfg.vocab_size < 1:
+            raise ValueError("model.backbone.vocab_size is 0: build the model with the tokenizer's size (omni.build_model)")
         self.cfg = cfg
         self.activation_checkpointing = activation_checkpointing
         self.attn_backend = attn_backend

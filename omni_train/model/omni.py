@@ -53,6 +53,8 @@ class OmniConfig:
     projector: str = "mlp"                     # projectors.PROJECTOR_KINDS
     fusion: str = "interleave"                 # FUSIONS
     activation_checkpointing: bool = False     # recompute every encoder and backbone layer in backward
+    preset: str = "tiny"                       # configs/model/<preset>.yaml, merged under the recipe's model section
+    pretrained_backbone: str | None = None     # local HF Qwen2/Qwen3 directory; its config replaces `backbone`
 
     def __post_init__(self):
         check_projector_kind(self.projector)
@@ -113,9 +115,12 @@ class OmniModel(nn.Module):
         num_loss_tokens = int(rows.numel())
         return token_loss.sum() / max(num_loss_tokens, 1), num_loss_tokens, per_token_loss
 
-    @torch.no_grad()
     def encode_media(self, batch: dict[str, Any], *, pooled: bool = False) -> dict[str, torch.Tensor]:
-        """Projected features of the modalities in the batch: {modality: (num_tokens, D)}, or (num_items, D) mean-pooled."""
+        """Projected features of the modalities in the batch: {modality: (num_tokens, D)}, or (num_items, D) mean-pooled.
+
+        Runs every encoder once, as forward does (safe under ZeRO-3 whatever the batch holds);
+        probes wrap it in torch.no_grad(), a contrastive loss keeps the graph.
+        """
         features, _ = self._encode(batch)
         if not pooled:
             return features
@@ -175,3 +180,49 @@ def fuse_interleave(embeds: torch.Tensor, modality_ids: torch.Tensor, features: 
         if num_features:
             embeds = embeds.index_put(positions, features[modality].to(embeds.dtype))
     return embeds
+
+
+def build_model(cfg: OmniConfig, *, vocab_size: int) -> OmniModel:
+    """The model of a recipe for a tokenizer of `vocab_size` ids, with pretrained backbone weights if the recipe names them.
+
+    `model.backbone.vocab_size: 0` takes the tokenizer's size; a pretrained backbone whose
+    embedding table is smaller than the tokenizer (special tokens were added) is grown, the new
+    rows initialized like fresh embeddings.
+    """
+    import dataclasses
+
+    if cfg.pretrained_backbone:
+        from omni_train.model.hf_adapters import load_qwen_backbone
+
+        backbone, backbone_cfg = load_qwen_backbone(cfg.pretrained_backbone, activation_checkpointing=cfg.activation_checkpointing)
+        model = OmniModel(dataclasses.replace(cfg, backbone=dataclasses.replace(backbone_cfg, vocab_size=1)))
+        model.backbone = backbone
+        model.cfg = dataclasses.replace(cfg, backbone=backbone_cfg)
+        if vocab_size > backbone_cfg.vocab_size:
+            grow_vocab(backbone, vocab_size)
+            model.cfg.backbone.vocab_size = vocab_size
+        return model
+    backbone_cfg = cfg.backbone
+    if backbone_cfg.vocab_size == 0:
+        backbone_cfg = dataclasses.replace(backbone_cfg, vocab_size=vocab_size)
+    elif backbone_cfg.vocab_size < vocab_size:
+        raise ValueError(f"model.backbone.vocab_size={backbone_cfg.vocab_size} is smaller than the tokenizer's "
+                         f"{vocab_size} ids; set it to 0 to follow the tokenizer")
+    return OmniModel(dataclasses.replace(cfg, backbone=backbone_cfg))
+
+
+@torch.no_grad()
+def grow_vocab(backbone: Backbone, vocab_size: int) -> None:
+    """Append embedding (and untied output) rows for ids the checkpoint did not have."""
+    old = backbone.embed_tokens.weight
+    std = backbone.cfg.init_std
+    new = nn.Embedding(vocab_size, old.shape[1], dtype=old.dtype, device=old.device)
+    new.weight.normal_(0.0, std)
+    new.weight[: old.shape[0]] = old
+    backbone.embed_tokens = new
+    if backbone.lm_head is not None:
+        head = nn.Linear(old.shape[1], vocab_size, bias=False, dtype=old.dtype, device=old.device)
+        head.weight.normal_(0.0, std)
+        head.weight[: backbone.lm_head.weight.shape[0]] = backbone.lm_head.weight
+        backbone.lm_head = head
+    backbone.cfg.vocab_size = vocab_size

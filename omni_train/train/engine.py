@@ -16,6 +16,7 @@ import contextlib
 import gc
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,8 @@ class Engine:
         if cfg.engine == "deepspeed":
             import deepspeed
 
+            # DeepSpeed calls torch's renamed collectives on every step; one warning per call floods the log
+            warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
             self.wrapped, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model, optimizer=optimizer, lr_scheduler=make_scheduler, config=deepspeed_config(cfg, micro_batch_size))
             self.module = self.wrapped.module
