@@ -102,6 +102,8 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is list and args and dataclasses.is_dataclass(args[0]):
         return [_instantiate(args[0], item, f"{path}[{i}].") for i, item in enumerate(value)]
+    if origin is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
+        return {key: _instantiate(args[1], item, f"{path}.{key}.") for key, item in value.items()}
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         for arg in args:
             if dataclasses.is_dataclass(arg) and isinstance(value, dict):

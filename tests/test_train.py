@@ -70,3 +70,28 @@ def test_bad_recipe_stops_before_any_work(override, key, tmp_path):
     assert len(lines) == 1 and key in lines[0], result.stderr
     assert elapsed < 5.0, elapsed
     assert not (tmp_path / "run").exists()
+
+
+def test_bf16_deepspeed_with_activation_checkpointing(corpus, tmp_path):
+    run = tmp_path / "bf16"
+    torchrun("launch/pretrain.py", "--recipe", "recipes/smoke.yaml",
+             *overrides(corpus, run, **{"train.precision": "bf16", "model.activation_checkpointing": "true",
+                                        "train.steps": 5, "train.checkpoint_every": 5, "train.eval_every": 0}))
+    losses = [row["loss"] for _, row in sorted(read_metrics(run).items())]
+    assert len(losses) == 5 and losses[-1] < losses[0] - 0.5, losses
+
+
+def test_single_process_run_logs_to_offline_wandb(corpus, tmp_path):
+    import os
+
+    run = tmp_path / "single"
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    env.pop("WANDB_API_KEY", None)
+    result = subprocess.run([sys.executable, "launch/pretrain.py", "--recipe", "recipes/smoke.yaml",
+                             *overrides(corpus, run, **{"train.engine": "single", "train.steps": 3, "train.checkpoint_every": 3,
+                                                        "train.eval_every": 0, "train.tracker": "wandb"})],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(read_metrics(run)) == [1, 2, 3]
+    assert list(run.glob("wandb/offline-run-*")), sorted(p.name for p in run.rglob("*"))[:20]
+    assert (run / "checkpoints" / "step_00000003" / "model.safetensors").is_file()

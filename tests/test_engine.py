@@ -1,0 +1,91 @@
+"""The engine in one process: staged schedules, frozen modules, lr scales, checkpoints, pretrained backbones."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from omni_train.config import load_recipe
+from omni_train.data import synth
+from omni_train.data.image import encode_image
+from omni_train.data.packing import collate_packed
+from omni_train.data.text import Tokenizer, render_chat
+from omni_train.model.omni import build_model
+from omni_train.train.engine import Engine, init_distributed
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    cfg = load_recipe("recipes/smoke.yaml")
+    tokenizer = Tokenizer.byte_level()
+    image = encode_image(synth.pattern_image(tmp_path_factory.mktemp("img") / "i.png", 120, 90).read_bytes(), cfg.data.image)
+    sample = render_chat([{"role": "user", "content": [{"type": "image", "member": "image_0.png"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "green bands on blue"}]}], [image], tokenizer)
+    return collate_packed([[sample]], 256, tokenizer.pad_id, cfg.data.audio)
+
+
+def make_engine(*overrides: str) -> Engine:
+    cfg = load_recipe("recipes/smoke.yaml", ["train.engine=single", "train.warmup_steps=0", *overrides])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, vocab_size=Tokenizer.byte_level().vocab_size)
+    return Engine(model, cfg.train, init_distributed("single"), micro_batch_size=1)
+
+
+def snapshot(engine: Engine, prefix: str) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in engine.module.named_parameters() if n.startswith(prefix)}
+
+
+def changed(before: dict, engine: Engine) -> bool:
+    params = dict(engine.module.named_parameters())
+    return any(not torch.equal(v, params[n]) for n, v in before.items())
+
+
+def test_stage_trains_only_its_modules_then_everything(batch):
+    engine = make_engine("train.stages=[{until_step: 2, train: [vision_projector]}]")
+    backbone, projector = snapshot(engine, "backbone."), snapshot(engine, "vision_projector.")
+    for _ in range(2):
+        engine.train_step([batch])
+    assert changed(projector, engine) and not changed(backbone, engine)
+    engine.train_step([batch])
+    assert changed(backbone, engine)
+
+
+def test_frozen_module_and_lr_scale(batch):
+    engine = make_engine("train.modules={vision_encoder: {freeze: true}, audio_projector: {lr_scale: 0.5}}")
+    frozen = snapshot(engine, "vision_encoder.")
+    assert all(not p.requires_grad for n, p in engine.module.named_parameters() if n.startswith("vision_encoder."))
+    engine.train_step([batch])
+    assert not changed(frozen, engine)
+    lrs = {g["name"]: g["lr"] for g in engine.optimizer.param_groups}
+    assert "vision_encoder" not in lrs and lrs["audio_projector"] == pytest.approx(0.5 * lrs["backbone"])
+    with pytest.raises(ValueError, match="train.modules names \\['vison_encoder'\\]"):
+        make_engine("train.modules={vison_encoder: {freeze: true}}")
+
+
+def test_single_engine_checkpoint_round_trip(batch, tmp_path):
+    engine = make_engine()
+    engine.train_step([batch])
+    engine.save(tmp_path)
+    next_loss = engine.train_step([batch])["loss"]
+    restored = make_engine()
+    restored.load(tmp_path)
+    assert restored.train_step([batch])["loss"] == next_loss
+
+
+def test_pretrained_qwen3_backbone_from_a_local_directory(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hf_cfg = transformers.Qwen3Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    reference = transformers.Qwen3ForCausalLM(hf_cfg).eval()
+    reference.save_pretrained(tmp_path, safe_serialization=True)
+    cfg = load_recipe("recipes/smoke.yaml", [f"model.pretrained_backbone={tmp_path}"])
+    model = build_model(cfg.model, vocab_size=310).eval()  # the tokenizer added 10 special tokens
+    assert model.backbone.embed_tokens.weight.shape == (310, 64) and model.backbone.lm_head.weight.shape == (310, 64)
+    ids = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        ours = model.backbone.logits(model.backbone(ids, position_ids=torch.arange(12)[None], document_ids=torch.zeros_like(ids)))
+        theirs = reference(ids).logits
+    assert (ours[..., :300] - theirs).abs().max() < 1e-4
