@@ -17,8 +17,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding, apply
 from omni_train.model import (Backbone, BackboneConfig, apply_rotary, attention, attention_backend,
                               backbone_config_from_hf, document_ids_to_cu_seqlens, load_qwen_backbone,
                               rope_cos_sin, rope_inv_freq, save_qwen_backbone)
-from omni_train.model.attention import (document_mask, flash_attn_varlen_func, from_varlen_layout, to_varlen_layout,
-                                        varlen_attn)
+from omni_train.model.attention import document_mask, from_varlen_layout, to_varlen_layout, varlen_kernels
 
 VOCAB_SIZE = 256
 ROPE_THETA = 50_000.0  # not transformers' default, so a dropped theta shows up as a mismatch
@@ -141,7 +140,7 @@ def test_config_mapping_and_refusals():
         backbone_config_from_hf({**base, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
     with pytest.raises(ValueError, match="num_kv_heads"):
         backbone_config_from_hf({**base, "num_key_value_heads": 3})
-    with pytest.raises(ValueError, match="model.head_dim"):
+    with pytest.raises(ValueError, match="model.backbone.head_dim"):
         tiny_config(head_dim=15)
     with pytest.raises(ValueError, match="mrope_section"):
         tiny_config(mrope_section=[4, 4, 4])
@@ -243,6 +242,7 @@ def test_varlen_layout_and_cu_seqlens_agree_with_the_document_mask():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", ["flash", "varlen"])
 def test_cuda_varlen_backends_match_sdpa(backend):
+    flash_attn_varlen_func, varlen_attn, _ = varlen_kernels()
     if (flash_attn_varlen_func if backend == "flash" else varlen_attn) is None:
         pytest.skip(f"{backend} attention is not available here")
     torch.manual_seed(8)

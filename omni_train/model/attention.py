@@ -16,33 +16,43 @@ Backends, chosen by `attention_backend` unless `backend=` names one:
 
 from __future__ import annotations
 
+import functools
 import inspect
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-try:
-    from flash_attn import flash_attn_varlen_func
-except ImportError:  # flash-attn is an optional extra (`.[gpu]`); a build against another torch fails here too
-    flash_attn_varlen_func = None
-
-try:
-    from torch.nn.attention.varlen import varlen_attn
-    _VARLEN_PARAMS = frozenset(inspect.signature(varlen_attn).parameters)
-except ImportError:  # torch < 2.10
-    varlen_attn = None
-    _VARLEN_PARAMS = frozenset()
 
 BACKENDS = ("auto", "flash", "varlen", "sdpa")
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
+@functools.cache
+def varlen_kernels() -> tuple[Any, Any, frozenset]:
+    """(flash_attn_varlen_func or None, torch varlen_attn or None, varlen_attn's parameter names).
+
+    Imported on first use only: torch.nn.attention.varlen pulls in torch._dynamo (about 2.5 s),
+    which CPU runs and recipe validation never need.
+    """
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:  # flash-attn is an optional extra (`.[gpu]`); a build against another torch fails here too
+        flash_attn_varlen_func = None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+        params = frozenset(inspect.signature(varlen_attn).parameters)
+    except ImportError:  # torch < 2.10
+        varlen_attn, params = None, frozenset()
+    return flash_attn_varlen_func, varlen_attn, params
+
+
 def attention_backend(device: torch.device | str, dtype: torch.dtype) -> str:
     """The backend `attention(..., backend="auto")` uses for tensors on `device` of `dtype`."""
     if torch.device(device).type == "cuda" and dtype in _HALF_DTYPES:
-        if flash_attn_varlen_func is not None:
+        flash, varlen, _ = varlen_kernels()
+        if flash is not None:
             return "flash"
-        if varlen_attn is not None:
+        if varlen is not None:
             return "varlen"
     return "sdpa"
 
@@ -119,11 +129,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seqlens: 
     q_packed, k_packed, v_packed = (to_varlen_layout(x) for x in (q, k, v))
 
     if backend == "flash":
+        flash_attn_varlen_func, _, _ = varlen_kernels()
         if flash_attn_varlen_func is None:
             raise ValueError("attention backend 'flash' needs flash-attn (pip install '.[gpu]'), which does not import here")
         out = flash_attn_varlen_func(q_packed, k_packed, v_packed, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                      causal=causal)  # flash-attn takes Hkv < H as is
     else:
+        _, varlen_attn, _ = varlen_kernels()
         if varlen_attn is None:
             raise ValueError("attention backend 'varlen' needs torch >= 2.10 (torch.nn.attention.varlen)")
         out = varlen_attn(q_packed, *_varlen_kv(k_packed, v_packed, num_heads), cu_seqlens, cu_seqlens,
@@ -146,7 +158,7 @@ def from_varlen_layout(x: torch.Tensor, batch: int) -> torch.Tensor:
 def _varlen_kv(k: torch.Tensor, v: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """k, v as varlen_attn takes them: repeated to H heads where this torch's varlen_attn has no enable_gqa."""
     num_repeats = num_heads // k.shape[1]
-    if num_repeats == 1 or "enable_gqa" in _VARLEN_PARAMS:
+    if num_repeats == 1 or "enable_gqa" in varlen_kernels()[2]:
         return k, v
     return k.repeat_interleave(num_repeats, dim=1), v.repeat_interleave(num_repeats, dim=1)
 
@@ -154,10 +166,10 @@ def _varlen_kv(k: torch.Tensor, v: torch.Tensor, num_heads: int) -> tuple[torch.
 def _varlen_kwargs(causal: bool, grouped: bool) -> dict:
     """varlen_attn's causal switch changed: torch 2.10 has `is_causal`, later versions `window_size` ((-1, 0) = causal)."""
     kwargs = {}
-    if "window_size" in _VARLEN_PARAMS:
+    if "window_size" in varlen_kernels()[2]:
         kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
     else:
         kwargs["is_causal"] = causal
-    if grouped and "enable_gqa" in _VARLEN_PARAMS:
+    if grouped and "enable_gqa" in varlen_kernels()[2]:
         kwargs["enable_gqa"] = True
     return kwargs

@@ -1,0 +1,353 @@
+"""Per-rank memory and speed of DDP and DeepSpeed ZeRO stages 0, 2 and 3 on 2 CPU ranks.
+
+    python benchmarks/zero_memory.py                   # fp32: ddp, zero0, zero2, zero3 (about 3 min on 2 cores)
+    python benchmarks/zero_memory.py --bf16            # the DeepSpeed configs in bf16 too (about 2 min more)
+    python benchmarks/zero_memory.py --configs zero0,zero1,zero3 --timed-steps 5
+
+The parent builds a small multimodal shard set with `omni-train shards build` (espeak-ng speech,
+images, videos, text -> code) in a temp dir, then runs one 2-rank torchrun per configuration on
+free local ports. Each worker builds the model and `Engine` the way `train.loop.train` does,
+reads real packed batches through `DataPipeline`, runs one warmup step and `--timed-steps`
+timed steps, and measures on every rank:
+
+  params      bytes of the model's parameters this rank holds: under ZeRO-3 the partition
+              (`p.ds_tensor`) plus the parameters kept gathered (`ds_persist`, below
+              stage3_param_persistence_threshold); otherwise the full parameters
+  optimizer   fp32 master weights (DeepSpeed's `single_partition_of_fp32_groups`,
+              `fp32_partitioned_groups_flat`, `fp32_groups_flat`, `fp32_groups_flat_partition`)
+              and AdamW's exp_avg / exp_avg_sq / step, counting memory already counted as
+              parameters once (fp32 ZeRO-3's master partition *is* the parameter partition)
+  grads       gradient memory alive when AdamW steps (`.grad` of parameters and master
+              partitions, DeepSpeed's `averaged_gradients`, `grad_partitions_flat_buffer`,
+              `fp32_groups_gradients_flat`), taken from a step pre-hook on the torch optimizer
+  buckets     DeepSpeed's reduce buckets (`ipg_buckets`): reduce_bucket_size elements each,
+              allocated whatever the model size (on CPU only the written pages are resident)
+  peak RSS    `resource.getrusage(RUSAGE_SELF).ru_maxrss` of the rank's process
+  tokens/s    real (non-padding) tokens of both ranks per second over the timed steps
+
+Memory is counted by address range, so views into DeepSpeed's flat buffers are counted once.
+DDP's own gradient buckets live inside its C++ reducer and are not counted. Goal: ZeRO-3
+params + optimizer per rank about half of ZeRO-0's on 2 ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# tiny preset scaled up so that parameters and optimizer state dominate what a rank holds
+MODEL_OVERRIDES = ["model.backbone.dim=512", "model.backbone.num_layers=12", "model.backbone.ffn_dim=1536"]
+CONFIGS = {  # name -> (engine, zero_stage)
+    "ddp": ("ddp", 0), "zero0": ("deepspeed", 0), "zero1": ("deepspeed", 1), "zero2": ("deepspeed", 2),
+    "zero3": ("deepspeed", 3),
+}
+MB = 2**20
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker: one rank of one configuration, started by torchrun
+
+
+class AddressLedger:
+    """Bytes of tensors by address range, each byte counted once however many views point at it."""
+
+    def __init__(self):
+        self.ranges: list[tuple[int, int]] = []  # disjoint [start, end)
+
+    def claim(self, tensor) -> int:
+        """Add `tensor`'s memory; return how many of its bytes were not claimed before."""
+        if tensor is None or tensor.numel() == 0 or tensor.device.type == "meta":
+            return 0
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        covered = sum(max(0, min(end, e) - max(start, s)) for s, e in self.ranges)
+        overlapping = [(s, e) for s, e in self.ranges if s < end and e > start]
+        merged = (min([start] + [s for s, _ in overlapping]), max([end] + [e for _, e in overlapping]))
+        self.ranges = [r for r in self.ranges if r not in overlapping] + [merged]
+        return end - start - covered
+
+
+def tensors_in(value) -> list:
+    """Every tensor in a nested list / tuple / dict (DeepSpeed keeps its buffers in all three)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in tensors_in(item)]
+    return []
+
+
+def basic_optimizer(engine):
+    """The torch AdamW that Engine built; DeepSpeed wraps it and keeps it as `basic_optimizer`."""
+    return getattr(engine.wrapped, "basic_optimizer", engine.optimizer)
+
+
+def param_tensors(model) -> list:
+    """What each parameter holds on this rank: the ZeRO-3 partition and any gathered copy, else the tensor."""
+    out = []
+    for p in model.parameters():
+        if hasattr(p, "ds_tensor"):
+            out += [p.ds_tensor, p.data]  # p.data is empty unless the parameter is persistent (kept gathered)
+        else:
+            out.append(p.data)
+    return out
+
+
+def master_tensors(engine) -> list:
+    """fp32 master weights: the tensors the torch optimizer updates (model params without a DeepSpeed wrapper)."""
+    wrapper, opt = engine.optimizer, basic_optimizer(engine)
+    found = [p for g in opt.param_groups for p in g["params"]] + list(opt.state.keys())
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat",
+                 "fp32_groups_flat_partition"):
+        found += tensors_in(getattr(wrapper, name, None))
+    return found
+
+
+def state_tensors(engine) -> list:
+    return [t for state in basic_optimizer(engine).state.values() for t in tensors_in(state)]
+
+
+def grad_tensors(engine) -> list[tuple[str, object]]:
+    """(where, tensor) for every gradient buffer this rank may hold."""
+    wrapper = engine.optimizer
+    found = [("param.grad", p.grad) for p in engine.module.parameters()]
+    found += [("master.grad", t.grad) for t in master_tensors(engine)]
+    for name in ("averaged_gradients", "grad_partitions_flat_buffer", "fp32_groups_gradients_flat"):
+        found += [(name, t) for t in tensors_in(getattr(wrapper, name, None))]
+    return [(where, t) for where, t in found if t is not None]
+
+
+def bucket_tensors(engine) -> list:
+    buckets = getattr(engine.optimizer, "ipg_buckets", None) or {}
+    return [t for bucket in buckets.values() for t in tensors_in(getattr(bucket, "buffer", None))]
+
+
+def measure_state(engine) -> dict[str, int]:
+    """Bytes held now: params, then master weights and optimizer state not already counted as params."""
+    ledger = AddressLedger()
+    params = sum(ledger.claim(t) for t in param_tensors(engine.module))
+    master = sum(ledger.claim(t) for t in master_tensors(engine))
+    states = sum(ledger.claim(t) for t in state_tensors(engine))
+    return {"params": params, "master": master, "adam_states": states, "ledger": ledger}
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+    import torch.distributed as torch_dist
+
+    from omni_train.config import load_recipe
+    from omni_train.data.pipeline import DataPipeline
+    from omni_train.data.text import Tokenizer
+    from omni_train.model.omni import build_model
+    from omni_train.train.engine import Engine, all_reduce, barrier, init_distributed, shutdown
+
+    engine_name, stage = CONFIGS[args.config]
+    num_steps = 1 + args.timed_steps
+    cfg = load_recipe(REPO / "recipes" / "smoke.yaml", [
+        *MODEL_OVERRIDES, f"data.train.0.shards={args.shards}", "data.num_workers=0", f"data.seq_len={args.seq_len}",
+        f"data.batch_size={args.batch_size}", f"train.engine={engine_name}", f"train.zero_stage={stage}",
+        f"train.precision={args.precision}", f"train.steps={num_steps}", "train.warmup_steps=0",
+        f"output_dir={args.out}/run"])
+    dist = init_distributed(cfg.train.engine)
+    tokenizer = Tokenizer.from_path(cfg.data.tokenizer)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank, as in train.loop.train
+    model = build_model(cfg.model, vocab_size=tokenizer.vocab_size)
+    num_params = sum(p.numel() for p in model.parameters())
+    engine = Engine(model, cfg.train, dist, micro_batch_size=cfg.data.batch_size)
+    data = iter(DataPipeline(cfg.data, tokenizer=tokenizer, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed))
+    # decode every batch first: tokens/s is the training step's rate, not the loader's
+    steps = [[next(data) for _ in range(cfg.train.grad_accum)] for _ in range(num_steps)]
+
+    peak = {"grads": 0, "buckets": 0, "grads_by_source": {}}
+
+    def at_optimizer_step(optimizer, *_):  # every gradient this rank keeps is alive now
+        ledger = AddressLedger()
+        ledger.ranges = list(measure_state(engine)["ledger"].ranges)  # memory already counted as params or state
+        by_source: dict[str, int] = {}
+        for where, t in grad_tensors(engine):
+            by_source[where] = by_source.get(where, 0) + ledger.claim(t)
+        buckets = sum(ledger.claim(t) for t in bucket_tensors(engine))
+        if sum(by_source.values()) >= peak["grads"]:
+            peak.update(grads=sum(by_source.values()), grads_by_source={k: v for k, v in by_source.items() if v})
+        peak["buckets"] = max(peak["buckets"], buckets)
+
+    basic_optimizer(engine).register_step_pre_hook(at_optimizer_step)
+
+    losses = [engine.train_step(steps[0])["loss"]]  # warmup: allocates optimizer state and buffers
+    barrier(dist)
+    start = time.perf_counter()
+    for micro_batches in steps[1:]:
+        losses.append(engine.train_step(micro_batches)["loss"])
+    barrier(dist)
+    elapsed_s = time.perf_counter() - start
+    real_tokens = sum(b["num_real_tokens"] for micro_batches in steps[1:] for b in micro_batches)
+    (real_tokens_all,) = all_reduce([real_tokens], dist)
+
+    held = measure_state(engine)
+    row = {"rank": dist.rank, "params_bytes": held["params"], "master_bytes": held["master"],
+           "adam_state_bytes": held["adam_states"], "optimizer_bytes": held["master"] + held["adam_states"],
+           "grads_bytes": peak["grads"], "grads_bytes_by_source": peak["grads_by_source"], "bucket_bytes": peak["buckets"],
+           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
+           "optimizer": type(engine.optimizer).__name__, "losses": losses}
+    rows = [None] * dist.world_size
+    torch_dist.all_gather_object(rows, row)
+    if dist.is_main:
+        print(json.dumps({"config": args.config, "precision": args.precision, "world_size": dist.world_size,
+                          "num_params": num_params, "tokens_per_s": real_tokens_all / elapsed_s,
+                          "timed_steps": args.timed_steps, "elapsed_s": elapsed_s, "ranks": rows}), flush=True)
+    shutdown(engine, dist)
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent: shards, one torchrun per configuration, the table
+
+
+SPEECH = [("en-us", "three plus five, times two"), ("de", "sieben minus vier mal drei"),
+          ("fr-fr", "neuf plus deux divisé par trois"), ("es", "seis por ocho menos uno"),
+          ("it", "quattro più cinque per due"), ("pt", "oito menos três vezes dois"),
+          ("nl", "twaalf gedeeld door vier plus zeven"), ("pl", "dwa plus dwa razy pięć")]
+
+
+def build_shards(root: Path) -> str:
+    """Generate media, write a ShareGPT manifest and build shards with the real CLI; returns the shard pattern."""
+    from omni_train.data import synth
+
+    media = root / "media"
+    media.mkdir(parents=True)
+    entries = []
+    for i, (voice, words) in enumerate(SPEECH):
+        synth.speech(media / f"speech{i}.flac", words, voice=voice)
+        entries.append({"messages": [{"role": "user", "content": "<audio>Transcribe."},
+                                     {"role": "assistant", "content": words}],
+                        "audios": [f"speech{i}.flac"], "meta": {"task": "asr", "language": voice.split("-")[0]}})
+    for i, (w, h) in enumerate([(224, 224), (320, 160), (160, 320), (200, 120)]):
+        synth.pattern_image(media / f"image{i}.png", w, h, seed=i)
+        entries.append({"messages": [{"role": "user", "content": "<image>Describe the picture."},
+                                     {"role": "assistant", "content": f"coloured bands, pattern {i}"}],
+                        "images": [f"image{i}.png"], "meta": {"task": "caption", "language": "en"}})
+    for i in range(2):
+        synth.test_pattern_video(media / f"video{i}.mp4", 2.0 + i, fps=10, width=160, height=120)
+        entries.append({"messages": [{"role": "user", "content": "<video>What happens?"},
+                                     {"role": "assistant", "content": "a test pattern with a moving counter"}],
+                        "videos": [f"video{i}.mp4"], "meta": {"task": "video", "language": "en"}})
+    for i in range(8):
+        entries.append({"messages": [{"role": "user", "content": f"Write code that prints ({i} + {i + 3}) * {i + 1}."},
+                                     {"role": "assistant", "content": f"print(({i} + {i + 3}) * {i + 1})"}],
+                        "meta": {"task": "text2code", "language": "en"}})
+    manifest = root / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
+    out = root / "shards"
+    subprocess.run([sys.executable, "-m", "omni_train.cli", "shards", "build", "--manifest", str(manifest),
+                    "--media-root", str(media), "--out", str(out), "--max-samples", "6"], check=True, cwd=REPO)
+    shards = sorted(out.glob("train-*.tar"))
+    return str(out / ("train-{%06d..%06d}.tar" % (0, len(shards) - 1)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_config(config: str, precision: str, shards: str, out: Path, args: argparse.Namespace) -> dict:
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))  # DeepSpeed's shm op builds once
+    env.update({"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(Path(__file__).resolve()), "--worker", "--config", config,
+           "--precision", precision, "--shards", shards, "--out", str(out / f"{config}-{precision}"),
+           "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--timed-steps", str(args.timed_steps)]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    for line in result.stdout.splitlines():
+        if line.startswith('{"config"'):
+            return json.loads(line)
+    raise RuntimeError(f"{config} {precision}: no result (exit {result.returncode})\n{result.stdout[-3000:]}\n"
+                       f"{result.stderr[-6000:]}")
+
+
+def print_table(results: list[dict]) -> None:
+    """One row per run; memory columns are the larger of the two ranks (their partitions differ by padding)."""
+    def worst(result: dict, key: str) -> float:
+        return max(r[key] for r in result["ranks"]) / MB
+
+    baseline = {r["precision"]: worst(r, "params_bytes") + worst(r, "optimizer_bytes")
+                for r in results if r["config"] == "zero0"}
+    header = ["config", "precision", "params MB/rank", "optimizer MB/rank", "params+opt MB/rank", "ratio to zero0",
+              "grads MB/rank", "buckets MB/rank", "peak RSS MB", "tokens/s"]
+    lines = [header]
+    for r in results:
+        total = worst(r, "params_bytes") + worst(r, "optimizer_bytes")
+        ratio = f"{total / baseline[r['precision']]:.2f}" if r["precision"] in baseline else "-"
+        lines.append([r["config"], r["precision"], f"{worst(r, 'params_bytes'):.1f}", f"{worst(r, 'optimizer_bytes'):.1f}",
+                      f"{total:.1f}", ratio, f"{worst(r, 'grads_bytes'):.1f}", f"{worst(r, 'bucket_bytes'):.1f}",
+                      f"{worst(r, 'peak_rss_bytes'):.0f}", f"{r['tokens_per_s']:.0f}"])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    for row in lines:
+        print("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="ddp,zero0,zero2,zero3", help=f"comma-separated, of {', '.join(CONFIGS)}")
+    parser.add_argument("--bf16", action="store_true", help="also run the DeepSpeed configs in bf16")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=1, help="packed sequences per rank and step")
+    parser.add_argument("--timed-steps", type=int, default=3, help="steps timed after one warmup step")
+    parser.add_argument("--json", default=None, help="also write every run's result to this JSONL file")
+    # worker side (set by the parent)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--config", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    parser.add_argument("--shards", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    configs = args.configs.split(",")
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        parser.error(f"--configs: unknown {', '.join(unknown)} (known: {', '.join(CONFIGS)})")
+    runs = [(c, "fp32") for c in configs] + [(c, "bf16") for c in configs if args.bf16 and CONFIGS[c][0] == "deepspeed"]
+    start = time.perf_counter()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="zero_memory_") as tmp:
+        shards = build_shards(Path(tmp))
+        for config, precision in runs:
+            run_start = time.perf_counter()
+            result = run_config(config, precision, shards, Path(tmp), args)
+            results.append(result)
+            print(f"{config:6s} {precision}: {time.perf_counter() - run_start:5.1f} s, "
+                  f"losses {[round(x, 3) for x in result['ranks'][0]['losses']]}", file=sys.stderr, flush=True)
+    if args.json:
+        Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in results))
+
+    num_params = results[0]["num_params"]
+    print(f"\n{num_params / 1e6:.1f}M parameters (tiny preset with {' '.join(MODEL_OVERRIDES)}), 2 ranks on CPU (gloo), "
+          f"seq_len {args.seq_len} x {args.batch_size} per rank, {args.timed_steps} timed steps after 1 warmup; "
+          f"{time.perf_counter() - start:.0f} s in all")
+    print_table(results)
+    for precision in ("fp32", "bf16"):
+        by_config = {r["config"]: r for r in results if r["precision"] == precision}
+        if "zero0" in by_config and "zero3" in by_config:
+            total = {c: max(x["params_bytes"] + x["optimizer_bytes"] for x in by_config[c]["ranks"]) for c in ("zero0", "zero3")}
+            ratio = total["zero3"] / total["zero0"]
+            print(f"goal ({precision}): ZeRO-3 params+optimizer per rank about 1/2 of ZeRO-0 on 2 ranks: "
+                  f"measured {ratio:.2f} ({'met' if ratio <= 0.6 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()
