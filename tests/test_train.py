@@ -52,6 +52,12 @@ def test_train_checkpoint_and_exact_resume(corpus, tmp_path, engine, stage):
     for step in again:
         assert abs(again[step]["loss"] - metrics[step]["loss"]) < 1e-6, (step, again[step]["loss"], metrics[step]["loss"])
 
+    if engine == "ddp":  # resume=auto: the same run directory, a longer schedule, continues from step 8
+        result = torchrun("launch/pretrain.py", "--recipe", "recipes/smoke.yaml",
+                          *overrides(corpus, full, **{"train.engine": engine, "train.steps": 10}))
+        assert "resumed from" in result.stdout + result.stderr
+        assert sorted(read_metrics(full)) == list(range(1, 11))
+
 
 def test_uneven_modalities_under_zero3_do_not_hang(tmp_path):
     result = torchrun("tests/dist_uneven_modalities.py", str(tmp_path), timeout_s=240)

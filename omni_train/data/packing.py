@@ -96,6 +96,7 @@ def collate_packed(sequences: list[list[TokenizedSample]], seq_len: int, pad_id:
     timestamps_s = torch.full((batch_size, seq_len), -1.0, dtype=torch.float32)
     media: dict[str, list] = {"audio": [], "image": [], "video": []}
     samples, seq_lens, doc = [], [], 0
+    transcripts: list[torch.Tensor] = []  # per audio item: meta.transcript's token ids, empty when unknown
     for row, sequence in enumerate(sequences):
         offset = 0
         for sample in sequence:
@@ -109,6 +110,9 @@ def collate_packed(sequences: list[list[TokenizedSample]], seq_len: int, pad_id:
             timestamps_s[row, span] = sample.timestamps_s
             for item in sample.media:
                 media[item.modality].append(item)
+                if item.modality == "audio":
+                    transcripts.append(sample.audio_transcript_ids if sample.audio_transcript_ids is not None
+                                       else torch.zeros(0, dtype=torch.long))
             samples.append({"shard": sample.shard, "key": sample.key, "task": sample.meta.get("task"),
                             "language": sample.meta.get("language"), "num_tokens": n})
             seq_lens.append(n)
@@ -121,6 +125,8 @@ def collate_packed(sequences: list[list[TokenizedSample]], seq_len: int, pad_id:
         "num_real_tokens": int(sum(seq_lens)), "samples": samples,
     }
     batch.update(_collate_media(media, audio_cfg))
+    if media["audio"]:
+        batch["audio_transcript_ids"] = transcripts
     return batch
 
 

@@ -221,6 +221,9 @@ def decode_sample(raw: dict[str, bytes], where: str, cfg: DataConfig, tokenizer:
     tokenized = render_chat(sample["messages"], media, tokenizer, where=where)
     shard, _, key = where.rpartition(":")
     tokenized.shard, tokenized.key, tokenized.meta = shard, key, sample.get("meta", {})
+    transcript = tokenized.meta.get("transcript")
+    if isinstance(transcript, str) and sum(m.modality == "audio" for m in media) == 1:
+        tokenized.audio_transcript_ids = torch.tensor(tokenizer.encode(transcript), dtype=torch.long)
     return tokenized
 
 

@@ -33,6 +33,8 @@ class TokenizedSample:
     modality_ids: torch.Tensor  # (L,) int8; MODALITY_IDS
     timestamps_s: torch.Tensor  # (L,) float32; media positions' timestamps, -1 for text
     media: list[EncodedMedia] = field(default_factory=list)  # in placeholder order
+    # token ids of meta.transcript for a sample with exactly one audio item (transfer mechanisms use it)
+    audio_transcript_ids: torch.Tensor | None = None
     key: str = ""
     shard: str = ""
     meta: dict = field(default_factory=dict)

@@ -27,7 +27,7 @@ Submodule names (`audio_encoder`, `vision_encoder`, `audio_projector`, `vision_p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -63,11 +63,22 @@ class OmniConfig:
 
 
 @dataclass
+class FusedInputs:
+    embeds: torch.Tensor          # (B, L, D) backbone input
+    position_ids: torch.Tensor    # (B, L) or (3, B, L)
+    document_ids: torch.Tensor    # (B, L), -1 on padding
+    labels: torch.Tensor          # (B, L), IGNORE_INDEX where no loss
+    aux_loss: torch.Tensor | float = 0.0                  # auxiliary losses of a fusion/transfer mechanism
+    aux: dict[str, float] = field(default_factory=dict)   # their values, for metrics.jsonl
+
+
+@dataclass
 class OmniOutput:
     loss: torch.Tensor            # () mean next-token cross-entropy over the loss tokens (0 when there are none)
     num_loss_tokens: int          # positions with a target, the loss's denominator
     per_token_loss: torch.Tensor  # (B, L) float32: at t, the loss of predicting labels[t]; 0 where there is none
     logits: torch.Tensor | None = None  # (B, L, vocab): at t, the prediction of token t + 1; with return_logits
+    aux: dict[str, float] = field(default_factory=dict)  # auxiliary loss terms, already included in `loss`
 
 
 class OmniModel(nn.Module):
@@ -87,16 +98,24 @@ class OmniModel(nn.Module):
         self.backbone = Backbone(cfg.backbone, activation_checkpointing=checkpointing)
 
     def forward(self, batch: dict[str, Any], *, return_logits: bool = False) -> OmniOutput:
+        fused = self.fuse(batch)                                                 # encoders -> projectors -> fusion
+        hidden = self.backbone(inputs_embeds=fused.embeds, position_ids=fused.position_ids,
+                               document_ids=fused.document_ids)                   # (B, L, D)
+        loss, num_loss_tokens, per_token_loss = self.next_token_loss(hidden, fused.labels, fused.document_ids)
+        logits = self.backbone.logits(hidden) if return_logits else None
+        return OmniOutput(loss=loss + fused.aux_loss, num_loss_tokens=num_loss_tokens, per_token_loss=per_token_loss,
+                          logits=logits, aux=fused.aux)
+
+    def fuse(self, batch: dict[str, Any]) -> FusedInputs:
+        """Everything before the backbone: the input embeddings with media features in place, and the
+        positions, documents and labels that go with them (generation starts from this too)."""
         features, unused = self._encode(batch)                                   # encoders -> projectors
         embeds = self.backbone.embed(batch["input_ids"])                         # (B, L, D)
         embeds = fuse_interleave(embeds, batch["modality_ids"], features)        # fusion
         if unused:  # modalities absent from this batch: keep their modules in the graph (module docstring)
             embeds = embeds + sum(0.0 * out.sum() for out in unused).to(embeds.dtype)
-        hidden = self.backbone(inputs_embeds=embeds, position_ids=batch["position_ids"],
-                               document_ids=batch["document_ids"])                # (B, L, D)
-        loss, num_loss_tokens, per_token_loss = self.next_token_loss(hidden, batch["labels"], batch["document_ids"])
-        logits = self.backbone.logits(hidden) if return_logits else None
-        return OmniOutput(loss=loss, num_loss_tokens=num_loss_tokens, per_token_loss=per_token_loss, logits=logits)
+        return FusedInputs(embeds=embeds, position_ids=batch["position_ids"], document_ids=batch["document_ids"],
+                           labels=batch["labels"])
 
     def next_token_loss(self, hidden: torch.Tensor, labels: torch.Tensor,
                         document_ids: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:

@@ -148,7 +148,7 @@ class Engine:
     def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
         """One optimizer step over len(micro_batches) == train.grad_accum micro-batches."""
         self.wrapped.train()
-        losses = []
+        losses, aux = [], {}
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             if self.cfg.engine == "deepspeed":
@@ -161,6 +161,8 @@ class Engine:
                     out = self._forward(batch)
                     (out.loss / len(micro_batches)).backward()
             losses.append(out.loss.detach().float().item())
+            for name, value in out.aux.items():  # a transfer mechanism's terms (already inside the loss)
+                aux[name] = aux.get(name, 0.0) + float(value) / len(micro_batches)
         if self.cfg.engine == "deepspeed":
             grad_norm = self.wrapped.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
@@ -170,7 +172,7 @@ class Engine:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
-        return {"loss": sum(losses) / len(losses), "grad_norm": grad_norm, "lr": self.lr()}
+        return {"loss": sum(losses) / len(losses), "grad_norm": grad_norm, "lr": self.lr(), "aux": aux}
 
     def lr(self) -> float:
         return max(g["lr"] for g in self.optimizer.param_groups)

@@ -192,6 +192,10 @@ def train(cfg) -> TrainState:
         row = {"step": state.step, "loss": loss_sum / dist.world_size, "lr": result["lr"], "grad_norm": result["grad_norm"],
                "tokens_per_s": real / step_s, "real_token_fraction": real / positions, "loader_wait_s": loader_wait_s,
                "step_s": step_s, "tokens_seen": state.tokens_seen}
+        if result["aux"]:
+            names = sorted(result["aux"])
+            values = all_reduce([result["aux"][n] for n in names], dist)
+            row.update({name: value / dist.world_size for name, value in zip(names, values)})
 
         if evaluator is not None and every(state.step, tcfg.eval_every):
             eval_loss = evaluator(engine)
