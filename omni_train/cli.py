@@ -11,6 +11,11 @@ def _shards_build(args: argparse.Namespace) -> int:
     return build_shards_cli(args)
 
 
+def _shards_demo(args: argparse.Namespace) -> int:
+    from omni_train.data.demo import demo_cli
+    return demo_cli(args)
+
+
 def _shards_inspect(args: argparse.Namespace) -> int:
     from omni_train.data.inspect import inspect_cli
     return inspect_cli(args)
@@ -19,6 +24,16 @@ def _shards_inspect(args: argparse.Namespace) -> int:
 def _tokenizer_train(args: argparse.Namespace) -> int:
     from omni_train.data.text import train_tokenizer_cli
     return train_tokenizer_cli(args)
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from omni_train.plot import plot_cli
+    return plot_cli(args)
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from omni_train.probes.runner import probe_cli
+    return probe_cli(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--overwrite", action="store_true", help="replace existing <prefix>-*.tar shards in --out")
     build.set_defaults(func=_shards_build)
 
+    demo = shards.add_parser("demo", help="generate the embedded multilingual demo corpus (speech, text, images, video)")
+    demo.add_argument("--out", required=True, help="output directory (train-*.tar, eval-000000.tar, probe-*.tar, corpus.json)")
+    demo.add_argument("--size", choices=("tiny", "demo", "full"), default="demo",
+                      help="tiny: seconds, for tests; demo: what `make demo` trains on; full: every espeak-ng voice")
+    demo.add_argument("--seed", type=int, default=0, help="the same seed gives byte-identical shards")
+    demo.add_argument("--workers", type=int, default=None, help="render processes (default: one per CPU)")
+    demo.add_argument("--per-voice", type=int, default=None, help="training utterances per voice (overrides the size's count)")
+    demo.add_argument("--force", action="store_true", help="rebuild even if --out holds this corpus; replace other shards there")
+    demo.set_defaults(func=_shards_demo)
+
     inspect = shards.add_parser("inspect", help="count samples, tasks, languages, hours, frames, tokens")
     inspect.add_argument("pattern", help="shard path, brace pattern or glob")
     inspect.add_argument("--decode", action="store_true", help="run every sample through the training decode + tokenize and list the unusable ones")
@@ -52,6 +77,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--vocab-size", type=int, required=True)
     train.add_argument("--out", required=True, help="output .model file")
     train.set_defaults(func=_tokenizer_train)
+
+    probe = commands.add_parser("probe", help="run the recipe's probes on a checkpoint of a run and print the table")
+    probe.add_argument("--run", required=True, help="run directory (runs/NAME) holding config.yaml and checkpoints/")
+    probe.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    probe.add_argument("--probes", default=None, help="comma-separated probe names of the recipe (default: all)")
+    probe.add_argument("--max-items", type=int, default=None, help="cap every probe at this many items")
+    probe.add_argument("--probe-shards", default=None, help="run one ad-hoc probe over these shards instead of the recipe's")
+    probe.add_argument("--probe-kind", default="generative", help="ad-hoc probe: generative | pipeline | retrieval")
+    probe.add_argument("--probe-tasks", default=None, help="ad-hoc probe: comma-separated meta.task values (default: all)")
+    probe.add_argument("--probe-name", default="adhoc", help="ad-hoc probe: its name in probes.jsonl")
+    probe.set_defaults(func=_probe)
+
+    plot = commands.add_parser("plot", help="PNG loss and probe curves of one or more runs, side by side")
+    plot.add_argument("runs", nargs="+", help="run directories (runs/NAME)")
+    plot.add_argument("--out", default=None, help="PNG path (default: <first run>/plots/curves.png)")
+    plot.set_defaults(func=_plot)
     return parser
 
 

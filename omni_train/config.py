@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from omni_train.data.pipeline import DataConfig
 from omni_train.model.omni import OmniConfig
+from omni_train.probes.runner import ProbeConfig
 from omni_train.train.loop import TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +39,7 @@ class RecipeConfig:
     data: DataConfig
     model: OmniConfig
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    probes: list[ProbeConfig] = dataclasses.field(default_factory=list)  # run during training and by `omni-train probe`
 
     def __post_init__(self):
         if not self.name or "/" in self.name:

@@ -184,6 +184,21 @@ class Engine:
         out = self._forward(batch)
         return float(out.loss) * int(out.num_loss_tokens), int(out.num_loss_tokens)
 
+    def full_model(self, build) -> nn.Module:
+        """A module with all weights present, for probes: the model itself, or under ZeRO-3 a copy
+        (`build()` makes a fresh one) filled from the gathered partitions. Collective under ZeRO-3:
+        every rank calls it. The model code reads some weights outside their module's forward (tied
+        embeddings, position tables), which ZeRO-3 only gathers inside the engine's own forward."""
+        if self.cfg.engine != "deepspeed" or self.cfg.zero_stage != 3:
+            return self.module
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.module.parameters())):
+            state = {k: v.detach().float().clone() for k, v in self.module.state_dict().items()}
+        copy = build()
+        copy.load_state_dict(state)
+        return copy.to(self.dist.device)
+
     # -- checkpoints: `directory` is a fresh per-checkpoint folder that every rank writes into
     def save(self, directory: Path) -> None:
         if self.cfg.engine == "deepspeed":

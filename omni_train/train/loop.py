@@ -152,6 +152,7 @@ def train(cfg) -> TrainState:
     tokenizer = Tokenizer.from_path(cfg.data.tokenizer)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     from omni_train.model.omni import build_model
+    from omni_train.probes.runner import format_table, probes_due, run_probes
 
     model = build_model(cfg.model, vocab_size=tokenizer.vocab_size)
     engine = Engine(model, tcfg, dist, micro_batch_size=cfg.data.batch_size)
@@ -202,7 +203,16 @@ def train(cfg) -> TrainState:
             if eval_loss is not None:
                 row["eval_loss"] = eval_loss
                 logger.write(f"step {state.step}: eval loss {eval_loss:.4f}")
-        if every(state.step, tcfg.log_every) or state.step == 1 or state.step == tcfg.steps or "eval_loss" in row:
+        due = probes_due(cfg.probes, state.step, final=state.step == tcfg.steps)
+        if due:
+            probe_model = engine.full_model(lambda: build_model(cfg.model, vocab_size=tokenizer.vocab_size))
+            probe_rows = run_probes(probe_model, due, data_cfg=cfg.data, tokenizer=tokenizer, dist=dist,
+                                    step=state.step, output_dir=output_dir)
+            row.update({f"probe/{r['probe']}/{r['metric']}": r["value"] for r in probe_rows
+                        if r["task"] == "all" and r["language"] == "all"})
+            if state.step == tcfg.steps and probe_rows:
+                logger.write(format_table(probe_rows))
+        if every(state.step, tcfg.log_every) or state.step == 1 or state.step == tcfg.steps or "eval_loss" in row or due:
             logger.log(row)
         logger.progress(state.step, row)
         if every(state.step, tcfg.checkpoint_every) or state.step == tcfg.steps:

@@ -1,0 +1,146 @@
+"""Greedy decoding and pooled hidden states for probes, on the single-device `OmniModel`.
+
+    prompts = [render_prompt(messages, media, tokenizer) for ...]     # ends with <|im_start|>assistant\\n
+    texts = generate(model, prompts, tokenizer, max_new_tokens=64)
+
+One prompt per row, right-padded with room for the new tokens; `model.fuse(batch)` runs once
+(encoders, projectors, fusion and any transfer mechanism), then each step runs the backbone over
+the input embeddings, takes the argmax at each row's last real position and writes that token's
+embedding at the next position (position id + 1, same document). No KV cache: the probe models
+are small, and a step only attends over the rows' current lengths. A row stops at `<|im_end|>`
+or `<|endoftext|>`.
+
+Row lengths come from the fused `document_ids` (>= 0 on real positions), never from the batch:
+a fusion or transfer mechanism may replace a media span by fewer vectors.
+
+Distributed rule: under DeepSpeed ZeRO-3 each forward gathers parameters collectively, so every
+rank must make the same calls. `generate` therefore runs exactly `max_new_tokens` steps (finished
+rows stop changing) unless `stop_early` is set, which only a single process may do; the runner
+gives every rank the same number of batches. The parameters themselves must be whole on every
+rank (`runner.run_probes` says how under ZeRO-3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from omni_train.data.packing import collate_packed
+from omni_train.data.sample import TokenizedSample
+from omni_train.data.text import Tokenizer, render_prompt
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _fuse_prompts(model: nn.Module, prompts: Sequence[TokenizedSample], tokenizer: Tokenizer, *, room: int,
+                  audio_cfg: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Collate one prompt per row, fuse, and leave `room` free positions after each row's end.
+
+    Returns embeds (B, L, D), position_ids (B, L) or (3, B, L), document_ids (B, L) and the index of
+    each row's last real position (B,).
+    """
+    assert prompts, "no prompts"
+    batch = collate_packed([[p] for p in prompts], max(len(p) for p in prompts) + room, tokenizer.pad_id, audio_cfg)
+    fused = model.fuse(_to_device(batch, model_device(model)))
+    real = fused.document_ids >= 0                                                   # (B, L)
+    assert bool(real.any(dim=1).all()), "a prompt row has no real position after fusion"
+    columns = torch.arange(real.shape[1], device=real.device)
+    last = torch.where(real, columns, -1).max(dim=1).values                           # (B,)
+    length = int(last.max()) + 1 + room
+    num_rows, fused_len, dim = fused.embeds.shape
+    embeds = fused.embeds.new_zeros(num_rows, length, dim)
+    embeds[:, :min(fused_len, length)] = fused.embeds[:, :length]
+    positions = fused.position_ids.new_zeros(*fused.position_ids.shape[:-1], length)
+    positions[..., :min(fused_len, length)] = fused.position_ids[..., :length]
+    documents = fused.document_ids.new_full((num_rows, length), -1)
+    documents[:, :min(fused_len, length)] = fused.document_ids[:, :length]
+    return embeds, positions, documents, last
+
+
+@torch.no_grad()
+def generate_ids(model: nn.Module, prompts: Sequence[TokenizedSample], tokenizer: Tokenizer, *, max_new_tokens: int,
+                 audio_cfg: Any = None, stop_early: bool = False) -> list[list[int]]:
+    """Greedy continuations of `prompts` (token ids, without the stop token), one list per prompt."""
+    embeds, positions, documents, last = _fuse_prompts(model, prompts, tokenizer, room=max_new_tokens, audio_cfg=audio_cfg)
+    backbone = model.backbone
+    num_rows = len(prompts)
+    rows = torch.arange(num_rows, device=embeds.device)
+    stop_ids = torch.tensor([tokenizer.im_end_id, tokenizer.endoftext_id], device=embeds.device)
+    done = torch.zeros(num_rows, dtype=torch.bool, device=embeds.device)
+    generated: list[list[int]] = [[] for _ in range(num_rows)]
+    for _ in range(max_new_tokens):
+        if stop_early and bool(done.all()):
+            break
+        width = int(last.max()) + 1  # positions after every row's end are padding or unwritten: leave them out
+        hidden = backbone(inputs_embeds=embeds[:, :width], position_ids=positions[..., :width],
+                          document_ids=documents[:, :width])                           # (B, width, D)
+        next_ids = backbone.logits(hidden[rows, last]).argmax(dim=-1)                   # (B,)
+        stops = torch.isin(next_ids, stop_ids)
+        write = ~done & ~stops                                                          # rows that go on
+        for row in write.nonzero().flatten().tolist():
+            generated[row].append(int(next_ids[row]))
+        new_embeds = backbone.embed(next_ids)  # every step, for every row: the same calls on every rank
+        at, to = rows[write], last[write] + 1
+        embeds[at, to] = new_embeds[write].to(embeds.dtype)
+        positions[..., at, to] = positions[..., at, last[write]] + 1
+        documents[at, to] = documents[at, last[write]]
+        last = torch.where(write, last + 1, last)
+        done |= stops
+    return generated
+
+
+def generate(model: nn.Module, prompts: Sequence[TokenizedSample], tokenizer: Tokenizer, *, max_new_tokens: int,
+             audio_cfg: Any = None, stop_early: bool = False) -> list[str]:
+    """Greedy continuations of `prompts` as text (special tokens dropped); see the module docstring."""
+    ids = generate_ids(model, prompts, tokenizer, max_new_tokens=max_new_tokens, audio_cfg=audio_cfg, stop_early=stop_early)
+    return [tokenizer.decode(row) for row in ids]
+
+
+def text_messages(text: str, instruction: str | None = None) -> list[dict]:
+    """A one-turn user conversation: the input text, then the instruction as its own part (the corpus layout)."""
+    parts = [{"type": "text", "text": text}]
+    if instruction is not None:
+        parts.append({"type": "text", "text": instruction})
+    return [{"role": "user", "content": parts}]
+
+
+def generate_from_text(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], *, instruction: str | None = None,
+                       max_new_tokens: int, stop_early: bool = False) -> list[str]:
+    """Greedy answers to text-only user turns `prompt` (+ `instruction` as a second text part)."""
+    rendered = [render_prompt(text_messages(text, instruction), [], tokenizer) for text in prompts]
+    return generate(model, rendered, tokenizer, max_new_tokens=max_new_tokens, stop_early=stop_early)
+
+
+@torch.no_grad()
+def mean_hidden(model: nn.Module, prompts: Sequence[TokenizedSample], tokenizer: Tokenizer, *,
+                trims: Sequence[tuple[int, int]], exclude_ids: Sequence[int] = (), audio_cfg: Any = None) -> torch.Tensor:
+    """(B, D) float32: per row, the mean of the backbone's final hidden states over its real positions
+    minus `trims[i] = (first positions to leave out, last positions to leave out)`, and minus the
+    positions whose input is the embedding of one of `exclude_ids` (e.g. media start/end markers).
+
+    The trims count text tokens around the span of interest (the chat template's role header and
+    the end of the turn), which fusion leaves as they are; a media span in between may be shortened,
+    and its markers dropped, so those are found by their embedding rather than by position.
+    """
+    embeds, positions, documents, last = _fuse_prompts(model, prompts, tokenizer, room=0, audio_cfg=audio_cfg)
+    hidden = model.backbone(inputs_embeds=embeds, position_ids=positions, document_ids=documents)  # (B, L, D)
+    columns = torch.arange(hidden.shape[1], device=hidden.device)
+    start = torch.tensor([t[0] for t in trims], device=hidden.device)
+    end = last + 1 - torch.tensor([t[1] for t in trims], device=hidden.device)
+    mask = (columns >= start[:, None]) & (columns < end[:, None])                            # (B, L)
+    marker_embeds = model.backbone.embed(torch.tensor(list(exclude_ids) or [tokenizer.pad_id], device=embeds.device))
+    for marker in marker_embeds[:len(exclude_ids)]:  # (D,) each
+        mask &= ~(embeds == marker.to(embeds.dtype)).all(dim=-1)
+    if not bool(mask.any(dim=1).all()):
+        raise ValueError("mean_hidden: a row has no position left between its trims")
+    summed = (hidden.float() * mask[..., None]).sum(dim=1)
+    return summed / mask.sum(dim=1, keepdim=True)

@@ -1,0 +1,576 @@
+"""Probes: what a checkpoint can do, per task and per language, logged as the run trains.
+
+    probes:
+      - {name: speech2code, kind: generative, shards: "shards/demo/probe-*.tar", tasks: [speech2code], every: 200}
+      - {name: speech2code_pipeline, kind: pipeline, shards: "shards/demo/probe-*.tar", tasks: [speech2code]}
+      - {name: speech_text_retrieval, kind: retrieval, shards: "shards/demo/probe-*.tar", tasks: [asr], k: [1, 5]}
+
+Kinds:
+- generative: greedy output for the sample's own prompt (its messages minus the final assistant
+  turn) against the sample's assistant text. Metrics: `exact` (stripped strings) on every item,
+  `execution` (both snippets run in the sandbox and print the same) on code tasks — tasks whose
+  name ends in "code" — and corpus `wer` / `cer` on the other tasks (transcripts, captions).
+- pipeline: the two-step baseline for spoken instructions. For each item with audio, first a
+  transcript from the same audio with the instruction part (the user turn's last text part)
+  replaced by `transcribe_instruction`, then code from that transcript given as a text part
+  followed by `code_instruction` as a second part; both instructions keep the whitespace that
+  opened the sample's own instruction part (the demo corpus writes "\\nWrite the code.").
+  Scored like generative against the sample's reference; `wer` / `cer` here score the
+  intermediate transcripts against `meta.transcript` (rows transcript_wer / transcript_cer).
+- retrieval: for each item with one audio part and a `meta.transcript`, the mean of the
+  backbone's final hidden states over the user turn's audio span (without its start/end markers;
+  after any transfer mechanism, so a compressed prefix is what gets pooled) and, separately,
+  over the transcript given as text. The backbone's states rather than
+  `encode_media(pooled=True)`: the question is whether speech and text meet inside the shared
+  model, and the projector output does not go through it. Cosine similarity; recall@k
+  speech -> text (gallery: the distinct transcripts) and text -> speech (any recording of it counts).
+
+Every probe reads all of its shards' items in one fixed order (shard order, then tar order),
+keeps those of `tasks` (and those its kind can use), at most `max_items`, and gives rank r the
+items r, r + W, ... . Every rank runs the same number of batches (a rank short of items runs a
+one-token text prompt whose output is dropped) and `generate` the same number of steps, as
+ZeRO-3 requires. Results are gathered to rank 0, which computes the metrics per (task, language),
+per task over all languages ("all"), per language over all tasks and over everything, appends
+`{"step", "probe", "task", "language", "metric", "value", "n"}` rows to `probes.jsonl` and a few
+examples to `probe_examples.jsonl`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+from omni_train.data.format import MODALITIES, ShardFormatError, parse_sample
+from omni_train.data.pipeline import TarEntry, decode_sample, expand_shards, index_tar, read_entry
+from omni_train.data.text import Tokenizer, render_prompt
+from omni_train.probes.generate import generate, mean_hidden, text_messages
+from omni_train.probes.metrics import (char_error_rate, exact_match, execution_matches, recall_at_k,
+                                       word_error_rate)
+
+log = logging.getLogger(__name__)
+
+PROBE_KINDS = ("generative", "pipeline", "retrieval")
+PROBE_METRICS = ("exact", "execution", "wer", "cer")
+ALL = "all"
+CODE_TASK_SUFFIX = "code"
+
+
+@dataclass(kw_only=True)
+class ProbeConfig:
+    name: str                           # the `probe` column of probes.jsonl
+    kind: str = "generative"            # generative | pipeline | retrieval (module docstring)
+    shards: str                         # local shard path, brace pattern or glob
+    tasks: list[str] = field(default_factory=list)  # meta.task values to keep; empty: all
+    every: int = 0                      # run every N training steps; 0: only after training and offline
+    max_items: int = 0                  # at most this many items (the first in the fixed order); 0: all
+    max_new_tokens: int = 64            # per generation
+    batch_size: int = 8                 # prompts per forward, per rank
+    metrics: list[str] = field(default_factory=lambda: list(PROBE_METRICS))  # generative / pipeline: a subset of PROBE_METRICS
+    transcribe_instruction: str = "Transcribe."     # pipeline, step 1
+    code_instruction: str = "Write the code."       # pipeline, step 2
+    k: list[int] = field(default_factory=lambda: [1, 5])  # retrieval: recall@k for each k
+    timeout_s: float = 2.0              # execution match: per snippet
+    num_examples: int = 8               # items written to probe_examples.jsonl
+
+    def __post_init__(self):
+        if not self.name or any(ch.isspace() for ch in self.name):
+            raise ValueError(f"name must be a non-empty name without spaces, got {self.name!r}")
+        if self.kind not in PROBE_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(PROBE_KINDS)}, got {self.kind!r}")
+        if not self.shards:
+            raise ValueError("shards must name at least one shard")
+        bad = [m for m in self.metrics if m not in PROBE_METRICS]
+        if bad:
+            raise ValueError(f"metrics must be a subset of {', '.join(PROBE_METRICS)}, got {bad[0]!r}")
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("every", "max_items", "num_examples"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.k or any(k < 1 for k in self.k):
+            raise ValueError(f"k must be a non-empty list of integers >= 1, got {self.k}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+
+
+def probes_due(probes: Sequence[ProbeConfig], step: int, *, final: bool = False) -> list[ProbeConfig]:
+    """The probes to run at `step`: those whose `every` divides it, and all of them at the end of training."""
+    return [p for p in probes if final or (p.every > 0 and step % p.every == 0)]
+
+
+# ---------------------------------------------------------------------------------------------- items
+
+
+@dataclass
+class ProbeItem:
+    index: int          # position in the probe's fixed order
+    url: str
+    entry: TarEntry
+    sample: dict        # the parsed sample JSON (messages, meta)
+
+    @property
+    def id(self) -> str:
+        return f"{self.url}:{self.entry.key}"
+
+    @property
+    def task(self) -> str:
+        return str(self.sample["meta"].get("task") or "unknown")
+
+    @property
+    def language(self) -> str:
+        return str(self.sample["meta"].get("language") or "unknown")
+
+    @property
+    def reference(self) -> str:
+        """The final assistant turn's text."""
+        message = self.sample["messages"][-1]
+        if message["role"] != "assistant":
+            return ""
+        return "".join(part["text"] for part in message["content"] if part["type"] == "text")
+
+    @property
+    def transcript(self) -> str | None:
+        value = self.sample["meta"].get("transcript")
+        return value if isinstance(value, str) and value.strip() else None
+
+    def user_media(self) -> list[str]:
+        return [part["type"] for message in self.sample["messages"] if message["role"] == "user"
+                for part in message["content"] if part["type"] in MODALITIES]
+
+
+def _usable(item: ProbeItem, kind: str) -> bool:
+    if kind == "generative":
+        return item.sample["messages"][-1]["role"] == "assistant"
+    if kind == "pipeline":
+        return item.sample["messages"][-1]["role"] == "assistant" and "audio" in item.user_media()
+    return item.user_media() == ["audio"] and item.transcript is not None
+
+
+def list_items(probe: ProbeConfig) -> list[ProbeItem]:
+    """The probe's items in their fixed order (reads only the samples' JSON), filtered and capped."""
+    items: list[ProbeItem] = []
+    for url in expand_shards(probe.shards):
+        with open(url, "rb") as f:
+            for entry in index_tar(url):
+                if entry.error or "json" not in entry.members:
+                    continue
+                offset, size = entry.members["json"]
+                f.seek(offset)
+                try:
+                    sample = parse_sample(f.read(size), f"{url}:{entry.key}")
+                except ShardFormatError as e:
+                    log.warning("probe %s: %s", probe.name, e)
+                    continue
+                item = ProbeItem(len(items), url, entry, sample)
+                if (not probe.tasks or item.task in probe.tasks) and _usable(item, probe.kind):
+                    items.append(item)
+                    if probe.max_items and len(items) == probe.max_items:
+                        return items
+    return items
+
+
+# --------------------------------------------------------------------------------------------- prompts
+
+
+def _with_instruction(messages: list[dict], instruction: str) -> tuple[list[dict], str]:
+    """The conversation with its last user turn's instruction (its last text part) replaced by `instruction`,
+    and the whitespace that opened the old one (kept in front of the new one: the corpus's separator)."""
+    messages = copy.deepcopy(messages)
+    user = [m for m in messages if m["role"] == "user"][-1]
+    texts = [i for i, part in enumerate(user["content"]) if part["type"] == "text"]
+    old = user["content"][texts[-1]]["text"] if texts else ""
+    separator = old[:len(old) - len(old.lstrip())]
+    if texts:
+        user["content"][texts[-1]] = {"type": "text", "text": separator + instruction}
+    else:
+        user["content"].append({"type": "text", "text": instruction})
+    return messages, separator
+
+
+class _Context:
+    """What every probe kind needs: model, tokenizer, data settings, the one decode of each item."""
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, data_cfg: Any, stop_early: bool):
+        self.model, self.tokenizer, self.data_cfg, self.stop_early = model, tokenizer, data_cfg, stop_early
+        self.skipped: list[str] = []
+        header = [tokenizer.im_start_id, *tokenizer.encode("user\n")]
+        footer = render_prompt(text_messages(""), [], tokenizer)
+        self.head_len = len(header)                   # tokens before a user turn's content
+        self.tail_len = len(footer) - self.head_len   # tokens after it, to the end of the prompt
+
+    def decode(self, item: ProbeItem):
+        """The item's decoded media (the training pipeline's decoding), or None when it cannot be used."""
+        try:
+            return decode_sample(read_entry(item.url, item.entry), item.id, self.data_cfg, self.tokenizer).media
+        except Exception as e:  # noqa: BLE001 - a bad item is reported and left out, never stops the probe
+            self.skipped.append(f"{item.id}: {type(e).__name__}: {e}")
+            return None
+
+    def filler(self):
+        """A one-token text prompt: a batch for a rank that has run out of items."""
+        return render_prompt(text_messages("."), [], self.tokenizer)
+
+    def generate(self, prompts, max_new_tokens: int) -> list[str]:
+        return generate(self.model, prompts, self.tokenizer, max_new_tokens=max_new_tokens,
+                        audio_cfg=self.data_cfg.audio, stop_early=self.stop_early)
+
+
+def _padded(prompts: list, ctx: _Context) -> list:
+    """A rank with no item left in this batch still runs it (the same forwards on every rank), on a filler."""
+    return prompts if prompts else [ctx.filler()]
+
+
+def _run_generative(items: list[ProbeItem], probe: ProbeConfig, ctx: _Context) -> list[dict]:
+    decoded = [(item, ctx.decode(item)) for item in items]
+    decoded = [(item, media) for item, media in decoded if media is not None]
+    prompts = [render_prompt(item.sample["messages"], media, ctx.tokenizer, where=item.id) for item, media in decoded]
+    outputs = ctx.generate(_padded(prompts, ctx), probe.max_new_tokens)
+    return [{"index": item.index, "prediction": out} for (item, _), out in zip(decoded, outputs)]
+
+
+def _run_pipeline(items: list[ProbeItem], probe: ProbeConfig, ctx: _Context) -> list[dict]:
+    decoded = [(item, ctx.decode(item)) for item in items]
+    decoded = [(item, media) for item, media in decoded if media is not None]
+    prompts, separators = [], []
+    for item, media in decoded:
+        messages, separator = _with_instruction(item.sample["messages"], probe.transcribe_instruction)
+        prompts.append(render_prompt(messages, media, ctx.tokenizer, where=item.id))
+        separators.append(separator)
+    transcripts = ctx.generate(_padded(prompts, ctx), probe.max_new_tokens)[:len(decoded)]
+    # step 2: the transcript as the text input, then the code instruction as its own part (text -> code's layout)
+    text_prompts = [render_prompt(text_messages(transcript, separator + probe.code_instruction), [], ctx.tokenizer)
+                    for transcript, separator in zip(transcripts, separators)]
+    code = ctx.generate(_padded(text_prompts, ctx), probe.max_new_tokens)
+    return [{"index": item.index, "prediction": out, "transcript": transcript}
+            for (item, _), transcript, out in zip(decoded, transcripts, code)]
+
+
+def _run_retrieval(items: list[ProbeItem], probe: ProbeConfig, ctx: _Context) -> list[dict]:
+    decoded = [(item, ctx.decode(item)) for item in items]
+    decoded = [(item, media) for item, media in decoded if media is not None]
+    speech = [render_prompt([{"role": "user", "content": [{"type": "audio", "member": "audio"}]}],
+                            [next(m for m in media if m.modality == "audio")], ctx.tokenizer) for _, media in decoded]
+    text = [render_prompt(text_messages(item.transcript), [], ctx.tokenizer) for item, _ in decoded]
+    # the user turn's content: between the role header and the end of the turn; <|audio_start|> and
+    # <|audio_end|> are left out by their embedding (a transfer mechanism may have dropped them)
+    trims = [(ctx.head_len, ctx.tail_len)] * max(len(decoded), 1)
+    markers = [ctx.tokenizer.token_id("<|audio_start|>"), ctx.tokenizer.token_id("<|audio_end|>")]
+    speech_vectors = mean_hidden(ctx.model, _padded(speech, ctx), ctx.tokenizer, audio_cfg=ctx.data_cfg.audio,
+                                 trims=trims, exclude_ids=markers)
+    text_vectors = mean_hidden(ctx.model, _padded(text, ctx), ctx.tokenizer, audio_cfg=ctx.data_cfg.audio,
+                               trims=trims, exclude_ids=markers)
+    return [{"index": item.index, "speech": s.cpu(), "text": t.cpu()}
+            for (item, _), s, t in zip(decoded, speech_vectors, text_vectors)]
+
+
+RUNNERS: dict[str, Callable[[list[ProbeItem], ProbeConfig, _Context], list[dict]]] = {
+    "generative": _run_generative, "pipeline": _run_pipeline, "retrieval": _run_retrieval}
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+def _is_code_task(task: str) -> bool:
+    return task.endswith(CODE_TASK_SUFFIX)
+
+
+def _groups(results: list[dict]) -> list[tuple[str, str, list[dict]]]:
+    """(task, language, results) for every task x language pair, each task and language over "all", and everything."""
+    keyed: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in results:
+        for task in (r["task"], ALL):
+            for language in (r["language"], ALL):
+                keyed[(task, language)].append(r)
+    return [(task, language, group) for (task, language), group in sorted(keyed.items())]
+
+
+def _score_generation(results: list[dict], probe: ProbeConfig) -> list[tuple[str, str, str, float, int]]:
+    """(task, language, metric, value, n) for generative and pipeline results (each with prediction, reference)."""
+    wanted = set(probe.metrics)
+    for r in results:
+        r["exact"] = exact_match(r["prediction"], r["reference"])
+    code = [r for r in results if _is_code_task(r["task"])]
+    if "execution" in wanted and code:
+        for r, ok in zip(code, execution_matches([r["prediction"] for r in code], [r["reference"] for r in code],
+                                                 timeout_s=probe.timeout_s)):
+            r["execution"] = ok
+    scores = []
+    for task, language, group in _groups(results):
+        n = len(group)
+        if "exact" in wanted:
+            scores.append((task, language, "exact", sum(r["exact"] for r in group) / n, n))
+        executed = [r for r in group if "execution" in r]
+        if executed:
+            scores.append((task, language, "execution", sum(r["execution"] for r in executed) / len(executed), len(executed)))
+        if probe.kind == "generative":
+            texts = [r for r in group if not _is_code_task(r["task"])]
+            pairs = ([r["reference"] for r in texts], [r["prediction"] for r in texts])
+        else:  # pipeline: the intermediate transcripts against the known ones
+            texts = [r for r in group if r.get("reference_transcript")]
+            pairs = ([r["reference_transcript"] for r in texts], [r["transcript"] for r in texts])
+        prefix = "" if probe.kind == "generative" else "transcript_"
+        for metric, fn in (("wer", word_error_rate), ("cer", char_error_rate)):
+            if metric in wanted and texts:
+                scores.append((task, language, prefix + metric, fn(*pairs), len(texts)))
+    return scores
+
+
+def _score_retrieval(results: list[dict], probe: ProbeConfig) -> list[tuple[str, str, str, float, int]]:
+    scores = []
+    for task, language, group in _groups(results):
+        gallery = list(dict.fromkeys(r["transcript"] for r in group))           # distinct transcripts
+        column = {t: i for i, t in enumerate(gallery)}
+        speech = torch.nn.functional.normalize(torch.stack([r["speech"] for r in group]).float(), dim=-1)  # (N, D)
+        text_of = {r["transcript"]: r["text"] for r in group}  # the same text gives the same vector
+        text = torch.nn.functional.normalize(torch.stack([text_of[t] for t in gallery]).float(), dim=-1)   # (G, D)
+        similarity = speech @ text.T                                                                        # (N, G)
+        targets = [column[r["transcript"]] for r in group]
+        recordings = [{i for i, c in enumerate(targets) if c == g} for g in range(len(gallery))]
+        for k in probe.k:
+            scores.append((task, language, f"recall@{k}_speech2text", recall_at_k(similarity, targets, k), len(group)))
+            scores.append((task, language, f"recall@{k}_text2speech", recall_at_k(similarity.T, recordings, k), len(gallery)))
+    return scores
+
+
+def _examples(results: list[dict], probe: ProbeConfig) -> list[dict]:
+    keep = ("id", "task", "language", "transcript", "prediction", "reference", "retrieved")
+    return [{key: r[key] for key in keep if key in r} for r in results[:probe.num_examples]]
+
+
+def _add_retrieved(results: list[dict]) -> None:
+    """For the examples: the transcript each recording retrieves first among all of the probe's transcripts."""
+    if not results:
+        return
+    gallery = list(dict.fromkeys(r["transcript"] for r in results))
+    text_of = {r["transcript"]: r["text"] for r in results}
+    speech = torch.nn.functional.normalize(torch.stack([r["speech"] for r in results]).float(), dim=-1)
+    text = torch.nn.functional.normalize(torch.stack([text_of[t] for t in gallery]).float(), dim=-1)
+    for r, best in zip(results, (speech @ text.T).argmax(dim=1).tolist()):
+        r["retrieved"] = gallery[best]
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def _gather(objects: list, dist) -> list:
+    """Every rank's list, concatenated in rank order, on every rank (all_gather_object when a process group exists)."""
+    if dist.backend is None or dist.world_size == 1 or not torch_dist.is_initialized():
+        return list(objects)
+    gathered: list = [None] * dist.world_size
+    torch_dist.all_gather_object(gathered, objects)
+    return [x for part in gathered for x in part]
+
+
+def run_probe(model: nn.Module, probe: ProbeConfig, *, data_cfg: Any, tokenizer: Tokenizer, dist, step: int
+              ) -> tuple[list[dict], list[dict]]:
+    """One probe on this rank's share of the items: (rows, examples) on rank 0, ([], []) elsewhere."""
+    items = list_items(probe)
+    mine = items[dist.rank::dist.world_size]
+    num_batches = math.ceil(math.ceil(len(items) / dist.world_size) / probe.batch_size)  # the same on every rank
+    ctx = _Context(model, tokenizer, data_cfg, stop_early=dist.world_size == 1)
+    results: list[dict] = []
+    for b in range(num_batches):
+        results += RUNNERS[probe.kind](mine[b * probe.batch_size:(b + 1) * probe.batch_size], probe, ctx)
+    results = _gather(results, dist)
+    skipped = _gather(ctx.skipped, dist)
+    if not dist.is_main:
+        return [], []
+    if skipped:
+        log.warning("probe %s: %d items could not be decoded (first: %s)", probe.name, len(skipped), skipped[0])
+    results.sort(key=lambda r: r["index"])
+    for r in results:
+        item = items[r["index"]]
+        r.update(id=item.id, task=item.task, language=item.language)
+        if probe.kind == "retrieval":
+            r["transcript"] = item.transcript
+        else:
+            r["reference"] = item.reference
+            if item.transcript is not None:
+                r["reference_transcript"] = item.transcript
+    if not results:
+        log.warning("probe %s: no usable item in %s (tasks: %s)", probe.name, probe.shards, probe.tasks or "all")
+        return [], []
+    if probe.kind == "retrieval":
+        scores = _score_retrieval(results, probe)
+        _add_retrieved(results)
+    else:
+        scores = _score_generation(results, probe)
+    rows = [{"step": step, "probe": probe.name, "task": task, "language": language, "metric": metric,
+             "value": float(value), "n": n} for task, language, metric, value, n in scores]
+    examples = [{"step": step, "probe": probe.name, **e} for e in _examples(results, probe)]
+    return rows, examples
+
+
+def run_probes(model: nn.Module, probes: Sequence[ProbeConfig], *, data_cfg: Any, tokenizer: Tokenizer, dist, step: int,
+               output_dir: str | Path | None = None) -> list[dict]:
+    """Run `probes` on `model` (the single-device module; every rank calls this) and return rank 0's rows.
+
+    Runs under torch.no_grad() in eval mode and restores the model's mode. Rank 0 appends the rows
+    to `output_dir/probes.jsonl` and examples to `output_dir/probe_examples.jsonl`; other ranks return [].
+
+    `model` must hold whole parameters on each rank: the module of a single, DDP or ZeRO-1/2 engine.
+    Under ZeRO-3 the model code reaches some weights outside their own module's forward (tied
+    output embedding, position tables), which DeepSpeed only gathers inside its engine's forward;
+    pass a replica loaded from the consolidated weights instead (`deepspeed.zero.GatheredParameters`
+    over the module's parameters, copy its state_dict, load it into a fresh `build_model`).
+    """
+    was_training = model.training
+    model.eval()
+    rows: list[dict] = []
+    examples: list[dict] = []
+    try:
+        with torch.no_grad():
+            for probe in probes:
+                probe_rows, probe_examples = run_probe(model, probe, data_cfg=data_cfg, tokenizer=tokenizer, dist=dist,
+                                                       step=step)
+                rows += probe_rows
+                examples += probe_examples
+    finally:
+        model.train(was_training)
+    if dist.is_main and output_dir is not None:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, lines in (("probes.jsonl", rows), ("probe_examples.jsonl", examples)):
+            with open(out / name, "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- table
+
+
+MAX_LANGUAGE_COLUMNS = 8
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """Probe rows as text: one line per (probe, task, metric) with the overall value and n, then one
+    column per language (or, with many languages, the per-language values on the lines below).
+    Rates are percentages. Rows of several steps: the latest step of each probe."""
+    if not rows:
+        return "(no probe results)"
+    latest = {}
+    for r in rows:
+        latest[r["probe"]] = max(latest.get(r["probe"], r["step"]), r["step"])
+    rows = [r for r in rows if r["step"] == latest[r["probe"]]]
+    table: dict[tuple[str, str, str], dict[str, dict]] = defaultdict(dict)
+    order: list[tuple[str, str, str]] = []
+    for r in rows:
+        key = (r["probe"], r["task"], r["metric"])
+        if key not in table:
+            order.append(key)
+        table[key][r["language"]] = r
+    lines = []
+    for probe in dict.fromkeys(p for p, _, _ in order):
+        keys = [k for k in order if k[0] == probe]
+        tasks = {t for _, t, _ in keys}
+        if len(tasks - {ALL}) > 1:  # several tasks: show "all" last; with one task, "all" repeats it
+            keys.sort(key=lambda k: (k[1] == ALL, k[1]))
+        else:
+            keys = [k for k in keys if k[1] != ALL]
+        languages = sorted({lang for k in keys for lang in table[k] if lang != ALL})
+        columns = languages if len(languages) <= MAX_LANGUAGE_COLUMNS else []
+        lines.append(f"probe {probe} (step {latest[probe]}), values in %")
+        header = f"  {'task':<16}{'metric':<24}{'all':>7}{'n':>6}" + "".join(f"{lang:>8}" for lang in columns)
+        lines.append(header)
+        for key in keys:
+            by_language = table[key]
+            overall = by_language.get(ALL)
+            cells = "".join(f"{_cell(by_language.get(lang)):>8}" for lang in columns)
+            lines.append(f"  {key[1]:<16}{key[2]:<24}{_cell(overall):>7}{overall['n'] if overall else '':>6}" + cells)
+            if not columns and languages:
+                pairs = [f"{lang} {_cell(by_language.get(lang))}" for lang in languages]
+                for start in range(0, len(pairs), 8):
+                    lines.append("      " + "  ".join(pairs[start:start + 8]))
+    return "\n".join(lines)
+
+
+def _cell(row: dict | None) -> str:
+    return "-" if row is None else f"{100 * row['value']:.1f}"
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def load_checkpoint_weights(model: nn.Module, directory: Path) -> None:
+    """Load a checkpoint folder's weights into the single-device `model`, whatever engine wrote it:
+    `model.safetensors` (single, DDP) or a DeepSpeed folder `engine/`: ZeRO 1-3 shards consolidated
+    to fp32 by DeepSpeed's zero_to_fp32, stage 0's whole module from its model-states file."""
+    engine = directory / "engine"
+    if (directory / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(str(directory / "model.safetensors"))
+    elif any(engine.glob("zero_pp_rank_*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag="engine")
+    elif (engine / "mp_rank_00_model_states.pt").is_file():  # ZeRO stage 0: no shards to consolidate
+        state = torch.load(engine / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+    else:
+        raise FileNotFoundError(f"{directory} holds neither model.safetensors nor a DeepSpeed engine/ folder")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{directory}: the checkpoint does not fit the run's model "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def probe_cli(args) -> int:
+    """`omni-train probe --run runs/NAME [--step S] [--probes a,b]`: the recipe's probes on one checkpoint."""
+    from omni_train.config import load_recipe
+    from omni_train.model.omni import build_model
+    from omni_train.train.checkpoint import list_checkpoints
+    from omni_train.train.engine import Dist
+
+    run = Path(args.run)
+    config = run / "config.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(f"{config} does not exist: '{run}' is not a run directory")
+    cfg = load_recipe(config)
+    checkpoints = dict(list_checkpoints(run / "checkpoints"))
+    if not checkpoints:
+        raise FileNotFoundError(f"{run / 'checkpoints'} holds no step_XXXXXXXX checkpoint")
+    step = max(checkpoints) if args.step is None else args.step
+    if step not in checkpoints:
+        raise FileNotFoundError(f"{run / 'checkpoints'} has no checkpoint of step {step} "
+                                f"(steps: {', '.join(map(str, sorted(checkpoints)))})")
+
+    if args.probe_shards:
+        probes = [ProbeConfig(name=args.probe_name, kind=args.probe_kind, shards=args.probe_shards,
+                              tasks=[t for t in (args.probe_tasks or "").split(",") if t])]
+    else:
+        probes = list(getattr(cfg, "probes", None) or [])
+        if not probes:
+            raise ValueError(f"{config} defines no probes: add a `probes:` list to the recipe or pass --probe-shards")
+        if args.probes:
+            names = [n for n in args.probes.split(",") if n]
+            unknown = [n for n in names if n not in {p.name for p in probes}]
+            if unknown:
+                raise ValueError(f"--probes: no probe named {unknown[0]!r} in {config} "
+                                 f"(probes: {', '.join(p.name for p in probes)})")
+            probes = [p for p in probes if p.name in names]
+    if args.max_items is not None:
+        import dataclasses
+
+        probes = [dataclasses.replace(p, max_items=args.max_items) for p in probes]
+
+    tokenizer = Tokenizer.from_path(cfg.data.tokenizer)
+    model = build_model(cfg.model, vocab_size=tokenizer.vocab_size)
+    load_checkpoint_weights(model, checkpoints[step])
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    model.to(device)
+    rows = run_probes(model, probes, data_cfg=cfg.data, tokenizer=tokenizer, dist=Dist(0, 1, 0, device, None),
+                      step=step, output_dir=run)
+    print(format_table(rows))
+    return 0
