@@ -1,0 +1,287 @@
+"""`omni-train shards demo`: the embedded corpus builds, decodes, is deterministic and keeps its probe honest.
+
+The `tiny` corpus is built through the real CLI (espeak-ng, ffmpeg and PIL on this machine) and read
+back with tarfile, the training decoders and `inspect_shards`; the split rules are also checked on
+the full `demo` plan, which is drawn without rendering any media.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import tarfile
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from omni_train.cli import main
+from omni_train.data import demo
+from omni_train.data.format import media_parts, split_member_name
+
+TRAINED = {"asr", "text2code", "text_copy", "image2text", "video2steps", "video2code"}
+PROBED = {"speech2code", "image2code"}
+CODE = re.compile(r"print\(([\d +\-*()]+)\)")
+
+
+def build(out: Path, *args: str) -> int:
+    return main(["shards", "demo", "--out", str(out), "--size", "tiny", *args])
+
+
+def read_shard(path: Path) -> dict[str, dict]:
+    """key -> {"json": parsed sample, member suffix: bytes}."""
+    samples: dict[str, dict] = defaultdict(dict)
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            key, suffix = split_member_name(member.name)
+            data = tar.extractfile(member).read()
+            samples[key][suffix] = json.loads(data) if suffix == "json" else data
+    return dict(samples)
+
+
+def split_samples(out: Path) -> dict[str, list[dict]]:
+    return {split: [s for shard in sorted(out.glob(f"{split}-*.tar")) for s in read_shard(shard).values()]
+            for split in ("train", "eval", "probe")}
+
+
+def strings(value) -> list[str]:
+    """Every string inside a JSON value (keys included)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in [k, *strings(v)]]
+    if isinstance(value, list):
+        return [s for v in value for s in strings(v)]
+    return []
+
+
+def texts(sample: dict, role: str) -> list[str]:
+    return [p["text"] for m in sample["messages"] if m["role"] == role for p in m["content"] if p["type"] == "text"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "tiny"
+    assert build(out) == 0
+    return out
+
+
+def test_tiny_layout_tasks_and_inspect(tiny):
+    from omni_train.data.inspect import inspect_shards
+
+    corpus = json.loads((tiny / "corpus.json").read_text())
+    assert sorted(p.name for p in tiny.iterdir()) == sorted(
+        ["corpus.json", "eval-000000.tar", "probe-000000.tar", *corpus["splits"]["train"]["shards"]])
+    assert corpus["splits"]["train"]["shards"] == ["train-000000.tar", "train-000001.tar"]
+    assert corpus["size"] == "tiny" and corpus["seed"] == 0 and re.fullmatch(r"[0-9a-f]{64}", corpus["sha256"])
+    expected_tasks = {"train": TRAINED, "eval": TRAINED, "probe": PROBED}
+    total = 0
+    for split, info in corpus["splits"].items():
+        pattern = " ".join(str(tiny / name) for name in info["shards"])
+        report = inspect_shards(pattern, decode=True)
+        assert report["unusable"] == [] and report["refused_shards"] == []
+        assert report["samples"] == info["num_samples"] and report["tasks"] == info["tasks"]
+        assert set(report["tasks"]) == expected_tasks[split]
+        assert report["languages"] == info["languages"]
+        assert report["audio_items"] > 0
+        total += report["samples"]
+    assert total == corpus["num_samples"] and 35 <= corpus["splits"]["train"]["num_samples"] <= 60
+    # every tiny voice speaks in every split that has speech
+    for split in ("train", "eval", "probe"):
+        assert set(demo.TINY_VOICES) <= set(corpus["splits"][split]["languages"])
+
+
+def test_media_decode_and_targets(tiny):
+    import torch
+    from PIL import Image
+    from torchcodec.decoders import VideoDecoder
+
+    from omni_train.data.audio import AudioConfig, decode_audio
+
+    instructions = defaultdict(set)
+    seen = set()
+    for split, samples in split_samples(tiny).items():
+        for sample in samples:
+            data, meta = sample["json"], sample["json"]["meta"]
+            task, expr = meta["task"], meta["expression"]
+            seen.add(task)
+            assert meta["source"] == "demo" and meta["language"]
+            # the user turn: the input, then the task family's one instruction string
+            user = data["messages"][0]["content"]
+            assert len(user) == 2 and user[1]["type"] == "text"
+            instructions[demo.TASKS[task][1]].add(user[1]["text"])
+            assert user[0]["type"] == demo.TASKS[task][0]
+            (target,) = texts(data, "assistant")
+            if task in ("asr", "text_copy", "image2text"):
+                assert target == expr
+            elif task == "video2steps":
+                assert target == ", ".join(f"press {k}" for k in expr.replace(" ", "") + "=")
+            else:
+                assert CODE.fullmatch(target) and target == f"print({expr})"
+                assert eval(CODE.fullmatch(target).group(1)) == eval(expr)  # noqa: S307 - digits and + - * ( )
+            if task == "text_copy":
+                assert user[0]["text"] == expr
+            if user[0]["type"] in ("audio", "image"):
+                assert meta["transcript"] == expr
+            for part in media_parts(data):
+                payload = sample[part["member"]]
+                if part["type"] == "audio":
+                    waveform = decode_audio(payload, AudioConfig())
+                    assert abs(waveform.numel() / 16000 - meta["duration_s"]) < 0.01
+                    assert waveform.abs().max() > 0.05 and 0.3 < meta["duration_s"] < 10
+                    assert "(" not in expr  # speech never speaks parentheses
+                elif part["type"] == "image":
+                    with Image.open(io.BytesIO(payload)) as image:
+                        assert image.size == (meta["width"], meta["height"]) and min(image.size) >= 30
+                else:
+                    decoder = VideoDecoder(payload)
+                    assert decoder.metadata.num_frames == meta["num_frames"]
+                    frames = decoder.get_frames_at(indices=[0, meta["num_frames"] - 1]).data
+                    assert frames.shape == (2, 3, demo.VIDEO_SIZE[1], demo.VIDEO_SIZE[0]) and frames.dtype == torch.uint8
+                    # one press every ~0.5 s, plus the idle calculator before and after
+                    assert 0.39 < meta["video_duration_s"] / (meta["num_presses"] + 2) < 0.61
+    assert seen == TRAINED | PROBED
+    assert instructions == {family: {"\n" + text} for family, text in demo.INSTRUCTIONS.items()}
+
+
+def test_spoken_text_matches_voice_words(tiny):
+    for samples in split_samples(tiny).values():
+        for sample in samples:
+            meta = sample["json"]["meta"]
+            if "voice" in meta:
+                plus, minus, times = demo.SPEECH_OPERATOR_WORDS[meta["voice"]]
+                expected = meta["expression"].replace("+", plus).replace("-", minus).replace("*", times)
+                assert meta["utterance"] == expected and meta["language"] == meta["voice"]
+
+
+def test_same_seed_is_byte_identical_other_seed_differs(tiny, tmp_path, capsys):
+    again, other = tmp_path / "again", tmp_path / "other"
+    assert build(again, "--workers", "1") == 0
+    assert build(other, "--seed", "1") == 0
+    corpus = json.loads((tiny / "corpus.json").read_text())
+    assert json.loads((again / "corpus.json").read_text())["sha256"] == corpus["sha256"]
+    for path in tiny.glob("*.tar"):
+        assert (again / path.name).read_bytes() == path.read_bytes(), path.name
+    assert (again / "corpus.json").read_bytes() == (tiny / "corpus.json").read_bytes()
+    assert json.loads((other / "corpus.json").read_text())["sha256"] != corpus["sha256"]
+    assert (other / "train-000000.tar").read_bytes() != (tiny / "train-000000.tar").read_bytes()
+    capsys.readouterr()
+    # a rebuild of the same corpus into the same place is a no-op
+    assert build(again) == 0 and "already up to date" in capsys.readouterr().out
+
+
+def test_refuses_to_replace_foreign_shards(tmp_path, capsys):
+    (tmp_path / "train-000000.tar").write_bytes(b"not ours")
+    assert build(tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "train-000000.tar already exists" in err and "--force" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "train-000000.tar").read_bytes() == b"not ours"
+
+
+def test_no_probe_expression_or_utterance_in_train_or_eval(tiny):
+    samples = split_samples(tiny)
+    probe_strings = set()
+    for sample in samples["probe"]:
+        meta = sample["json"]["meta"]
+        probe_strings.add(meta["expression"])
+        if "utterance" in meta:
+            probe_strings.add(meta["utterance"])
+    patterns = [re.compile(rf"(?<![\w]){re.escape(s)}(?![\w])") for s in probe_strings]
+    for split in ("train", "eval"):
+        for sample in samples[split]:
+            for text in strings(sample["json"]):
+                assert not any(p.search(text) for p in patterns), (split, text)
+            has_audio = any(part["type"] == "audio" for part in media_parts(sample["json"]))
+            if has_audio:  # audio is never paired with code in training or eval
+                assert sample["json"]["meta"]["task"] == "asr"
+                assert not any(t.lstrip().startswith("print(") for t in texts(sample["json"], "assistant"))
+
+
+def test_demo_plan_keeps_probe_expressions_out_of_training():
+    """The split rule on the whole `demo` plan (thousands of expressions; nothing rendered)."""
+    plan = demo.plan_corpus(demo.demo_config("demo", seed=3))
+    probe = {s.expression.text for s in plan["probe"]}
+    spoken_probe = {s.job.text for s in plan["probe"] if isinstance(s.job, demo.SpeechJob)}
+    assert len(probe) > 300 and {s.task for s in plan["probe"]} == PROBED
+    pattern = re.compile(r"(?<![\w])(" + "|".join(map(re.escape, sorted(probe | spoken_probe, key=len, reverse=True)))
+                         + r")(?![\w])")
+    trained = {s.expression.text for split in ("train", "eval") for s in plan[split]}
+    assert trained and not trained & probe
+    for split in ("train", "eval"):
+        for s in plan[split]:
+            assert s.task in TRAINED
+            shown = [s.expression.text, s.expression.code, s.input_text or "", s.meta.get("utterance", ""),
+                     s.meta.get("text", "")]
+            assert not any(pattern.search(t) for t in shown), shown
+    asr = [s for s in plan["train"] if s.task == "asr"]
+    assert len(asr) == 3000 and {s.language for s in asr} == set(demo.CALIBRATION_VOICES)
+    assert {s.task for s in plan["train"]} == TRAINED and not any("(" in s.expression.text for s in asr)
+    copy = sum(s.task == "text_copy" for s in plan["train"]) / sum(s.task in ("text2code", "text_copy") for s in plan["train"])
+    assert 0.27 < copy < 0.33
+
+
+def test_expression_forms_and_number_words():
+    expr = demo.Expression(numbers=(3, 5, 2), ops=("+", "*"), parens="left")
+    assert expr.text == "(3 + 5) * 2" and expr.code == "print((3 + 5) * 2)" and expr.value == 16
+    assert expr.steps == "press (, press 3, press +, press 5, press ), press *, press 2, press ="
+    assert expr.words("de") == "(drei plus fünf) mal zwei"
+    assert expr.words("zh") == "(三 加 五) 乘 二"
+    assert demo.Expression(numbers=(37, 5), ops=("-",)).spoken("de") == "37 minus 5"
+    words = {("de", 37): "siebenunddreißig", ("de", 21): "einundzwanzig", ("de", 1): "eins", ("de", 60): "sechzig",
+             ("en", 45): "forty-five", ("en", 13): "thirteen", ("es", 22): "veintidós", ("es", 31): "treinta y uno",
+             ("fr", 71): "soixante et onze", ("fr", 80): "quatre-vingts", ("fr", 97): "quatre-vingt-dix-sept",
+             ("fr", 21): "vingt et un", ("fr", 17): "dix-sept", ("ru", 40): "сорок", ("ru", 23): "двадцать три",
+             ("zh", 10): "十", ("zh", 23): "二十三", ("ja", 0): "零", ("ko", 23): "이십삼", ("ar", 21): "واحد وعشرون",
+             ("ar", 13): "ثلاثة عشر", ("tr", 11): "on bir", ("sw", 23): "ishirini na tatu", ("el", 24): "είκοσι τέσσερα",
+             ("hi", 7): "सात", ("hi", 42): "४२"}
+    for (lang, n), expected in words.items():
+        assert demo.TEXT_LANGUAGES[lang].number(n) == expected
+    scripts = {"Latin": "de", "Cyrillic": "ru", "Arabic": "ar", "Devanagari": "hi", "Han": "zh"}
+    assert len(demo.TEXT_LANGUAGES) >= 10 and set(scripts.values()) <= set(demo.TEXT_LANGUAGES)
+    # splits come from the text alone: a probe expression stays a probe expression for every seed
+    assert demo.expression_split(expr) == demo.expression_split(demo.Expression(numbers=(3, 5, 2), ops=("+", "*"), parens="left"))
+
+
+def test_full_voice_list_exists_in_espeak():
+    listed = subprocess.run(["espeak-ng", "--voices"], capture_output=True, text=True, check=True).stdout
+    installed = {line.split()[1] for line in listed.splitlines()[1:] if line.strip()}
+    assert len(demo.ALL_VOICES) >= 74
+    assert set(demo.ALL_VOICES) <= installed, sorted(set(demo.ALL_VOICES) - installed)
+    assert set(demo.CALIBRATION_VOICES) | set(demo.TINY_VOICES) <= set(demo.ALL_VOICES)
+    assert demo.demo_config("full").voices == demo.ALL_VOICES
+    # every voice reads the digits and operator words itself: espeak-ng marks a switch to another
+    # language's rules with "(en)" and the like, and says nothing for text it cannot read
+    for voice in demo.ALL_VOICES:
+        spoken = demo.Expression(numbers=(37, 5, 2), ops=("+", "-")).spoken(voice) + " " + demo.SPEECH_OPERATOR_WORDS[voice][2]
+        phonemes = subprocess.run(["espeak-ng", "-q", "-x", "-v", voice, spoken], capture_output=True, text=True).stdout
+        assert phonemes.strip() and not re.search(r"\([a-z]{2,3}\)", phonemes), (voice, spoken, phonemes)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="--size must be one of tiny, demo, full"):
+        demo.demo_config("huge")
+    with pytest.raises(ValueError, match="unknown: \\['xx'\\]"):
+        demo.DemoCorpusConfig(size="tiny", voices=("xx",), asr_per_voice=1, eval_asr_per_voice=1,
+                              probe_speech_per_voice=1, num_text2code=1, num_eval_text2code=1, num_image2text=0,
+                              num_eval_image2text=0, num_probe_image2code=0, num_videos=0, num_eval_videos=0,
+                              num_train_shards=1)
+    with pytest.raises(ValueError, match="--per-voice must be at least 1"):
+        demo.demo_config("tiny", per_voice=0)
+
+
+@pytest.mark.slow
+def test_full_corpus_covers_every_voice(tmp_path):
+    from omni_train.data.inspect import inspect_shards
+
+    out = tmp_path / "full"
+    assert main(["shards", "demo", "--out", str(out), "--size", "full", "--per-voice", "1"]) == 0
+    corpus = json.loads((out / "corpus.json").read_text())
+    train = " ".join(str(out / name) for name in corpus["splits"]["train"]["shards"])
+    report = inspect_shards(train)
+    assert report["unusable"] == []
+    speech_languages = {lang for lang in report["languages"] if lang in demo.SPEECH_OPERATOR_WORDS}
+    assert len(speech_languages) >= 74 and speech_languages == set(demo.ALL_VOICES)
+    probe = inspect_shards(" ".join(str(out / name) for name in corpus["splits"]["probe"]["shards"]), decode=True)
+    assert probe["unusable"] == [] and len(probe["languages"]) >= 74
