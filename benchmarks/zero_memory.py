@@ -1,33 +1,37 @@
 """Per-rank memory and speed of DDP and DeepSpeed ZeRO stages 0, 2 and 3 on 2 CPU ranks.
 
-    python benchmarks/zero_memory.py                   # fp32: ddp, zero0, zero2, zero3 (about 3 min on 2 cores)
-    python benchmarks/zero_memory.py --bf16            # the DeepSpeed configs in bf16 too (about 2 min more)
-    python benchmarks/zero_memory.py --configs zero0,zero1,zero3 --timed-steps 5
+    python benchmarks/zero_memory.py                   # fp32: ddp, zero0, zero2, zero3 (2-3 min on 2 cores)
+    python benchmarks/zero_memory.py --bf16            # + the DeepSpeed configs in bf16 (several minutes more)
+    python benchmarks/zero_memory.py --configs zero0,zero1,zero3 --timed-steps 5 --json results.jsonl
 
-The parent builds a small multimodal shard set with `omni-train shards build` (espeak-ng speech,
-images, videos, text -> code) in a temp dir, then runs one 2-rank torchrun per configuration on
-free local ports. Each worker builds the model and `Engine` the way `train.loop.train` does,
-reads real packed batches through `DataPipeline`, runs one warmup step and `--timed-steps`
-timed steps, and measures on every rank:
+The parent builds a small multimodal shard set with `omni-train shards build` (espeak-ng speech
+in 8 languages, images, videos, text -> code) in a temp dir, then runs one 2-rank torchrun per
+configuration on free local ports. Each worker builds the model and `Engine` the way
+`train.loop.train` does (the tiny preset scaled to 39M parameters), reads real packed batches
+through `DataPipeline`, runs one warmup step and `--timed-steps` timed steps, and measures on
+every rank:
 
-  params      bytes of the model's parameters this rank holds: under ZeRO-3 the partition
-              (`p.ds_tensor`) plus the parameters kept gathered (`ds_persist`, below
-              stage3_param_persistence_threshold); otherwise the full parameters
-  optimizer   fp32 master weights (DeepSpeed's `single_partition_of_fp32_groups`,
-              `fp32_partitioned_groups_flat`, `fp32_groups_flat`, `fp32_groups_flat_partition`)
-              and AdamW's exp_avg / exp_avg_sq / step, counting memory already counted as
-              parameters once (fp32 ZeRO-3's master partition *is* the parameter partition)
-  grads       gradient memory alive when AdamW steps (`.grad` of parameters and master
-              partitions, DeepSpeed's `averaged_gradients`, `grad_partitions_flat_buffer`,
-              `fp32_groups_gradients_flat`), taken from a step pre-hook on the torch optimizer
-  buckets     DeepSpeed's reduce buckets (`ipg_buckets`): reduce_bucket_size elements each,
-              allocated whatever the model size (on CPU only the written pages are resident)
-  peak RSS    `resource.getrusage(RUSAGE_SELF).ru_maxrss` of the rank's process
+  params      the model parameters this rank holds: under ZeRO-3 each partition (`p.ds_tensor`)
+              plus the parameters kept gathered (those below stage3_param_persistence_threshold),
+              otherwise the full parameters
+  optimizer   fp32 master weights (DeepSpeed's `single_partition_of_fp32_groups` at stage 1/2,
+              `fp32_partitioned_groups_flat` at stage 3, `fp32_groups_flat` for bf16 at stage 0)
+              and AdamW's exp_avg / exp_avg_sq / step
+  grads       gradient memory alive when AdamW steps (`.grad` of parameters and master weights,
+              `averaged_gradients`, `grad_partitions_flat_buffer`, `fp32_groups_gradients_flat`),
+              taken in a step pre-hook on the torch optimizer
+  buckets     DeepSpeed's reduce buckets (`ipg_buckets`, reduce_bucket_size elements whatever the
+              model size; on CPU only their written pages become resident)
+  RSS         at start (after imports and the process group), at the end, and the peak
+              (`resource.getrusage`)
   tokens/s    real (non-padding) tokens of both ranks per second over the timed steps
 
-Memory is counted by address range, so views into DeepSpeed's flat buffers are counted once.
-DDP's own gradient buckets live inside its C++ reducer and are not counted. Goal: ZeRO-3
-params + optimizer per rank about half of ZeRO-0's on 2 ranks.
+Memory is counted by address range, so views into DeepSpeed's flat buffers count once and a
+buffer counted as parameters is not counted again as optimizer state. DDP's own gradient
+buckets live in its C++ reducer and are not counted. Goal: ZeRO-3 params + optimizer per rank
+about half of ZeRO-0's on 2 ranks. CPU bf16 matmuls without AVX512-BF16/AMX are ~20x slower
+than fp32, so bf16 runs are shorter (--bf16-seq-len, --bf16-timed-steps); their memory columns
+do not depend on the sequence length.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ MB = 2**20
 
 
 class AddressLedger:
-    """Bytes of tensors by address range, each byte counted once however many views point at it."""
+    """Bytes of (contiguous) tensors by address range, each byte counted once however many views point at it."""
 
     def __init__(self):
         self.ranges: list[tuple[int, int]] = []  # disjoint [start, end)
@@ -134,7 +138,7 @@ def bucket_tensors(engine) -> list:
     return [t for bucket in buckets.values() for t in tensors_in(getattr(bucket, "buffer", None))]
 
 
-def measure_state(engine) -> dict[str, int]:
+def measure_state(engine) -> dict:
     """Bytes held now: params, then master weights and optimizer state not already counted as params."""
     ledger = AddressLedger()
     params = sum(ledger.claim(t) for t in param_tensors(engine.module))
@@ -214,7 +218,7 @@ def worker(args: argparse.Namespace) -> None:
     torch_dist.all_gather_object(rows, row)
     if dist.is_main:
         print(json.dumps({"config": args.config, "precision": args.precision, "world_size": dist.world_size,
-                          "num_params": num_params, "tokens_per_s": real_tokens_all / elapsed_s,
+                          "num_params": num_params, "tokens_per_s": real_tokens_all / elapsed_s, "seq_len": args.seq_len,
                           "timed_steps": args.timed_steps, "elapsed_s": elapsed_s, "ranks": rows}), flush=True)
     shutdown(engine, dist)
 
@@ -270,14 +274,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_config(config: str, precision: str, timed_steps: int, shards: str, out: Path, args: argparse.Namespace) -> dict:
+def run_config(config: str, precision: str, seq_len: int, timed_steps: int, shards: str, out: Path,
+               args: argparse.Namespace) -> dict:
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))  # DeepSpeed's shm op builds once
     env.update({"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", str(Path(__file__).resolve()), "--worker", "--config", config,
            "--precision", precision, "--shards", shards, "--out", str(out / f"{config}-{precision}"),
-           "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--timed-steps", str(timed_steps)]
+           "--seq-len", str(seq_len), "--batch-size", str(args.batch_size), "--timed-steps", str(timed_steps)]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     for line in result.stdout.splitlines():
         if line.startswith('{"config"'):
@@ -298,7 +303,8 @@ def params_and_optimizer(result: dict) -> float:
 def print_table(results: list[dict]) -> None:
     baseline = {r["precision"]: params_and_optimizer(r) for r in results if r["config"] == "zero0"}
     header = ["config", "precision", "params MB/rank", "optimizer MB/rank", "params+opt MB/rank", "ratio to zero0",
-              "grads MB/rank", "buckets MB/rank", "RSS start MB", "RSS end MB", "peak RSS MB", "tokens/s", "timed steps"]
+              "grads MB/rank", "buckets MB/rank", "RSS start MB", "RSS end MB", "peak RSS MB", "tokens/s", "seq_len",
+              "timed steps"]
     lines = [header]
     for r in results:
         total = params_and_optimizer(r)
@@ -306,7 +312,8 @@ def print_table(results: list[dict]) -> None:
         lines.append([r["config"], r["precision"], f"{worst(r, 'params_bytes'):.1f}", f"{worst(r, 'optimizer_bytes'):.1f}",
                       f"{total:.1f}", ratio, f"{worst(r, 'grads_bytes'):.1f}", f"{worst(r, 'bucket_bytes'):.1f}",
                       f"{worst(r, 'rss_start_bytes'):.0f}", f"{worst(r, 'rss_end_bytes'):.0f}",
-                      f"{worst(r, 'peak_rss_bytes'):.0f}", f"{r['tokens_per_s']:.0f}", str(r["timed_steps"])])
+                      f"{worst(r, 'peak_rss_bytes'):.0f}", f"{r['tokens_per_s']:.0f}", str(r["seq_len"]),
+                      str(r["timed_steps"])])
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     for row in lines:
         print("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))
@@ -325,8 +332,10 @@ def print_goal(results: list[dict]) -> None:
             # stage3.py compares tensor.device with a device *name* string, which is never equal, so the
             # fp32 master partition is a copy even when it could be the fp32 parameter partition itself
             line += (f"; DeepSpeed keeps a separate fp32 master partition ({zero3['master_bytes'] / MB:.1f} MB) beside "
-                     f"the fp32 parameter partition: (4/2 + 4/2 + 8/2) / (4 + 8) = 0.67 bytes per parameter")
+                     f"the fp32 parameter partition: (4/2 + 4/2 + 8/2) / (4 + 8) bytes per parameter = 0.67")
         print(line)
+    if not any(r["precision"] == "bf16" for r in results):
+        print("  bf16: not run (--bf16 measures DeepSpeed's bf16 layout: bf16 parameters, fp32 master weights)")
 
 
 def main() -> None:
@@ -336,8 +345,10 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=1, help="packed sequences per rank and step")
     parser.add_argument("--timed-steps", type=int, default=3, help="fp32 steps timed after one warmup step")
-    parser.add_argument("--bf16-timed-steps", type=int, default=1,
-                        help="bf16 steps timed after one warmup step (CPU bf16 matmuls are several times slower)")
+    # without AVX512-BF16 or AMX, CPU bf16 matmuls run about 20x slower than fp32: shorter bf16 runs keep the
+    # benchmark within minutes, and the memory columns do not depend on the sequence length
+    parser.add_argument("--bf16-seq-len", type=int, default=192)
+    parser.add_argument("--bf16-timed-steps", type=int, default=1, help="bf16 steps timed after one warmup step")
     parser.add_argument("--json", default=None, help="also write every run's result to this JSONL file")
     # worker side (set by the parent)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -356,16 +367,16 @@ def main() -> None:
         parser.error(f"--configs: unknown {', '.join(unknown)} (known: {', '.join(CONFIGS)})")
     if min(args.timed_steps, args.bf16_timed_steps) < 1:
         parser.error("--timed-steps and --bf16-timed-steps must be >= 1")
-    runs = [(c, "fp32", args.timed_steps) for c in configs]
+    runs = [(c, "fp32", args.seq_len, args.timed_steps) for c in configs]
     if args.bf16:  # DDP's bf16 is autocast over fp32 parameters: the same memory as its fp32 run
-        runs += [(c, "bf16", args.bf16_timed_steps) for c in configs if CONFIGS[c][0] == "deepspeed"]
+        runs += [(c, "bf16", args.bf16_seq_len, args.bf16_timed_steps) for c in configs if CONFIGS[c][0] == "deepspeed"]
     start = time.perf_counter()
     results = []
     with tempfile.TemporaryDirectory(prefix="zero_memory_") as tmp:
         shards = build_shards(Path(tmp))
-        for config, precision, timed_steps in runs:
+        for config, precision, seq_len, timed_steps in runs:
             run_start = time.perf_counter()
-            result = run_config(config, precision, timed_steps, shards, Path(tmp), args)
+            result = run_config(config, precision, seq_len, timed_steps, shards, Path(tmp), args)
             results.append(result)
             print(f"{config} {precision}: {time.perf_counter() - run_start:.0f} s, losses "
                   f"{[round(x, 3) for x in result['ranks'][0]['losses']]}", file=sys.stderr, flush=True)
@@ -373,8 +384,8 @@ def main() -> None:
         Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in results))
 
     print(f"\n{results[0]['num_params'] / 1e6:.1f}M parameters (tiny preset with {' '.join(MODEL_OVERRIDES)}), "
-          f"2 ranks on CPU (gloo), seq_len {args.seq_len} x {args.batch_size} packed sequence(s) per rank and step, "
-          f"1 warmup step; {time.perf_counter() - start:.0f} s in all. Memory: the rank holding more; MB = 2^20 bytes.")
+          f"2 ranks on CPU (gloo), {args.batch_size} packed sequence(s) per rank and step, 1 warmup step; "
+          f"{time.perf_counter() - start:.0f} s in all. Memory: the rank holding more; MB = 2^20 bytes.")
     print_table(results)
     print_goal(results)
 

@@ -136,7 +136,8 @@ class Engine:
                 from torch.nn.parallel import DistributedDataParallel
 
                 # every encoder runs on every step (omni.py), so no unused parameters are expected
-                self.wrapped = DistributedDataParallel(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+                self.wrapped = DistributedDataParallel(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None,
+                                                       gradient_as_bucket_view=True)  # no second copy of the gradients
             else:
                 self.wrapped = model
             self.module = model
