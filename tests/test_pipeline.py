@@ -95,6 +95,8 @@ def assert_batches_equal(a, b):
     for key in a:
         if isinstance(a[key], torch.Tensor):
             assert torch.equal(a[key], b[key]), key
+        elif key == "audio_transcript_ids":  # a list of tensors, one per audio item
+            assert len(a[key]) == len(b[key]) and all(torch.equal(x, y) for x, y in zip(a[key], b[key])), key
         else:
             assert a[key] == b[key], key
 
