@@ -8,6 +8,8 @@ README's batch table) and is the whole composition in one place:
     fusion "interleave": the features replace the placeholder positions of their modality, in
         the row-major order of the batch (the order collate_packed lists the media in); the
         number of positions and of features must match, else ValueError with both counts
+    transfer (model.transfer, optional): e.g. token_rate shortens audio spans to one vector per
+        recognized token and repacks the rows; its auxiliary losses join the loss (transfer.py)
     backbone(inputs_embeds, position_ids, document_ids) -> hidden (B, L, D)
     loss: position t predicts labels[t + 1] when t + 1 is in the same document; mean over the
         positions that have a target (assistant tokens)
@@ -38,6 +40,7 @@ from omni_train.data.sample import MODALITY_IDS
 from omni_train.model.audio_encoder import AudioEncoder, AudioEncoderConfig
 from omni_train.model.backbone import Backbone, BackboneConfig
 from omni_train.model.projectors import build_projector, check_projector_kind
+from omni_train.model.transfer import TransferConfig, build_transfer
 from omni_train.model.vision_encoder import VisionEncoder, VisionEncoderConfig
 
 FUSIONS = ("interleave",)
@@ -55,11 +58,14 @@ class OmniConfig:
     activation_checkpointing: bool = False     # recompute every encoder and backbone layer in backward
     preset: str = "tiny"                       # configs/model/<preset>.yaml, merged under the recipe's model section
     pretrained_backbone: str | None = None     # local HF Qwen2/Qwen3 directory; its config replaces `backbone`
+    transfer: TransferConfig = field(default_factory=TransferConfig)  # cross-modal transfer mechanism (transfer.py)
 
     def __post_init__(self):
         check_projector_kind(self.projector)
         if self.fusion not in FUSIONS:
             raise ValueError(f"model.fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+        if self.transfer.kind != "none" and self.audio is None:
+            raise ValueError(f"model.transfer.kind={self.transfer.kind} needs an audio encoder, but model.audio is not set")
 
 
 @dataclass
@@ -79,6 +85,7 @@ class OmniOutput:
     per_token_loss: torch.Tensor  # (B, L) float32: at t, the loss of predicting labels[t]; 0 where there is none
     logits: torch.Tensor | None = None  # (B, L, vocab): at t, the prediction of token t + 1; with return_logits
     aux: dict[str, float] = field(default_factory=dict)  # auxiliary loss terms, already included in `loss`
+    lm_loss: torch.Tensor | None = None  # () the next-token loss alone (held-out eval reports this)
 
 
 class OmniModel(nn.Module):
@@ -96,6 +103,9 @@ class OmniModel(nn.Module):
             self.vision_encoder = VisionEncoder(cfg.vision, activation_checkpointing=checkpointing)
             self.vision_projector = build_projector(cfg.projector, cfg.vision.out_dim, dim, input_norm=True)
         self.backbone = Backbone(cfg.backbone, activation_checkpointing=checkpointing)
+        # built last, so that kind none draws the same random initialization as before the option existed
+        self.transfer = build_transfer(cfg.transfer, dim=dim, vocab_size=cfg.backbone.vocab_size,
+                                       init_std=cfg.backbone.init_std)
 
     def forward(self, batch: dict[str, Any], *, return_logits: bool = False) -> OmniOutput:
         fused = self.fuse(batch)                                                 # encoders -> projectors -> fusion
@@ -104,7 +114,7 @@ class OmniModel(nn.Module):
         loss, num_loss_tokens, per_token_loss = self.next_token_loss(hidden, fused.labels, fused.document_ids)
         logits = self.backbone.logits(hidden) if return_logits else None
         return OmniOutput(loss=loss + fused.aux_loss, num_loss_tokens=num_loss_tokens, per_token_loss=per_token_loss,
-                          logits=logits, aux=fused.aux)
+                          logits=logits, aux=fused.aux, lm_loss=loss.detach())
 
     def fuse(self, batch: dict[str, Any]) -> FusedInputs:
         """Everything before the backbone: the input embeddings with media features in place, and the
@@ -114,8 +124,11 @@ class OmniModel(nn.Module):
         embeds = fuse_interleave(embeds, batch["modality_ids"], features)        # fusion
         if unused:  # modalities absent from this batch: keep their modules in the graph (module docstring)
             embeds = embeds + sum(0.0 * out.sum() for out in unused).to(embeds.dtype)
-        return FusedInputs(embeds=embeds, position_ids=batch["position_ids"], document_ids=batch["document_ids"],
-                           labels=batch["labels"])
+        fused = FusedInputs(embeds=embeds, position_ids=batch["position_ids"], document_ids=batch["document_ids"],
+                            labels=batch["labels"])
+        if self.transfer is not None:  # e.g. token_rate: a compressed speech prefix, rows repacked (transfer.py)
+            fused = self.transfer.compress(fused, batch, features.get("audio"), self.backbone.embed_tokens)
+        return fused
 
     def next_token_loss(self, hidden: torch.Tensor, labels: torch.Tensor,
                         document_ids: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
@@ -178,7 +191,7 @@ class OmniModel(nn.Module):
         counts = {name: sum(p.numel() for p in module.parameters()) if module is not None else 0
                   for name, module in (("audio_encoder", self.audio_encoder), ("audio_projector", self.audio_projector),
                                        ("vision_encoder", self.vision_encoder), ("vision_projector", self.vision_projector),
-                                       ("backbone", self.backbone))}
+                                       ("backbone", self.backbone), ("transfer", self.transfer))}
         counts["total"] = sum(counts.values())
         return counts
 
@@ -220,6 +233,9 @@ def build_model(cfg: OmniConfig, *, vocab_size: int) -> OmniModel:
         if vocab_size > backbone_cfg.vocab_size:
             grow_vocab(backbone, vocab_size)
             model.cfg.backbone.vocab_size = vocab_size
+        # the transfer head was sized for the placeholder vocabulary above: rebuild it for the real one
+        model.transfer = build_transfer(cfg.transfer, dim=backbone_cfg.dim, vocab_size=model.cfg.backbone.vocab_size,
+                                        init_std=backbone_cfg.init_std)
         return model
     backbone_cfg = cfg.backbone
     if backbone_cfg.vocab_size == 0:

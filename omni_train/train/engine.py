@@ -183,7 +183,7 @@ class Engine:
         """(sum of token losses, number of loss tokens) of one batch."""
         self.wrapped.eval()
         out = self._forward(batch)
-        return float(out.loss) * int(out.num_loss_tokens), int(out.num_loss_tokens)
+        return float(out.lm_loss) * int(out.num_loss_tokens), int(out.num_loss_tokens)
 
     def full_model(self, build) -> nn.Module:
         """A module with all weights present, for probes: the model itself, or under ZeRO-3 a copy
