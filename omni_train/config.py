@@ -11,6 +11,7 @@ stops before work starts with a `RecipeError` whose one line names the dotted ke
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,7 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
         return [_instantiate(args[0], item, f"{path}[{i}].") for i, item in enumerate(value)]
     if origin is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
         return {key: _instantiate(args[1], item, f"{path}.{key}.") for key, item in value.items()}
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         for arg in args:
             if dataclasses.is_dataclass(arg) and isinstance(value, dict):
                 return _instantiate(arg, value, path + ".")

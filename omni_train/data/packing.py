@@ -62,7 +62,8 @@ class Packer:
             chosen.append(best)
             space -= best_len
         sequence = [self.pool[i].sample for i in chosen]
-        self.pool = [item for i, item in enumerate(self.pool) if i not in set(chosen)]
+        taken = set(chosen)
+        self.pool = [item for i, item in enumerate(self.pool) if i not in taken]
         return sequence
 
     def addresses(self) -> list[Any]:

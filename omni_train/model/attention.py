@@ -46,6 +46,13 @@ def varlen_kernels() -> tuple[Any, Any, frozenset]:
     return flash_attn_varlen_func, varlen_attn, params
 
 
+def check_backend(name: str) -> str:
+    """Validate a module's `attn_backend` argument (one of BACKENDS)."""
+    if name not in BACKENDS:
+        raise ValueError(f"attn_backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    return name
+
+
 def attention_backend(device: torch.device | str, dtype: torch.dtype) -> str:
     """The backend `attention(..., backend="auto")` uses for tensors on `device` of `dtype`."""
     if torch.device(device).type == "cuda" and dtype in _HALF_DTYPES:

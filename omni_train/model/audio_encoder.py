@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from omni_train.data.audio import AudioConfig, _tokens_in_window
-from omni_train.model.attention import BACKENDS, attention, attention_backend, document_ids_to_cu_seqlens
+from omni_train.model.attention import attention, attention_backend, check_backend, document_ids_to_cu_seqlens
 from omni_train.model.rope import apply_rotary
 
 NUM_STRIDE2_CONVS = 2  # conv1 and conv2: 4 mel frames (40 ms) per token, data.audio.downsample = 4
@@ -158,11 +158,9 @@ class AudioEncoder(nn.Module):
 
     def __init__(self, cfg: AudioEncoderConfig, *, activation_checkpointing: bool = False, attn_backend: str = "auto"):
         super().__init__()
-        if attn_backend not in BACKENDS:
-            raise ValueError(f"attn_backend must be one of {', '.join(BACKENDS)}, got {attn_backend!r}")
         self.cfg = cfg
         self.activation_checkpointing = activation_checkpointing
-        self.attn_backend = attn_backend
+        self.attn_backend = check_backend(attn_backend)
         # The data layer's token arithmetic after conv1 and after conv2: one definition of the counts.
         self._layouts = [_token_layout(cfg.num_mel_bins, i + 1) for i in range(NUM_STRIDE2_CONVS)]
         self.conv1 = nn.Conv1d(cfg.num_mel_bins, cfg.dim, kernel_size=3, stride=2, padding=1)

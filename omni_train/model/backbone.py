@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from omni_train.model.attention import BACKENDS, attention, attention_backend, document_ids_to_cu_seqlens
+from omni_train.model.attention import attention, attention_backend, check_backend, document_ids_to_cu_seqlens
 from omni_train.model.rope import apply_rotary, rope_cos_sin, rope_inv_freq
 
 __all__ = ["BackboneConfig", "Backbone", "document_ids_to_cu_seqlens"]
@@ -164,13 +164,11 @@ class Backbone(nn.Module):
 
     def __init__(self, cfg: BackboneConfig, *, activation_checkpointing: bool = False, attn_backend: str = "auto"):
         super().__init__()
-        if attn_backend not in BACKENDS:
-            raise ValueError(f"attn_backend must be one of {', '.join(BACKENDS)}, got {attn_backend!r}")
         if cfg.vocab_size < 1:
             raise ValueError("model.backbone.vocab_size is 0: build the model with the tokenizer's size (omni.build_model)")
         self.cfg = cfg
         self.activation_checkpointing = activation_checkpointing
-        self.attn_backend = attn_backend
+        self.attn_backend = check_backend(attn_backend)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)

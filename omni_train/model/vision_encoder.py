@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from omni_train.model.attention import BACKENDS
+from omni_train.model.attention import check_backend
 from omni_train.model.audio_encoder import EncoderLayer, init_encoder_weights, run_layers
 from omni_train.model.rope import rope_inv_freq
 
@@ -83,11 +83,9 @@ class VisionEncoder(nn.Module):
 
     def __init__(self, cfg: VisionEncoderConfig, *, activation_checkpointing: bool = False, attn_backend: str = "auto"):
         super().__init__()
-        if attn_backend not in BACKENDS:
-            raise ValueError(f"attn_backend must be one of {', '.join(BACKENDS)}, got {attn_backend!r}")
         self.cfg = cfg
         self.activation_checkpointing = activation_checkpointing
-        self.attn_backend = attn_backend
+        self.attn_backend = check_backend(attn_backend)
         self.patch_embedding = nn.Linear(cfg.patch_dim, cfg.dim)
         self.layers = nn.ModuleList(EncoderLayer(cfg.dim, cfg.num_heads, cfg.ffn_dim, cfg.layer_norm_eps)
                                     for _ in range(cfg.num_layers))
