@@ -55,7 +55,9 @@ def check_model_matches_data(model: OmniConfig, data: DataConfig) -> None:
     pairs = []
     if model.audio is not None:
         pairs += [("model.audio.num_mel_bins", model.audio.num_mel_bins, "data.audio.num_mel_bins", data.audio.num_mel_bins),
-                  ("model.audio.window_frames", model.audio.window_frames, "data.audio.window_s / hop", data.audio.window_frames)]
+                  ("model.audio.window_frames", model.audio.window_frames, "data.audio.window_s / hop", data.audio.window_frames),
+                  ("model.audio.conv1_stride * 2 * pool", model.audio.downsample, "data.audio.downsample",
+                   data.audio.downsample)]
     if model.vision is not None:
         pairs += [("model.vision.patch_size", model.vision.patch_size, "data.image.patch_size", data.image.patch_size),
                   ("model.vision.merge_size", model.vision.merge_size, "data.image.merge_size", data.image.merge_size),

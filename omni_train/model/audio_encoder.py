@@ -1,23 +1,38 @@
 """The audio encoder: Whisper-style conv subsampling + bidirectional transformer over independent 30 s windows.
 
     mel (W, num_mel_bins, T) + valid frames (W,)
-      -> conv1, conv2 (kernel 3, stride 2, padding 1, GELU)      (W, T / 4, dim), 25 positions per second
+      -> conv1 (kernel 3, stride conv1_stride), conv2 (kernel 3, stride 2), padding 1, GELU
+                                                    (W, T / (2 * conv1_stride), dim)
       -> + embed_positions (sinusoidal init, trainable)
       -> pre-norm layers, attention within the valid positions of each window
-      -> layer_norm, then the valid positions of every window in order  (num_audio_tokens_total, dim)
+      -> average pool by `pool` (optional, Qwen2-Audio), layer_norm
+      -> the valid positions of every window in order   (num_audio_tokens_total, dim)
+
+Two layouts give 25 tokens per second (Qwen2.5-Omni's 40 ms per token), the data layer's
+`audio.downsample: 4`: ours (conv1_stride 2, pool 1: 750 positions per 30 s window) and
+Whisper's (conv1_stride 1: 1500 positions, then pool 2 after the layers, as Qwen2-Audio,
+arXiv:2407.10759, and Qwen2.5-Omni do). `cfg.downsample = conv1_stride * 2 * pool`.
 
 Windows never see each other (a one-hour meeting costs 120 window-sized attentions, not one
 huge one), and a window's valid outputs depend only on its valid frames: the padded frames are
 zeros (as the convolutions' own padding), the conv1 outputs past the valid length are zeroed
-before conv2, and padded positions are masked out of attention. So the input may be cut to
-the longest valid window of the batch, which saves most of the work for short clips, and the
-number of outputs per window is exactly `data.audio._tokens_in_window`, the function the
-chat template used to reserve placeholders.
+before conv2, padded positions are masked out of attention, and the pool averages valid
+positions only. So the input may be cut to the longest valid window of the batch, which saves
+most of the work for short clips, and the number of outputs per window is exactly
+`data.audio._tokens_in_window`, the function the chat template used to reserve placeholders:
+every stage (a stride-2 conv or a pool by 2) turns n valid positions into ceil(n / 2).
+
+Deliberate differences from Whisper (the loader is `hf_adapters.load_whisper_encoder`; on a
+full 30 s window with pool 1 the outputs equal transformers' `WhisperEncoder`):
+- A clip shorter than a window is cropped and its padding masked; Whisper attends over a
+  zero-padded 30 s window, so its outputs for a short clip differ from ours.
+- Audio longer than 30 s is cut into independent windows (data.audio.split_windows), never
+  truncated: 70 s are 3 windows and 750 + 750 + 250 tokens.
+- The pool keeps an odd last position (averaged alone); Qwen2-Audio's AvgPool1d(2) drops it.
 
 Parameter names follow transformers' `WhisperEncoder` (`conv1`, `conv2`, `embed_positions`,
 `layers.N.self_attn.{q,k,v,out}_proj`, `self_attn_layer_norm`, `fc1`, `fc2`,
-`final_layer_norm`, `layer_norm`), so a Whisper checkpoint maps one to one; note that Whisper's
-conv1 has stride 1 (50 positions per second), ours stride 2 (Qwen2.5-Omni's 40 ms per token).
+`final_layer_norm`, `layer_norm`), so a Whisper checkpoint maps one to one.
 
 `EncoderLayer` is the pre-norm bidirectional block that the vision encoder shares.
 """
@@ -36,7 +51,13 @@ from omni_train.data.audio import AudioConfig, _tokens_in_window
 from omni_train.model.attention import attention, attention_backend, check_backend, document_ids_to_cu_seqlens
 from omni_train.model.rope import apply_rotary
 
-NUM_STRIDE2_CONVS = 2  # conv1 and conv2: 4 mel frames (40 ms) per token, data.audio.downsample = 4
+# Activation names -> F.gelu's `approximate`: Whisper uses exact gelu, SigLIP the tanh approximation.
+ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
+
+
+def check_activation(activation: str, key: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{key} must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
 
 
 @dataclass(kw_only=True)
@@ -47,11 +68,13 @@ class AudioEncoderConfig:
     ffn_dim: int
     num_mel_bins: int = 128        # must equal data.audio.num_mel_bins
     window_frames: int = 3000      # mel frames per window (data.audio.window_s / 10 ms): sizes embed_positions
+    conv1_stride: int = 2          # 2: 25 positions per second; 1: Whisper's 50
+    pool: int = 1                  # average pool after the layers (Qwen2-Audio: 2 behind a Whisper encoder)
     layer_norm_eps: float = 1e-5   # Whisper's
     init_std: float = 0.02
 
     def __post_init__(self):
-        for name in ("dim", "num_layers", "num_heads", "ffn_dim", "num_mel_bins", "window_frames"):
+        for name in ("dim", "num_layers", "num_heads", "ffn_dim", "num_mel_bins", "window_frames", "pool"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"model.audio.{name} must be a positive integer, got {value!r}")
@@ -59,19 +82,28 @@ class AudioEncoderConfig:
             raise ValueError(f"model.audio.dim ({self.dim}) must be a multiple of model.audio.num_heads ({self.num_heads})")
         if self.dim % 2:
             raise ValueError(f"model.audio.dim must be even (sinusoidal positions pair sin and cos), got {self.dim}")
+        if self.conv1_stride not in (1, 2):
+            raise ValueError(f"model.audio.conv1_stride must be 1 (Whisper) or 2, got {self.conv1_stride!r}")
+        if self.pool & (self.pool - 1):
+            raise ValueError(f"model.audio.pool must be a power of 2 (1, 2, 4, ...), got {self.pool}")
         if self.layer_norm_eps <= 0 or self.init_std <= 0:
             raise ValueError(f"model.audio.layer_norm_eps and model.audio.init_std must be > 0, "
                              f"got {self.layer_norm_eps} and {self.init_std}")
 
     @property
+    def downsample(self) -> int:
+        """Mel frames per output token: must equal data.audio.downsample."""
+        return self.conv1_stride * 2 * self.pool
+
+    @property
     def num_positions(self) -> int:
-        """Encoder positions of a full window (750 for 3000 frames)."""
-        return int(_tokens_in_window(self.window_frames, _token_layout(self.num_mel_bins, NUM_STRIDE2_CONVS)))
+        """Positions of a full window after the convs, the size of embed_positions (750, or Whisper's 1500)."""
+        return int(_tokens_in_window(self.window_frames, _token_layout(self.num_mel_bins, self.conv1_stride * 2)))
 
 
-def _token_layout(num_mel_bins: int, num_convs: int) -> AudioConfig:
-    """The data layer's AudioConfig whose token arithmetic is that of the first `num_convs` stride-2 convs."""
-    return AudioConfig(num_mel_bins=num_mel_bins, downsample=2 ** num_convs)
+def _token_layout(num_mel_bins: int, downsample: int) -> AudioConfig:
+    """The data layer's AudioConfig whose token arithmetic is that of the stages down to `downsample` frames per position."""
+    return AudioConfig(num_mel_bins=num_mel_bins, downsample=downsample)
 
 
 def sinusoids(num_positions: int, dim: int, max_timescale: float = 10000.0) -> torch.Tensor:
@@ -109,8 +141,9 @@ class EncoderAttention(nn.Module):
 class EncoderLayer(nn.Module):
     """Pre-norm block (Whisper / SigLIP): x + attn(ln(x)), then x + fc2(gelu(fc1(ln(x))))."""
 
-    def __init__(self, dim: int, num_heads: int, ffn_dim: int, eps: float):
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, eps: float, activation: str = "gelu"):
         super().__init__()
+        self.approximate = ACTIVATIONS[activation]
         self.self_attn_layer_norm = nn.LayerNorm(dim, eps=eps)
         self.self_attn = EncoderAttention(dim, num_heads)
         self.final_layer_norm = nn.LayerNorm(dim, eps=eps)
@@ -122,7 +155,7 @@ class EncoderLayer(nn.Module):
                 max_seqlen: int | None) -> torch.Tensor:
         x = x + self.self_attn(self.self_attn_layer_norm(x), document_ids=document_ids, rotary=rotary, backend=backend,
                                cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x)), approximate=self.approximate))
 
 
 def run_layers(layers: nn.ModuleList, x: torch.Tensor, document_ids: torch.Tensor, *, backend: str,
@@ -161,9 +194,9 @@ class AudioEncoder(nn.Module):
         self.cfg = cfg
         self.activation_checkpointing = activation_checkpointing
         self.attn_backend = check_backend(attn_backend)
-        # The data layer's token arithmetic after conv1 and after conv2: one definition of the counts.
-        self._layouts = [_token_layout(cfg.num_mel_bins, i + 1) for i in range(NUM_STRIDE2_CONVS)]
-        self.conv1 = nn.Conv1d(cfg.num_mel_bins, cfg.dim, kernel_size=3, stride=2, padding=1)
+        # The data layer's token arithmetic after conv1, conv2 and the pool: one definition of the counts.
+        self._layouts = [_token_layout(cfg.num_mel_bins, d) for d in (cfg.conv1_stride, cfg.conv1_stride * 2, cfg.downsample)]
+        self.conv1 = nn.Conv1d(cfg.num_mel_bins, cfg.dim, kernel_size=3, stride=cfg.conv1_stride, padding=1)
         self.conv2 = nn.Conv1d(cfg.dim, cfg.dim, kernel_size=3, stride=2, padding=1)
         self.embed_positions = nn.Embedding(cfg.num_positions, cfg.dim)
         self.layers = nn.ModuleList(EncoderLayer(cfg.dim, cfg.num_heads, cfg.ffn_dim, cfg.layer_norm_eps)
@@ -181,8 +214,8 @@ class AudioEncoder(nn.Module):
         return _tokens_in_window(window_frames, self._layouts[-1])
 
     def dummy_input(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-        """One short window of zeros (8 frames, 2 positions): runs the encoder when a batch has no audio."""
-        num_frames = 2 ** NUM_STRIDE2_CONVS * 2
+        """One short window of zeros (2 tokens): runs the encoder when a batch has no audio."""
+        num_frames = self.cfg.downsample * 2
         return (torch.zeros(1, self.cfg.num_mel_bins, num_frames, device=device),
                 torch.full((1,), num_frames, dtype=torch.long, device=device))
 
@@ -197,14 +230,34 @@ class AudioEncoder(nn.Module):
         window_frames = window_frames.to(mel.device)
         # Frames past the longest valid window are zeros in every window; dropping them changes no valid output.
         mel = mel[..., : max(int(window_frames.max()), 1)].to(self.conv1.weight.dtype)  # (W, M, T)
-        x = F.gelu(self.conv1(mel))                                                       # (W, D, T / 2)
-        valid1 = _tokens_in_window(window_frames, self._layouts[0])                       # (W,)
-        x = x * (torch.arange(x.shape[-1], device=x.device) < valid1[:, None])[:, None].to(x.dtype)
-        x = F.gelu(self.conv2(x)).transpose(1, 2)                                         # (W, T / 4, D)
-        num_positions = x.shape[1]
-        x = x + self.embed_positions.weight[:num_positions]
-        is_valid = torch.arange(num_positions, device=x.device) < self.num_tokens(window_frames)[:, None]  # (W, T / 4)
+        x = F.gelu(self.conv1(mel))                                                       # (W, D, T / conv1_stride)
+        x = x * _prefix_mask(x.shape[-1], _tokens_in_window(window_frames, self._layouts[0]))[:, None].to(x.dtype)
+        x = F.gelu(self.conv2(x)).transpose(1, 2)                            # (W, L, D), L = T / (2 * conv1_stride)
+        x = x + self.embed_positions.weight[: x.shape[1]]
+        is_valid = _prefix_mask(x.shape[1], _tokens_in_window(window_frames, self._layouts[1]))  # (W, L)
         document_ids = torch.where(is_valid, 0, -1)  # one document per row: each window attends only to itself
         x = run_layers(self.layers, x, document_ids, backend=self.attn_backend,
                        activation_checkpointing=self.activation_checkpointing)
+        if self.cfg.pool > 1:
+            # Qwen2-Audio's order: pool, then layer_norm
+            x = average_pool(x, is_valid, self.cfg.pool)                                  # (W, L / pool, D)
+            is_valid = _prefix_mask(x.shape[1], self.num_tokens(window_frames))
         return self.layer_norm(x)[is_valid]                                               # (num_tokens, D)
+
+
+def _prefix_mask(length: int, num_valid: torch.Tensor) -> torch.Tensor:
+    """(W,) valid counts -> (W, length) bool, True on each row's first num_valid positions."""
+    return torch.arange(length, device=num_valid.device) < num_valid[:, None]
+
+
+def average_pool(x: torch.Tensor, is_valid: torch.Tensor, factor: int) -> torch.Tensor:
+    """(W, L, D) -> (W, ceil(L / factor), D): the mean of the valid positions in each run of `factor`.
+
+    A run with fewer valid positions (the last one of a window) averages only those, so a window
+    of n valid positions gives ceil(n / factor) outputs that depend on its valid positions only.
+    """
+    num_windows, length, dim = x.shape
+    pad = -length % factor
+    x = F.pad(x * is_valid[..., None].to(x.dtype), (0, 0, 0, pad)).view(num_windows, -1, factor, dim)
+    counts = F.pad(is_valid, (0, pad)).view(num_windows, -1, factor).sum(-1, keepdim=True)  # (W, L / factor, 1)
+    return x.sum(2) / counts.clamp(min=1).to(x.dtype)

@@ -1,15 +1,30 @@
-"""Qwen2 / Qwen3 checkpoints <-> `Backbone`: config mapping and explicit state-dict adapters.
+"""Hugging Face checkpoints <-> omni_train modules: config mapping and explicit state-dict adapters.
 
-A checkpoint is a local Hugging Face directory: `config.json` plus `model.safetensors` or shards
-listed in `model.safetensors.index.json`. Tensors are read with safetensors only (never
-torch.load, so nothing is unpickled). The family comes from the config's `model_type`; each
-supported type has one function saying how its fields map onto `BackboneConfig`.
+Qwen2/Qwen3 -> `Backbone` (and back, for export), the Whisper encoder -> `AudioEncoder`, SigLIP's
+vision tower -> `VisionEncoder`. A checkpoint is a local Hugging Face directory: `config.json`
+plus `model.safetensors` or shards listed in `model.safetensors.index.json`. Tensors are read
+with safetensors only (never torch.load, so nothing is unpickled) and nothing is downloaded.
+Each family has one function saying how its config fields map onto ours, and one saying how
+its keys map; the strict loader then refuses any missing, unexpected or mis-shaped key.
 
-HF key                                  Backbone key
+Qwen HF key                             Backbone key
 model.embed_tokens.weight               embed_tokens.weight
 model.layers.N.<...>                    layers.N.<...>   (same names below the prefix)
 model.norm.weight                       norm.weight
 lm_head.weight                          lm_head.weight   (absent when tie_word_embeddings)
+
+Whisper HF key (WhisperEncoder: no prefix; WhisperModel: encoder.; ...ForConditionalGeneration: model.encoder.)
+<prefix><...>                           <...>   (AudioEncoder keeps WhisperEncoder's names; the decoder is skipped)
+
+SigLIP HF key (SiglipVisionModel: none or vision_model.; SiglipModel: vision_model.)
+embeddings.patch_embedding.weight       patch_embedding.weight   Conv2d (D, C, p, p) -> Linear (D, C * tp * p * p)
+embeddings.position_embedding.weight    position_embedding.weight
+encoder.layers.N.layer_norm1            layers.N.self_attn_layer_norm
+encoder.layers.N.layer_norm2            layers.N.final_layer_norm
+encoder.layers.N.mlp.fc{1,2}            layers.N.fc{1,2}
+encoder.layers.N.self_attn.<...>        layers.N.self_attn.<...>   (k_proj.bias dropped: softmax cancels it)
+post_layernorm                          post_layernorm
+head.*, text_model.*, logit_*           skipped (the pooling head and the text tower are not used)
 """
 
 from __future__ import annotations
@@ -19,8 +34,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
+from omni_train.model.audio_encoder import AudioEncoder, AudioEncoderConfig
 from omni_train.model.backbone import Backbone, BackboneConfig
+from omni_train.model.vision_encoder import VisionEncoder, VisionEncoderConfig
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -158,7 +176,10 @@ def read_safetensors_dir(path: str | Path, device: str | torch.device = "cpu") -
     elif (path / WEIGHTS_FILE).is_file():
         files = [WEIGHTS_FILE]
     else:
-        raise FileNotFoundError(f"{path}: no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} (only safetensors checkpoints are read)")
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")) if path.is_dir() else []
+        found = f"; {', '.join(pickled)} is never read (pickle): convert it to safetensors" if pickled else ""
+        raise FileNotFoundError(f"{path}: no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} "
+                                f"(only safetensors checkpoints are read){found}")
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
         if not (path / name).is_file():
@@ -167,7 +188,27 @@ def read_safetensors_dir(path: str | Path, device: str | torch.device = "cpu") -
     return tensors
 
 
-def load_backbone_state_strict(model: Backbone, state: dict[str, torch.Tensor], *, where: str) -> None:
+def weights_label(path: str | Path) -> str:
+    """The weights file of a checkpoint directory, for error messages: its index when sharded."""
+    path = Path(path)
+    return str(path / (WEIGHTS_INDEX_FILE if (path / WEIGHTS_INDEX_FILE).is_file() else WEIGHTS_FILE))
+
+
+def read_hf_config(path: str | Path, what: str) -> dict:
+    """`config.json` of a local `what` checkpoint directory; FileNotFoundError naming the directory or the file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such directory (a local {what} checkpoint: config.json + safetensors)")
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: not found (a {what} checkpoint directory holds config.json and safetensors)")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file}: invalid JSON ({e})") from None
+
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], *, where: str) -> None:
     """Load state into model, refusing any missing, unexpected or mis-shaped key with one error listing them all."""
     expected = model.state_dict()
     missing = sorted(expected.keys() - state.keys())
@@ -181,6 +222,17 @@ def load_backbone_state_strict(model: Backbone, state: dict[str, torch.Tensor], 
     model.load_state_dict(state, strict=True, assign=True)
 
 
+def build_loaded(cls: type[nn.Module], cfg, state: dict[str, torch.Tensor], *, dtype: torch.dtype | None, where: str,
+                 **module_kwargs) -> nn.Module:
+    """`cls(cfg, **module_kwargs)` holding exactly `state` (cast to dtype unless None), without a random init first."""
+    if dtype is not None:
+        state = {key: tensor.to(dtype) if tensor.is_floating_point() else tensor for key, tensor in state.items()}
+    with torch.device("meta"):  # no random init of weights about to be replaced
+        model = cls(cfg, **module_kwargs)
+    load_state_strict(model, state, where=where)
+    return model
+
+
 def load_qwen_backbone(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                        **backbone_kwargs) -> tuple[Backbone, BackboneConfig]:
     """Build a Backbone from a local Qwen2/Qwen3 HF directory; dtype None keeps the checkpoint's.
@@ -188,17 +240,9 @@ def load_qwen_backbone(path: str | Path, *, dtype: torch.dtype | None = None, de
     backbone_kwargs go to Backbone (activation_checkpointing, attn_backend).
     """
     path = Path(path)
-    config_file = path / CONFIG_FILE
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file}: not found (a Qwen checkpoint directory holds config.json and safetensors)")
-    cfg = backbone_config_from_hf(json.loads(config_file.read_text()), where=str(config_file))
+    cfg = backbone_config_from_hf(read_hf_config(path, "Qwen"), where=str(path / CONFIG_FILE))
     state = hf_to_backbone_state_dict(read_safetensors_dir(path, device), cfg)
-    if dtype is not None:
-        state = {key: tensor.to(dtype) if tensor.is_floating_point() else tensor for key, tensor in state.items()}
-    with torch.device("meta"):  # no random init of weights about to be replaced
-        model = Backbone(cfg, **backbone_kwargs)
-    load_backbone_state_strict(model, state, where=str(path))
-    return model, cfg
+    return build_loaded(Backbone, cfg, state, dtype=dtype, where=weights_label(path), **backbone_kwargs), cfg
 
 
 def save_qwen_backbone(model: Backbone, cfg: BackboneConfig, path: str | Path, *,
@@ -235,3 +279,153 @@ def save_qwen_backbone(model: Backbone, cfg: BackboneConfig, path: str | Path, *
         (path / WEIGHTS_INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Whisper encoder -> AudioEncoder
+# ---------------------------------------------------------------------------------------------
+
+WHISPER_REQUIRED = ("d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim", "num_mel_bins")
+# Where the encoder's keys live, and the other parts of such a checkpoint, which are skipped.
+WHISPER_PREFIXES = {"model.encoder.": ("model.decoder.", "proj_out."), "encoder.": ("decoder.",), "": ()}
+
+
+def whisper_encoder_config(path: str | Path, *, downsample: int = 4) -> AudioEncoderConfig:
+    """AudioEncoderConfig of a local Whisper directory: Whisper's conv1 stride 1, then a pool to `downsample` frames per token.
+
+    `downsample` is data.audio.downsample (4: 25 tokens per second, pool 2 as in Qwen2-Audio; 2: Whisper's own 50).
+    """
+    hf = read_hf_config(path, "Whisper")
+    where = str(Path(path) / CONFIG_FILE)
+    if hf.get("model_type") != "whisper":
+        raise ValueError(f"{where}: model_type {hf.get('model_type')!r} is not supported (supported: whisper)")
+    for key in WHISPER_REQUIRED:
+        if key not in hf:
+            raise ValueError(f"{where}: required key {key!r} is missing")
+    if hf.get("activation_function", "gelu") != "gelu":
+        raise ValueError(f"{where}: activation_function {hf['activation_function']!r} is not supported (supported: gelu)")
+    if not isinstance(downsample, int) or downsample < 2 or downsample & (downsample - 1):
+        raise ValueError(f"{where}: a Whisper encoder gives one position per 2 mel frames before pooling, so "
+                         f"data.audio.downsample must be a power of 2 >= 2, got {downsample!r}")
+    try:
+        return AudioEncoderConfig(
+            dim=hf["d_model"],
+            num_layers=hf["encoder_layers"],
+            num_heads=hf["encoder_attention_heads"],
+            ffn_dim=hf["encoder_ffn_dim"],
+            num_mel_bins=hf["num_mel_bins"],
+            window_frames=2 * hf.get("max_source_positions", 1500),  # conv2 halves: 1500 positions = 3000 frames = 30 s
+            conv1_stride=1,
+            pool=downsample // 2,
+            layer_norm_eps=1e-5,  # Whisper's LayerNorms use torch's default
+            init_std=float(hf.get("init_std", 0.02)),
+        )
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def whisper_to_audio_encoder_state_dict(hf_state: dict[str, torch.Tensor], *, where: str) -> dict[str, torch.Tensor]:
+    """Whisper keys -> AudioEncoder keys: the encoder's, without their prefix; the decoder and output head are skipped.
+
+    Keys it does not know pass through unchanged for the strict check to report.
+    """
+    for prefix, others in WHISPER_PREFIXES.items():
+        if f"{prefix}conv1.weight" in hf_state:
+            break
+    else:
+        raise ValueError(f"{where}: no Whisper encoder weights (conv1.weight under model.encoder., encoder. or no prefix)")
+    return {key.removeprefix(prefix): tensor for key, tensor in hf_state.items() if not key.startswith(others)}
+
+
+def load_whisper_encoder(path: str | Path, *, downsample: int = 4, dtype: torch.dtype | None = None,
+                         device: str | torch.device = "cpu", **encoder_kwargs) -> tuple[AudioEncoder, AudioEncoderConfig]:
+    """An AudioEncoder holding the encoder of a local WhisperEncoder / WhisperModel / WhisperForConditionalGeneration directory.
+
+    dtype None keeps the checkpoint's; encoder_kwargs go to AudioEncoder (activation_checkpointing, attn_backend).
+    """
+    cfg = whisper_encoder_config(path, downsample=downsample)
+    where = weights_label(path)
+    state = whisper_to_audio_encoder_state_dict(read_safetensors_dir(path, device), where=where)
+    return build_loaded(AudioEncoder, cfg, state, dtype=dtype, where=where, **encoder_kwargs), cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# SigLIP vision tower -> VisionEncoder
+# ---------------------------------------------------------------------------------------------
+
+# transformers' SiglipVisionConfig defaults: a config.json leaves out the fields that have them.
+SIGLIP_VISION_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                          "num_channels": 3, "image_size": 224, "patch_size": 16, "hidden_act": "gelu_pytorch_tanh",
+                          "layer_norm_eps": 1e-6}
+SIGLIP_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+SIGLIP_LAYER_RENAMES = ((".layer_norm1.", ".self_attn_layer_norm."), (".layer_norm2.", ".final_layer_norm."),
+                        (".mlp.fc", ".fc"))
+
+
+def siglip_vision_config(path: str | Path, *, temporal_patch_size: int = 2, merge_size: int = 2) -> VisionEncoderConfig:
+    """VisionEncoderConfig of a local SiglipVisionModel / SiglipModel directory: learned positions, the data layout given.
+
+    temporal_patch_size and merge_size are the data layer's (data.image); SigLIP has neither.
+    """
+    hf = read_hf_config(path, "SigLIP")
+    where = str(Path(path) / CONFIG_FILE)
+    model_type = hf.get("model_type")
+    if model_type == "siglip":
+        hf = hf.get("vision_config") or {}
+    elif model_type != "siglip_vision_model":
+        raise ValueError(f"{where}: model_type {model_type!r} is not supported (supported: siglip, siglip_vision_model)")
+    hf = {**SIGLIP_VISION_DEFAULTS, **hf}
+    if hf["hidden_act"] not in SIGLIP_ACTIVATIONS:
+        raise ValueError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported "
+                         f"(supported: {', '.join(SIGLIP_ACTIVATIONS)})")
+    try:
+        return VisionEncoderConfig(
+            dim=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"],
+            ffn_dim=hf["intermediate_size"],
+            patch_size=hf["patch_size"],
+            temporal_patch_size=temporal_patch_size,
+            merge_size=merge_size,
+            num_channels=hf["num_channels"],
+            positions="learned",
+            image_size=hf["image_size"],
+            activation=SIGLIP_ACTIVATIONS[hf["hidden_act"]],
+            layer_norm_eps=float(hf["layer_norm_eps"]),
+        )
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def siglip_to_vision_encoder_state_dict(hf_state: dict[str, torch.Tensor], cfg: VisionEncoderConfig) -> dict[str, torch.Tensor]:
+    """SigLIP vision keys -> VisionEncoder keys (the module docstring's table); unknown keys pass through for the strict check."""
+    prefix = "vision_model." if any(key.startswith("vision_model.") for key in hf_state) else ""
+    skipped = ("text_model.", "logit_scale", "logit_bias", f"{prefix}head.")  # text tower, contrastive scale, pooling head
+    state = {}
+    for key, tensor in hf_state.items():
+        if key.startswith(skipped) or key.endswith("position_ids"):  # position_ids: a buffer older checkpoints store
+            continue
+        name = key.removeprefix(prefix).removeprefix("embeddings.").removeprefix("encoder.")
+        for old, new in SIGLIP_LAYER_RENAMES:
+            name = name.replace(old, new)
+        if name.endswith(".self_attn.k_proj.bias"):
+            continue  # adds q . b_k to all scores of a query row, which softmax cancels: EncoderAttention has no key bias
+        if name == "patch_embedding.weight" and tensor.shape == (cfg.dim, cfg.num_channels, cfg.patch_size, cfg.patch_size):
+            # Conv2d(C, D, p, stride p) -> Linear over (C, tp, p, p) patches. An image is tp equal frames
+            # (data/image.py), so each frame's weights are the conv's / tp; a video patch gets the mean of its frames'.
+            tp = cfg.temporal_patch_size
+            tensor = (tensor[:, :, None] / tp).expand(-1, -1, tp, -1, -1).reshape(cfg.dim, cfg.patch_dim)
+        state[name] = tensor
+    return state
+
+
+def load_siglip_vision(path: str | Path, *, temporal_patch_size: int = 2, merge_size: int = 2,
+                       dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                       **encoder_kwargs) -> tuple[VisionEncoder, VisionEncoderConfig]:
+    """A VisionEncoder holding the vision tower of a local SiglipVisionModel / SiglipModel directory.
+
+    dtype None keeps the checkpoint's; encoder_kwargs go to VisionEncoder (activation_checkpointing, attn_backend).
+    """
+    cfg = siglip_vision_config(path, temporal_patch_size=temporal_patch_size, merge_size=merge_size)
+    state = siglip_to_vision_encoder_state_dict(read_safetensors_dir(path, device), cfg)
+    return build_loaded(VisionEncoder, cfg, state, dtype=dtype, where=weights_label(path), **encoder_kwargs), cfg

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omni_train.data.audio import AudioConfig
 from omni_train.data.sample import MODALITY_IDS
 from omni_train.model.audio_encoder import AudioEncoder, AudioEncoderConfig
 from omni_train.model.backbone import Backbone, BackboneConfig
@@ -58,14 +59,39 @@ class OmniConfig:
     activation_checkpointing: bool = False     # recompute every encoder and backbone layer in backward
     preset: str = "tiny"                       # configs/model/<preset>.yaml, merged under the recipe's model section
     pretrained_backbone: str | None = None     # local HF Qwen2/Qwen3 directory; its config replaces `backbone`
+    pretrained_audio: str | None = None        # local HF Whisper directory: replaces `audio`, keeping its downsample
+    pretrained_vision: str | None = None       # local HF SigLIP directory: replaces `vision`, keeping its patch layout
     transfer: TransferConfig = field(default_factory=TransferConfig)  # cross-modal transfer mechanism (transfer.py)
 
     def __post_init__(self):
         check_projector_kind(self.projector)
         if self.fusion not in FUSIONS:
             raise ValueError(f"model.fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+        self._pretrained_encoder_configs()
         if self.transfer.kind != "none" and self.audio is None:
             raise ValueError(f"model.transfer.kind={self.transfer.kind} needs an audio encoder, but model.audio is not set")
+
+    def _pretrained_encoder_configs(self) -> None:
+        """Encoder configs from the pretrained directories' config.json, so the data checks see the real architecture.
+
+        What the data layer fixes is kept from `audio` / `vision` (frames per token; temporal patch
+        and merge size), the rest comes from the checkpoint. Weights are loaded by build_model.
+        """
+        from omni_train.model.hf_adapters import siglip_vision_config, whisper_encoder_config
+
+        try:
+            if self.pretrained_audio:
+                downsample = self.audio.downsample if self.audio is not None else AudioConfig().downsample
+                self.audio = whisper_encoder_config(self.pretrained_audio, downsample=downsample)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"model.pretrained_audio: {e}") from None
+        try:
+            if self.pretrained_vision:
+                layout = {} if self.vision is None else {"temporal_patch_size": self.vision.temporal_patch_size,
+                                                         "merge_size": self.vision.merge_size}
+                self.vision = siglip_vision_config(self.pretrained_vision, **layout)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"model.pretrained_vision: {e}") from None
 
 
 @dataclass
@@ -215,11 +241,12 @@ def fuse_interleave(embeds: torch.Tensor, modality_ids: torch.Tensor, features: 
 
 
 def build_model(cfg: OmniConfig, *, vocab_size: int) -> OmniModel:
-    """The model of a recipe for a tokenizer of `vocab_size` ids, with pretrained backbone weights if the recipe names them.
+    """The model of a recipe for a tokenizer of `vocab_size` ids, with the pretrained weights the recipe names.
 
     `model.backbone.vocab_size: 0` takes the tokenizer's size; a pretrained backbone whose
     embedding table is smaller than the tokenizer (special tokens were added) is grown, the new
-    rows initialized like fresh embeddings.
+    rows initialized like fresh embeddings. Pretrained encoders replace the random ones; the
+    projectors stay random.
     """
     import dataclasses
 
@@ -236,14 +263,31 @@ def build_model(cfg: OmniConfig, *, vocab_size: int) -> OmniModel:
         # the transfer head was sized for the placeholder vocabulary above: rebuild it for the real one
         model.transfer = build_transfer(cfg.transfer, dim=backbone_cfg.dim, vocab_size=model.cfg.backbone.vocab_size,
                                         init_std=backbone_cfg.init_std)
-        return model
-    backbone_cfg = cfg.backbone
-    if backbone_cfg.vocab_size == 0:
-        backbone_cfg = dataclasses.replace(backbone_cfg, vocab_size=vocab_size)
-    elif backbone_cfg.vocab_size < vocab_size:
-        raise ValueError(f"model.backbone.vocab_size={backbone_cfg.vocab_size} is smaller than the tokenizer's "
-                         f"{vocab_size} ids; set it to 0 to follow the tokenizer")
-    return OmniModel(dataclasses.replace(cfg, backbone=backbone_cfg))
+    else:
+        backbone_cfg = cfg.backbone
+        if backbone_cfg.vocab_size == 0:
+            backbone_cfg = dataclasses.replace(backbone_cfg, vocab_size=vocab_size)
+        elif backbone_cfg.vocab_size < vocab_size:
+            raise ValueError(f"model.backbone.vocab_size={backbone_cfg.vocab_size} is smaller than the tokenizer's "
+                             f"{vocab_size} ids; set it to 0 to follow the tokenizer")
+        model = OmniModel(dataclasses.replace(cfg, backbone=backbone_cfg))
+    load_pretrained_encoders(model)
+    return model
+
+
+def load_pretrained_encoders(model: OmniModel) -> None:
+    """Replace the encoders named by model.pretrained_audio / pretrained_vision with their checkpoints, in the model's dtype."""
+    from omni_train.model.hf_adapters import load_siglip_vision, load_whisper_encoder
+
+    cfg = model.cfg
+    if cfg.pretrained_audio:
+        model.audio_encoder, _ = load_whisper_encoder(
+            cfg.pretrained_audio, downsample=cfg.audio.downsample, dtype=model.audio_encoder.conv1.weight.dtype,
+            activation_checkpointing=cfg.activation_checkpointing)
+    if cfg.pretrained_vision:
+        model.vision_encoder, _ = load_siglip_vision(
+            cfg.pretrained_vision, temporal_patch_size=cfg.vision.temporal_patch_size, merge_size=cfg.vision.merge_size,
+            dtype=model.vision_encoder.patch_embedding.weight.dtype, activation_checkpointing=cfg.activation_checkpointing)
 
 
 @torch.no_grad()

@@ -2,7 +2,8 @@
 
     patches (P, 3 * tp * p * p) + grid_thw (N, 3)      the data layer's layout (data/image.py)
       -> patch_embedding: one Linear, the same map as Qwen2-VL's Conv3d(kernel = stride = (tp, p, p))
-      -> pre-norm layers (audio_encoder.EncoderLayer) with 2-D rotary positions (row, column)
+      -> positions "learned" only: + SigLIP's position table, resized bicubically to the grid
+      -> pre-norm layers (audio_encoder.EncoderLayer), with 2-D rotary positions (row, column) for "rope2d"
       -> post_layernorm
       -> merge: each run of merge_size**2 consecutive patches concatenated   (P / m**2, m**2 * dim)
 
@@ -15,6 +16,12 @@ Rotary positions follow Qwen2-VL (arXiv:2409.12191): half of each head's rotary 
 with the patch row, half with the patch column, so any resolution and aspect ratio works without
 interpolating a position table. The data layer orders patches (t, h / m, w / m, m, m), which puts
 each merge block in m**2 consecutive rows: the merge is a reshape.
+
+`positions: learned` is SigLIP's layout (arXiv:2303.15343), for loading its weights
+(`hf_adapters.load_siglip_vision`): one learned vector per patch of an `image_size` square,
+resized bicubically for any other grid exactly as transformers' `interpolate_pos_encoding`
+does, and gathered into the data layer's patch order. With it the pre-merge outputs equal
+transformers' `SiglipVisionModel.last_hidden_state` permuted into that order.
 """
 
 from __future__ import annotations
@@ -22,11 +29,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from omni_train.model.attention import check_backend
-from omni_train.model.audio_encoder import EncoderLayer, init_encoder_weights, run_layers
+from omni_train.model.audio_encoder import EncoderLayer, check_activation, init_encoder_weights, run_layers
 from omni_train.model.rope import rope_inv_freq
+
+POSITIONS = ("rope2d", "learned")
 
 
 @dataclass(kw_only=True)
@@ -39,6 +49,9 @@ class VisionEncoderConfig:
     temporal_patch_size: int = 2   # must equal data.image.temporal_patch_size
     merge_size: int = 2            # must equal data.image.merge_size
     num_channels: int = 3
+    positions: str = "rope2d"      # POSITIONS: rope2d (Qwen2-VL, any grid) | learned (SigLIP's table)
+    image_size: int | None = None  # learned: pixels per side of the square the table covers
+    activation: str = "gelu"       # gelu (exact) | gelu_tanh (SigLIP)
     rope_theta: float = 10000.0
     layer_norm_eps: float = 1e-6   # SigLIP's
     init_std: float = 0.02
@@ -49,9 +62,18 @@ class VisionEncoderConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"model.vision.{name} must be a positive integer, got {value!r}")
-        if self.dim % self.num_heads or (self.dim // self.num_heads) % 4:
+        if self.dim % self.num_heads:
+            raise ValueError(f"model.vision.dim ({self.dim}) must be a multiple of model.vision.num_heads ({self.num_heads})")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"model.vision.positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
+        if self.positions == "rope2d" and (self.dim // self.num_heads) % 4:
             raise ValueError(f"model.vision.dim / model.vision.num_heads must be a multiple of 4 (2-D rotary: "
                              f"row and column bands of pairs), got {self.dim} / {self.num_heads}")
+        if self.positions == "learned" and (not isinstance(self.image_size, int) or self.image_size <= 0
+                                            or self.image_size % self.patch_size):
+            raise ValueError(f"model.vision.image_size must be a positive multiple of model.vision.patch_size="
+                             f"{self.patch_size} with positions=learned, got {self.image_size!r}")
+        check_activation(self.activation, "model.vision.activation")
         if self.rope_theta <= 0 or self.layer_norm_eps <= 0 or self.init_std <= 0:
             raise ValueError("model.vision.rope_theta, model.vision.layer_norm_eps and model.vision.init_std must be > 0")
 
@@ -63,18 +85,26 @@ class VisionEncoderConfig:
     def out_dim(self) -> int:
         return self.dim * self.merge_size ** 2
 
+    @property
+    def num_positions(self) -> int:
+        """Rows of the learned position table: (image_size / patch_size)**2."""
+        return (self.image_size // self.patch_size) ** 2
+
+
+def raster_index(h: int, w: int, merge_size: int) -> torch.Tensor:
+    """(h * w,) for each patch in data order, (h / m, w / m, m, m) as in data/image.py, its raster index row * w + col."""
+    m = merge_size
+    return torch.arange(h * w).view(h // m, m, w // m, m).permute(0, 2, 1, 3).flatten()
+
 
 def _group_layout(grid_thw: list[list[int]], merge_size: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
     """Per frame group: sizes, then per patch (in data order) its row and column: (G,), (P,), (P,)."""
     sizes, rows, cols = [], [], []
-    m = merge_size
     for t, h, w in grid_thw:
-        # (h / m, w / m, m, m) block order of data/image.py:image_to_patches
-        row = torch.arange(h).view(h // m, 1, m, 1).expand(h // m, w // m, m, m).flatten()
-        col = torch.arange(w).view(1, w // m, 1, m).expand(h // m, w // m, m, m).flatten()
+        index = raster_index(h, w, merge_size)
         sizes += [h * w] * t
-        rows += [row] * t
-        cols += [col] * t
+        rows += [index // w] * t
+        cols += [index % w] * t
     return sizes, torch.cat(rows), torch.cat(cols)
 
 
@@ -87,7 +117,8 @@ class VisionEncoder(nn.Module):
         self.activation_checkpointing = activation_checkpointing
         self.attn_backend = check_backend(attn_backend)
         self.patch_embedding = nn.Linear(cfg.patch_dim, cfg.dim)
-        self.layers = nn.ModuleList(EncoderLayer(cfg.dim, cfg.num_heads, cfg.ffn_dim, cfg.layer_norm_eps)
+        self.position_embedding = nn.Embedding(cfg.num_positions, cfg.dim) if cfg.positions == "learned" else None
+        self.layers = nn.ModuleList(EncoderLayer(cfg.dim, cfg.num_heads, cfg.ffn_dim, cfg.layer_norm_eps, cfg.activation)
                                     for _ in range(cfg.num_layers))
         self.post_layernorm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
         self.init_weights()
@@ -95,6 +126,8 @@ class VisionEncoder(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         init_encoder_weights(self, self.cfg.init_std)
+        if self.position_embedding is not None:
+            self.position_embedding.weight.normal_(0.0, self.cfg.init_std)
 
     def dummy_input(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
         """One merge block of zero patches (one token): runs the encoder when a batch has no image or video."""
@@ -110,6 +143,27 @@ class VisionEncoder(nn.Module):
         angles = torch.cat([freqs, freqs], dim=-1)  # "rotate half" pairs dim i with i + head_dim / 2
         return angles.cos(), angles.sin()
 
+    def learned_positions(self, grid_thw: list[list[int]]) -> torch.Tensor:
+        """(P, dim): the position table resized to each group's (h, w) grid, in data order (positions=learned).
+
+        The resize is transformers' `SiglipVisionEmbeddings.interpolate_pos_encoding`: the table as a
+        square image, bicubic, align_corners=False; the table itself for its own square grid.
+        """
+        table = self.position_embedding.weight                                     # (side**2, D)
+        side, dim = self.cfg.image_size // self.cfg.patch_size, table.shape[1]
+        resized: dict[tuple[int, int], torch.Tensor] = {}
+        parts = []
+        for t, h, w in grid_thw:
+            if (h, w) not in resized:
+                grid = table
+                if (h, w) != (side, side):
+                    square = table.reshape(1, side, side, dim).permute(0, 3, 1, 2)    # (1, D, side, side)
+                    grid = F.interpolate(square.float(), size=(h, w), mode="bicubic", align_corners=False)
+                    grid = grid.permute(0, 2, 3, 1).reshape(h * w, dim).to(table.dtype)  # (h * w, D), raster order
+                resized[h, w] = grid[raster_index(h, w, self.cfg.merge_size).to(grid.device)]
+            parts += [resized[h, w]] * t
+        return torch.cat(parts)
+
     def forward(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         if patches.shape[-1] != cfg.patch_dim:
@@ -124,13 +178,17 @@ class VisionEncoder(nn.Module):
             raise ValueError(f"grid_thw covers {num_patches} patches but {patches.shape[0]} were given")
         device = patches.device
         x = self.patch_embedding(patches.to(self.patch_embedding.weight.dtype))  # (P, D)
+        if cfg.positions == "learned":
+            x = x + self.learned_positions(grid)
 
         # Frame groups as rows of a padded (G, S) layout; `index` picks each slot's patch, `is_valid` the real slots.
         sizes_t = torch.tensor(sizes, device=device)
         slot = torch.arange(max(sizes), device=device)
         is_valid = slot < sizes_t[:, None]                                           # (G, S)
         index = torch.where(is_valid, (torch.cumsum(sizes_t, 0) - sizes_t)[:, None] + slot, 0)  # (G, S)
-        rotary = self.rotary(rows.to(device, torch.float32)[index], cols.to(device, torch.float32)[index])
+        rotary = None
+        if cfg.positions == "rope2d":
+            rotary = self.rotary(rows.to(device, torch.float32)[index], cols.to(device, torch.float32)[index])
         x = run_layers(self.layers, x[index], torch.where(is_valid, 0, -1), backend=self.attn_backend, rotary=rotary,
                        activation_checkpointing=self.activation_checkpointing)      # (G, S, D)
         x = self.post_layernorm(x[is_valid])                                         # (P, D), data order
