@@ -222,3 +222,24 @@ def test_encode_audio(tmp_path):
     blip = synth.tone(tmp_path / "blip.wav", 0.005)  # 80 samples: not one 10 ms frame
     with pytest.raises(MediaError, match=r"^blip: audio is 80 samples long"):
         encode_audio(blip, CFG, where="blip")
+
+
+def test_pcm_wav_read_directly_equals_ffmpeg(tmp_path):
+    """16-bit WAV at 16 kHz skips FFmpeg (~5 ms per clip); the samples are torchcodec's, mono and stereo."""
+    from torchcodec.decoders import AudioDecoder
+
+    from omni_train.data.audio import _read_pcm_wav
+
+    for channels in (1, 2):
+        path = synth.tone(tmp_path / f"t{channels}.wav", 1.3, frequency_hz=440.0, sample_rate_hz=16000, channels=channels)
+        data = path.read_bytes()
+        direct = _read_pcm_wav(data, CFG, "")
+        assert direct is not None, "a 16 kHz 16-bit WAV should be read without FFmpeg"
+        reference = AudioDecoder(data, sample_rate=16000).get_samples_played_in_range(0.0, 100.0).data.mean(dim=0)
+        torch.testing.assert_close(direct, reference, atol=1e-6, rtol=0)
+    resampled = synth.tone(tmp_path / "t44.wav", 1.0, sample_rate_hz=44100)
+    assert _read_pcm_wav(resampled.read_bytes(), CFG, "") is None  # another rate: FFmpeg resamples
+    with pytest.raises(MediaError, match=r"^s.tar:k: audio is truncated or corrupt: header says 1.30 s"):
+        decode_audio(data[: len(data) // 2], CFG, where="s.tar:k")
+    with pytest.raises(MediaError, match=r"^s.tar:k: audio is 1.3 s long, over audio.max_duration_s=0.2"):
+        decode_audio(data, AudioConfig(max_duration_s=0.2), where="s.tar:k")

@@ -228,3 +228,15 @@ def test_overlong_sample_is_an_error_unless_skipped(corpus, tmp_path):
     batches = read_all(DataPipeline(cfg, epochs=1, skip_log=skip_log))
     assert all(len(s) and s["num_tokens"] <= 64 for b in batches for s in b["samples"])
     assert "data.seq_len=64" in skip_log.read_text()
+
+
+def test_sources_filtered_by_task_mix_one_shard_set(corpus):
+    """`tasks:` takes a source's samples by meta.task, so one shard set can be mixed per task by weight."""
+    sources = [SourceConfig(shards=corpus["pattern"], tasks=["asr"], weight=3.0),
+               SourceConfig(shards=corpus["pattern"], tasks=["text2code", "tone"])]
+    seen = [s["task"] for batch in read_all(DataPipeline(make_cfg(corpus["pattern"], train=sources), epochs=1))
+            for s in batch["samples"]]
+    expected = sorted(e["meta"]["task"] for e in corpus["entries"] if e["meta"]["task"] in ("asr", "text2code", "tone"))
+    assert sorted(seen) == expected  # every listed sample exactly once, nothing of the other tasks
+    with pytest.raises(ValueError, match="tasks must be a non-empty list"):
+        SourceConfig(shards=corpus["pattern"], tasks=[])

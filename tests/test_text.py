@@ -308,9 +308,10 @@ def test_cli_trains_from_shards(tmp_path, capsys):
                  "--out", str(out)]) == 0
     summary = capsys.readouterr().out.strip()
     assert summary.count("\n") == 0 and f"{len(samples)} samples from 2 shards" in summary and str(out) in summary
-    num_chars = sum(len(q) + len("print((3 + 5) * 2)") for q in CORPUS)
-    assert f"{num_chars} characters" in summary
+    num_chars = sum(len(q) + len("print((3 + 5) * 2)") + len("user\n") + len("assistant\n") for q in CORPUS)
+    assert f"{num_chars} characters" in summary  # the text parts and each message's role header
     tok = Tokenizer.from_path(out)
+    assert len(tok.encode("assistant\n")) <= 2, "role headers, trained on, should become one piece (+ newline)"
     for sentences in SCRIPTS.values():
         assert tok.decode(tok.encode(sentences[0])) == sentences[0]
 

@@ -17,8 +17,10 @@ the model reuses.
 from __future__ import annotations
 
 import functools
+import io
 import math
 import re
+import wave
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,22 +103,25 @@ def decode_audio(src: bytes | str | Path, cfg: AudioConfig, *, where: str = "") 
     prefix = f"{where}: " if where else ""
     if isinstance(src, bytes) and not src:
         raise MediaError(f"{prefix}cannot decode audio: empty input (0 bytes)")
-    try:
-        decoder = AudioDecoder(src, sample_rate=cfg.sample_rate_hz)
-        header_s = decoder.metadata.duration_seconds
-        if header_s is not None and header_s > cfg.max_duration_s + 1.0:  # +1 s: header durations are estimates
-            raise MediaError(f"{prefix}audio is {header_s:.1f} s long, over audio.max_duration_s={cfg.max_duration_s:g}")
-        # Bounded even when the header is missing or lies, so a corrupt header cannot make us
-        # decode hours of audio into memory.
-        samples = decoder.get_samples_played_in_range(0.0, cfg.max_duration_s + 1.0).data  # (C, N)
-    except MediaError:
-        raise
-    except Exception as e:  # torchcodec raises RuntimeError / ValueError with FFmpeg's reason
-        raise MediaError(f"{prefix}cannot decode audio ({_one_line(e)})") from None
-    if samples.ndim != 2 or samples.shape[-1] == 0:
-        raise MediaError(f"{prefix}audio decoded to zero samples")
-    waveform = samples.mean(dim=0) if samples.shape[0] > 1 else samples[0]  # (N,)
-    waveform = waveform.to(torch.float32).contiguous()
+    waveform = _read_pcm_wav(src, cfg, prefix)
+    header_s = None if waveform is None else waveform.shape[0] / cfg.sample_rate_hz
+    if waveform is None:
+        try:
+            decoder = AudioDecoder(src, sample_rate=cfg.sample_rate_hz)
+            header_s = decoder.metadata.duration_seconds
+            if header_s is not None and header_s > cfg.max_duration_s + 1.0:  # +1 s: header durations are estimates
+                raise MediaError(f"{prefix}audio is {header_s:.1f} s long, over audio.max_duration_s={cfg.max_duration_s:g}")
+            # Bounded even when the header is missing or lies, so a corrupt header cannot make us
+            # decode hours of audio into memory.
+            samples = decoder.get_samples_played_in_range(0.0, cfg.max_duration_s + 1.0).data  # (C, N)
+        except MediaError:
+            raise
+        except Exception as e:  # torchcodec raises RuntimeError / ValueError with FFmpeg's reason
+            raise MediaError(f"{prefix}cannot decode audio ({_one_line(e)})") from None
+        if samples.ndim != 2 or samples.shape[-1] == 0:
+            raise MediaError(f"{prefix}audio decoded to zero samples")
+        waveform = samples.mean(dim=0) if samples.shape[0] > 1 else samples[0]  # (N,)
+        waveform = waveform.to(torch.float32).contiguous()
     duration_s = waveform.shape[0] / cfg.sample_rate_hz
     if duration_s > cfg.max_duration_s:
         raise MediaError(f"{prefix}audio is longer than audio.max_duration_s={cfg.max_duration_s:g} (decoded {duration_s:.1f} s)")
@@ -126,6 +131,36 @@ def decode_audio(src: bytes | str | Path, cfg: AudioConfig, *, where: str = "") 
     if not torch.isfinite(waveform).all():
         raise MediaError(f"{prefix}audio decoded to non-finite samples")
     return waveform
+
+
+def _read_pcm_wav(src: bytes | str | Path, cfg: AudioConfig, prefix: str) -> torch.Tensor | None:
+    """16-bit PCM WAV at the target rate, in memory: read directly, or None for torchcodec to decode.
+
+    The same samples as torchcodec's (int16 / 32768, channels averaged), without an FFmpeg
+    context per clip: that costs ~5 ms, more than the log-mel of a 2 s clip, and short WAV
+    clips are what the demo corpus and folder-mode segments hold.
+    """
+    if not isinstance(src, bytes) or src[:4] != b"RIFF" or src[8:12] != b"WAVE":
+        return None
+    try:
+        with wave.open(io.BytesIO(src)) as wav:
+            if wav.getsampwidth() != 2 or wav.getframerate() != cfg.sample_rate_hz or wav.getcomptype() != "NONE":
+                return None
+            num_channels, num_frames = wav.getnchannels(), wav.getnframes()
+            if num_frames / cfg.sample_rate_hz > cfg.max_duration_s + 1.0:
+                raise MediaError(f"{prefix}audio is {num_frames / cfg.sample_rate_hz:.1f} s long, over "
+                                 f"audio.max_duration_s={cfg.max_duration_s:g}")
+            data = wav.readframes(num_frames)
+    except (wave.Error, EOFError):
+        return None  # an unusual header (extensible format, ...): FFmpeg decides
+    samples = np.frombuffer(data[: len(data) // (2 * num_channels) * 2 * num_channels], dtype="<i2")
+    if samples.size < num_frames * num_channels:
+        raise MediaError(f"{prefix}audio is truncated or corrupt: header says {num_frames / cfg.sample_rate_hz:.2f} s, "
+                         f"data holds {samples.size // max(num_channels, 1) / cfg.sample_rate_hz:.2f} s")
+    if samples.size == 0:
+        raise MediaError(f"{prefix}audio decoded to zero samples")
+    waveform = torch.from_numpy(samples.astype(np.float32) / 32768.0).view(-1, num_channels).mean(dim=1)
+    return waveform.contiguous()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -141,7 +141,10 @@ def _collate_media(media: dict[str, list], audio_cfg) -> dict[str, torch.Tensor]
             mels.append(windows)
             frames.append(valid)
             windows_per_item.append(windows.shape[0])
-        out["audio_mel"] = torch.cat(mels)                      # (num_windows, n_mels, window_frames)
+        # Up to the longest valid window only: the encoder drops the rest anyway (zeros), and full 30 s windows
+        # of short clips would be most of what crosses from the loader workers.
+        longest = int(max(int(valid.max()) for valid in frames))
+        out["audio_mel"] = torch.cat([m[..., :longest] for m in mels])  # (num_windows, n_mels, <= window_frames)
         out["audio_window_frames"] = torch.cat(frames)          # (num_windows,) valid frames per window
         out["audio_windows_per_item"] = torch.tensor(windows_per_item)
         out["audio_num_tokens"] = torch.tensor([item.num_tokens for item in media["audio"]])

@@ -57,12 +57,15 @@ OVERLONG_POLICIES = ("error", "skip")
 class SourceConfig:
     shards: str              # local path, brace pattern (train-{000000..000007}.tar) or glob; remote needs allow_remote
     weight: float = 1.0      # mixing weight relative to the other sources
+    tasks: list[str] | None = None  # only samples whose meta.task is listed (one shard set, mixed per task)
 
     def __post_init__(self):
         if not self.shards:
             raise ValueError("shards must name at least one shard")
         if not self.weight > 0:
             raise ValueError(f"weight must be > 0, got {self.weight}")
+        if self.tasks is not None and (not self.tasks or not all(isinstance(t, str) and t for t in self.tasks)):
+            raise ValueError(f"tasks must be a non-empty list of meta.task names, got {self.tasks!r}")
 
 
 @dataclass(kw_only=True)
@@ -161,10 +164,12 @@ def index_tar(path: str) -> list[TarEntry]:
     return result
 
 
-def read_entry(path: str, entry: TarEntry) -> dict[str, bytes]:
+def read_entry(path: str, entry: TarEntry, suffixes: tuple[str, ...] | None = None) -> dict[str, bytes]:
     with open(path, "rb") as f:
         out = {}
         for suffix, (offset, size) in entry.members.items():
+            if suffixes is not None and suffix not in suffixes:
+                continue
             f.seek(offset)
             out[suffix] = f.read(size)
     return out
@@ -250,11 +255,22 @@ class SkipLog:
 # One source as seen by one stream
 
 
-class SourceStream:
-    """The samples of one source that belong to stream g of G, epoch by epoch, addressable by position."""
+def sample_task(members: dict[str, bytes]) -> str | None:
+    """meta.task of a sample's JSON member (None when it sets none); raises when the JSON is unreadable."""
+    meta = json.loads(members["json"]).get("meta") or {}
+    return meta.get("task") if isinstance(meta, dict) else None
 
-    def __init__(self, urls: list[str], source: int, *, seed: int, shuffle: bool, stream: int, num_streams: int):
+
+class SourceStream:
+    """The samples of one source that belong to stream g of G, epoch by epoch, addressable by position.
+
+    With `tasks`, the source holds only the samples whose meta.task is listed (read from each sample's
+    JSON once, when its shard is indexed); samples whose JSON cannot be read stay in, to be logged."""
+
+    def __init__(self, urls: list[str], source: int, *, seed: int, shuffle: bool, stream: int, num_streams: int,
+                 tasks: list[str] | None = None):
         self.urls, self.source, self.seed, self.shuffle = urls, source, seed, shuffle
+        self.tasks = set(tasks) if tasks is not None else None
         self.stream, self.num_streams = stream, num_streams
         self.epoch, self.position = 0, 0
         self._iter: Iterator | None = None
@@ -262,8 +278,19 @@ class SourceStream:
 
     def _entries(self, url: str) -> list[TarEntry]:
         if url not in self._index:
-            self._index[url] = index_tar(url)
+            entries = index_tar(url)
+            if self.tasks is not None:
+                entries = [e for e in entries if e.error or "json" not in e.members or self._wanted(read_entry(url, e, ("json",)))]
+            self._index[url] = entries
         return self._index[url]
+
+    def _wanted(self, members: dict[str, bytes]) -> bool:
+        if self.tasks is None:
+            return True
+        try:
+            return sample_task(members) in self.tasks
+        except Exception:  # noqa: BLE001 - an unreadable sample stays in, to be skipped and logged where it is decoded
+            return True
 
     def _plan(self, epoch: int) -> Iterator[tuple[str, str, Any]]:
         """(url, key, fetch) for this stream's samples of `epoch`, in order; fetch() -> (members | None, error)."""
@@ -277,7 +304,8 @@ class SourceStream:
         for rank_in_order, shard in enumerate(order):
             url = self.urls[shard]
             if url.startswith(REMOTE_PREFIXES):
-                samples = ((key, (lambda m=members, e=error: (m, e))) for key, members, error in iter_remote(url))
+                samples = ((key, (lambda m=members, e=error: (m, e))) for key, members, error in iter_remote(url)
+                           if error or self._wanted(members))
             else:
                 entries = self._entries(url)
                 perm = range(len(entries))
@@ -344,6 +372,7 @@ class PackedStream(IterableDataset):
                  seed: int, skip_log: SkipLog, infinite: bool):
         self.cfg, self.tokenizer, self.skip_log, self.infinite = cfg, tokenizer, skip_log, infinite
         self.urls = [expand_shards(s.shards, allow_remote=cfg.allow_remote) for s in sources]
+        self.tasks = [s.tasks for s in sources]
         self.weights = np.array([s.weight for s in sources], dtype=np.float64)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.num_workers = max(cfg.num_workers, 1)
@@ -385,8 +414,8 @@ class PackedStream(IterableDataset):
         return None
 
     def _run(self, worker: int, stream: int, num_streams: int, state: dict | None) -> Iterator[dict]:
-        sources = [SourceStream(urls, i, seed=self.seed, shuffle=self.cfg.shuffle, stream=stream, num_streams=num_streams)
-                   for i, urls in enumerate(self.urls)]
+        sources = [SourceStream(urls, i, seed=self.seed, shuffle=self.cfg.shuffle, stream=stream, num_streams=num_streams,
+                                tasks=tasks) for i, (urls, tasks) in enumerate(zip(self.urls, self.tasks))]
         packer = Packer(self.cfg.seq_len, self.cfg.pack_pool)
         k, failures = 0, 0
         exhausted: set[int] = set()

@@ -312,7 +312,8 @@ def _training_chunks(text: str) -> list[str]:
 
 
 def shard_texts(paths: Sequence[Path]) -> tuple[list[str], int]:
-    """All text parts of all messages of the samples in `paths`, and the number of samples read."""
+    """All text parts of all messages of the samples in `paths`, each message's role header (`user\n`, as the
+    chat template writes it, so that it becomes one piece), and the number of samples read."""
     texts: list[str] = []
     num_samples = 0
     for path in paths:
@@ -329,7 +330,9 @@ def shard_texts(paths: Sequence[Path]) -> tuple[list[str], int]:
                     continue
                 sample = parse_sample(tar.extractfile(member).read(), where=f"{path}:{key}")
                 num_samples += 1
-                texts += [part["text"] for message in sample["messages"] for part in message["content"] if part["type"] == "text"]
+                for message in sample["messages"]:
+                    texts.append(message["role"] + "\n")
+                    texts += [part["text"] for part in message["content"] if part["type"] == "text"]
     return texts, num_samples
 
 
