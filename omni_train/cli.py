@@ -6,7 +6,21 @@ import argparse
 import sys
 
 
+FOLDER_ONLY_FLAGS = ("segment_s", "overlap_s", "eval_fraction", "eval_by", "seed", "action_items_max_s")
+
+
 def _shards_build(args: argparse.Namespace) -> int:
+    if args.audio_dir:
+        if args.manifest:
+            raise ValueError("shards build: give --manifest or --audio-dir, not both")
+        if args.prefix is not None or args.task is not None:
+            raise ValueError("shards build --audio-dir: --prefix and --task do not apply (the folder mode writes "
+                             "train-*.tar and eval-*.tar with tasks transcribe and action_items)")
+        from omni_train.data.folder import build_folder_cli
+        return build_folder_cli(args)
+    given = [f"--{name.replace('_', '-')}" for name in FOLDER_ONLY_FLAGS if getattr(args, name) is not None]
+    if given:
+        raise ValueError(f"shards build: {', '.join(given)} only apply with --audio-dir")
     from omni_train.data.writer import build_shards_cli
     return build_shards_cli(args)
 
@@ -43,14 +57,29 @@ def build_parser() -> argparse.ArgumentParser:
     shards = commands.add_parser("shards", help="build, generate and inspect WebDataset shards").add_subparsers(dest="shards_command", required=True)
     build = shards.add_parser("build", help="write shards from a ShareGPT-style manifest (or a folder of recordings)")
     build.add_argument("--manifest", help="JSON or JSONL manifest (messages with <audio>/<image>/<video> placeholders + audios/images/videos lists)")
+    build.add_argument("--audio-dir", default=None,
+                       help="folder mode: recordings (any audio, or the audio track of mp4/mkv/webm) under this folder, each "
+                            "with a transcript of the same name beside it (.txt, .srt, .vtt, or .json with transcript / "
+                            "segments / action_items) -> train-*.tar and eval-*.tar of transcribe (and action_items) "
+                            "samples cut to --segment-s; exit 1 when some recordings were skipped (one line each)")
     build.add_argument("--media-root", default=".", help="directory the manifest's media paths are relative to")
     build.add_argument("--out", required=True, help="output directory")
-    build.add_argument("--prefix", default="train", help="shard file name prefix: <prefix>-000000.tar")
+    build.add_argument("--prefix", default=None, help="shard file name prefix: <prefix>-000000.tar (default: train)")
     build.add_argument("--max-samples", type=int, default=1000, help="samples per shard")
     build.add_argument("--max-bytes", type=float, default=1e9, help="bytes per shard")
     build.add_argument("--task", default=None, help="meta.task for entries that do not set one")
     build.add_argument("--language", default=None, help="meta.language for entries that do not set one")
     build.add_argument("--overwrite", action="store_true", help="replace existing <prefix>-*.tar shards in --out")
+    build.add_argument("--segment-s", type=float, default=None,
+                       help="--audio-dir: longest sample in seconds; timestamped cues are grouped up to it, plain text is "
+                            "cut into windows of it (default 30)")
+    build.add_argument("--overlap-s", type=float, default=None, help="--audio-dir: overlap of plain-text windows (default 2)")
+    build.add_argument("--eval-fraction", type=float, default=None, help="--audio-dir: share of samples in eval-*.tar (default 0.1)")
+    build.add_argument("--eval-by", choices=("segment", "recording"), default=None,
+                       help="--audio-dir: hold out samples (hash of recording + offset; default) or whole recordings")
+    build.add_argument("--seed", type=int, default=None, help="--audio-dir: changes which samples go to eval (default 0)")
+    build.add_argument("--action-items-max-s", type=float, default=None,
+                       help="--audio-dir: the action_items sample is the whole recording, made up to this length (default 120)")
     build.set_defaults(func=_shards_build)
 
     demo = shards.add_parser("demo", help="generate the embedded multilingual demo corpus (speech, text, images, video)")

@@ -406,8 +406,8 @@ def build_shards(manifest: str | Path, media_root: str | Path, out: str | Path, 
 
 def build_shards_cli(args: argparse.Namespace) -> int:
     if not args.manifest:
-        raise ValueError("shards build: --manifest is required")
-    summary = build_shards(args.manifest, args.media_root, args.out, prefix=args.prefix,
+        raise ValueError("shards build: --manifest is required (or --audio-dir DIR for a folder of recordings)")
+    summary = build_shards(args.manifest, args.media_root, args.out, prefix=args.prefix or "train",
                            max_samples=args.max_samples, max_bytes=args.max_bytes, task=args.task,
                            language=args.language, overwrite=args.overwrite)
     print(summary.format())
