@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--audio-dir: hold out samples (hash of recording + offset; default) or whole recordings")
     build.add_argument("--seed", type=int, default=None, help="--audio-dir: changes which samples go to eval (default 0)")
     build.add_argument("--action-items-max-s", type=float, default=None,
-                       help="--audio-dir: the action_items sample is the whole recording, made up to this length (default 120)")
+                       help="--audio-dir: the action_items sample is the whole recording, made up to this length (default 60)")
     build.set_defaults(func=_shards_build)
 
     demo = shards.add_parser("demo", help="generate the embedded multilingual demo corpus (speech, text, images, video)")

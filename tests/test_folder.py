@@ -26,6 +26,7 @@ from omni_train.data.folder import (REASONS, FolderConfig, build_folder, parse_j
                                     plan_segments, plan_windows, Cue)
 from omni_train.data.format import parse_sample, split_member_name
 
+BUILD_FLAGS = ("--eval-fraction", "0.3", "--action-items-max-s", "120")  # standup (with action items) lasts over 60 s
 META_KEYS = {"task", "source", "recording", "offset_s", "duration_s", "speakers", "num_speakers", "alignment"}
 
 
@@ -75,7 +76,7 @@ def meetings(tmp_path_factory) -> dict:
     """A folder with one meeting per transcript format (an mp4 call among them), built once with the CLI."""
     root = tmp_path_factory.mktemp("meetings")
     made = {
-        "standup.flac": synth.synth_meeting(root, 0.75, seed=1, name="standup", ext="flac", transcript="srt",
+        "standup.flac": synth.synth_meeting(root, 1.0, seed=1, name="standup", ext="flac", transcript="srt",
                                             num_action_items=2),
         "calls/review.mp4": synth.synth_meeting(root / "calls", 0.5, num_speakers=2, seed=2, name="review", ext="mp4",
                                                 transcript="vtt"),
@@ -93,7 +94,7 @@ def meetings(tmp_path_factory) -> dict:
     made["calls/sync.webm"] = piped
     (root / "README.md").write_text("not a recording\n")
     out = tmp_path_factory.mktemp("shards")
-    assert build(root, out, "--eval-fraction", "0.3") == 0
+    assert build(root, out, *BUILD_FLAGS) == 0
     return {"root": root, "out": out, "made": made, "samples": read_samples(out)}
 
 
@@ -171,7 +172,7 @@ def test_action_items_sample(meetings):
 
 
 def test_summary_hours_add_up(meetings, tmp_path):
-    summary = build_folder(meetings["root"], tmp_path / "out", FolderConfig(eval_fraction=0.3), say=lambda line: None)
+    summary = build_folder(meetings["root"], tmp_path / "out", FolderConfig(eval_fraction=0.3, action_items_max_s=120), say=lambda line: None)
     total_s = sum(m.duration_s for m in meetings["made"].values())
     assert summary.num_recordings == 5 and not summary.errors and not summary.unknown_length
     assert summary.input_s == pytest.approx(total_s, abs=0.05)  # the opus in sync.webm adds its padding
@@ -197,10 +198,20 @@ def test_summary_hours_add_up(meetings, tmp_path):
     assert "check: " in text and f"of {summary.input_s / 3600:.4f} h" in text
 
 
+def test_action_items_cap(meetings, tmp_path):
+    """Past --action-items-max-s (default 60 s) a recording gets no action_items sample, and the summary says so."""
+    summary = build_folder(meetings["root"], tmp_path / "out", say=lambda line: None)
+    longer = [str(meetings["root"] / name) for name in ("planning.wav", "standup.flac")
+              if meetings["made"][name].duration_s > 60.0]
+    assert longer and sorted(summary.action_items_skipped) == longer
+    assert summary.splits["train"].tasks["action_items"] + summary.splits["eval"].tasks["action_items"] == 2 - len(longer)
+    assert f"no action_items sample (recording longer than --action-items-max-s): {len(longer)}: " in summary.format()
+
+
 def test_deterministic_and_eval_split(meetings, tmp_path):
     """The same folder and seed give byte-identical shards; --eval-by recording keeps each recording in one split."""
     again = tmp_path / "again"
-    assert build(meetings["root"], again, "--eval-fraction", "0.3") == 0
+    assert build(meetings["root"], again, *BUILD_FLAGS) == 0
     first = sorted(p.name for p in meetings["out"].glob("*.tar"))
     assert first == sorted(p.name for p in again.glob("*.tar")) and "eval-000000.tar" in first
     for name in first:

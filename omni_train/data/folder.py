@@ -127,9 +127,10 @@ class FolderConfig:
     eval_fraction: float = 0.1
     eval_by: str = "segment"             # "segment": (recording, offset) hashed; "recording": whole recordings held out
     seed: int = 0
-    # The action_items sample holds the whole recording: 120 s is 4 audio windows, 1,500 encoder
-    # tokens at 375 per 30 s window, which fits the default data.seq_len of 2048 with its text.
-    action_items_max_s: float = 120.0    # longer recordings get no action_items sample (reported)
+    # The action_items sample holds the whole recording, so it must fit the recipe's data.seq_len:
+    # with the default model and byte-level tokenizer a 76 s one measured 2,058 tokens, so 60 s
+    # keeps within the default 2048. `shards inspect --decode` lists any sample that does not fit.
+    action_items_max_s: float = 60.0     # longer recordings get no action_items sample (reported)
     language: str | None = None
     max_samples: int = 1000
     max_bytes: float = 1e9
