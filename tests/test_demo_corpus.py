@@ -20,6 +20,7 @@ import pytest
 from omni_train.cli import main
 from omni_train.data import demo
 from omni_train.data.format import media_parts, split_member_name
+from omni_train.data.text import Tokenizer
 
 TRAINED = {"asr", "text2code", "text_copy", "image2text", "video2steps", "video2code"}
 PROBED = {"speech2code", "image2code"}
@@ -73,7 +74,7 @@ def test_tiny_layout_tasks_and_inspect(tiny):
 
     corpus = json.loads((tiny / "corpus.json").read_text())
     assert sorted(p.name for p in tiny.iterdir()) == sorted(
-        ["corpus.json", "eval-000000.tar", "probe-000000.tar", *corpus["splits"]["train"]["shards"]])
+        ["corpus.json", "eval-000000.tar", "probe-000000.tar", "tokenizer.model", *corpus["splits"]["train"]["shards"]])
     assert corpus["splits"]["train"]["shards"] == ["train-000000.tar", "train-000001.tar"]
     assert corpus["size"] == "tiny" and corpus["seed"] == 0 and re.fullmatch(r"[0-9a-f]{64}", corpus["sha256"])
     expected_tasks = {"train": TRAINED, "eval": TRAINED, "probe": PROBED}
@@ -165,6 +166,9 @@ def test_same_seed_is_byte_identical_other_seed_differs(tiny, tmp_path, capsys):
     for path in tiny.glob("*.tar"):
         assert (again / path.name).read_bytes() == path.read_bytes(), path.name
     assert (again / "corpus.json").read_bytes() == (tiny / "corpus.json").read_bytes()
+    assert (again / "tokenizer.model").read_bytes() == (tiny / "tokenizer.model").read_bytes()
+    tokenizer = Tokenizer.from_path(tiny / "tokenizer.model")  # trained on the train split: the template is in pieces
+    assert len(tokenizer.encode("assistant\n")) <= 2 and tokenizer.decode(tokenizer.encode("print(3 + 5)")) == "print(3 + 5)"
     assert json.loads((other / "corpus.json").read_text())["sha256"] != corpus["sha256"]
     assert (other / "train-000000.tar").read_bytes() != (tiny / "train-000000.tar").read_bytes()
     capsys.readouterr()

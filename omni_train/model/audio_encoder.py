@@ -207,6 +207,10 @@ class AudioEncoder(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         init_encoder_weights(self, self.cfg.init_std)
+        # He initialization for the stem: with std init_std the log-mel reaches the first layer ~40x smaller
+        # than the sinusoidal positions (std 0.016 vs 0.66 on the demo's speech), which LayerNorm then hides.
+        for conv in (self.conv1, self.conv2):
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
         self.embed_positions.weight.copy_(sinusoids(self.cfg.num_positions, self.cfg.dim))
 
     def num_tokens(self, window_frames: torch.Tensor) -> torch.Tensor:
