@@ -10,7 +10,7 @@ CPU_PINS := $(if $(shell command -v nvidia-smi 2>/dev/null),,-r requirements-cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 export WANDB_MODE ?= offline
 
-.PHONY: install system-deps demo test test-all bench clean
+.PHONY: install system-deps demo demo-compare test test-all bench clean
 
 install: system-deps $(STAMP)
 
@@ -37,6 +37,15 @@ demo: install
 	$(VENV)/bin/omni-train shards demo --out shards/demo --size demo
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc_per_node=2 launch/pretrain.py --recipe recipes/demo.yaml
 	$(VENV)/bin/omni-train plot runs/demo
+
+# The same corpus and budget without a transfer mechanism (the naive baseline), then both runs'
+# zero-shot, pipeline and transcript numbers side by side.
+demo-compare: install
+	$(VENV)/bin/omni-train shards demo --out shards/demo --size demo
+	test -s runs/demo/probes.jsonl || OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc_per_node=2 launch/pretrain.py --recipe recipes/demo.yaml
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc_per_node=2 launch/pretrain.py --recipe recipes/demo.yaml model.transfer.kind=none name=demo-naive
+	$(VENV)/bin/omni-train compare runs/demo runs/demo-naive
+	$(VENV)/bin/omni-train plot runs/demo runs/demo-naive
 
 # The default suite excludes tests marked slow; it must collect tests (pytest exits 5 otherwise).
 test: install

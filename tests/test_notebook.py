@@ -35,7 +35,8 @@ def tiny_run(tmp_path_factory) -> tuple[Path, list[str]]:
               f" {{name: pipeline, kind: pipeline, shards: {probe_shard}, tasks: [speech2code], max_new_tokens: 8}},"
               f" {{name: transcripts, kind: generative, shards: {eval_shard}, tasks: [asr], every: 2, max_new_tokens: 8}}]")
     run = root / "run"
-    overrides = {"name": "notebook-test", "output_dir": run, "data.train.0.shards": corpus / "train-*.tar",
+    overrides = {"name": "notebook-test", "output_dir": run, "data.train": f"[{{shards: {corpus / 'train-*.tar'}}}]",
+                 "data.tokenizer": corpus / "tokenizer.model",
                  "data.eval.0.shards": eval_shard, "data.num_workers": 0, "train.engine": "single", "train.steps": 4,
                  "train.warmup_steps": 0, "train.log_every": 1, "train.eval_every": 2, "train.eval_batches": 1,
                  "train.checkpoint_every": 4, "train.tracker": "none", "train.progress": "false", "probes": probes}
