@@ -32,6 +32,12 @@ time is the sum of the remaining rows' `step_s` (loader wait + optimizer step + 
 all-reduce, per step), so process start-up, DeepSpeed set-up, the first batches of the DataLoader
 workers and the final checkpoint are not counted; the table also gives the whole torchrun's wall time.
 
+A second measure hardly depends on other processes: the CPU time one thread spends per step
+(--cpu-steps of each, after the timed runs): the prototype's step, and the framework's model step
+on rank 0's batches (its model and an AdamW step, without DeepSpeed and the all-reduce), without
+and with its data loading. It is printed as audio seconds per CPU-second; two idle cores give at
+most twice that per second.
+
 Run it on an idle machine: the 1-minute load average is printed, with a warning when other
 processes shared the cores. Under load the prototype's two OpenMP threads slow down far more than
 the framework's single-threaded ranks (every parallel region waits for a descheduled thread), so
@@ -290,15 +296,9 @@ def run_prototype(shard_dir: Path, args: argparse.Namespace) -> dict:
                 yield torch.randint(num_items, (args.batch_size,)).tolist()
 
     speech_draws, text_draws = draws(len(speech_items)), draws(len(text_items))
-    totals = Counter()
     losses = []
-    timed_steps = 0
-    for step in range(args.warmup + args.proto_steps):
-        if step == args.warmup:
-            totals.clear()
-            timed_start = time.perf_counter()
-        elif step > args.warmup and time.perf_counter() - timed_start > args.proto_max_s:
-            break  # a busy machine: keep the run bounded, the rate is over the steps timed
+
+    def train_step() -> dict:
         s = speech_batch([speech_items[i] for i in next(speech_draws)])  # padding is part of the step, as in the loop
         t = text_batch([text_items[i] for i in next(text_draws)])
         loss = model.speech_loss(s) + model.text_loss(t)
@@ -307,12 +307,24 @@ def run_prototype(shard_dir: Path, args: argparse.Namespace) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         losses.append(loss.item())
-        totals.update({"audio_s": s["audio_s"], "positions": s["positions"] + t["positions"], "real": s["real"] + t["real"],
-                       "asr": args.batch_size, "text2code": args.batch_size, "asr_positions": s["real"],
-                       "text2code_positions": t["real"]})
-        timed_steps += step >= args.warmup
+        return {"audio_s": s["audio_s"], "positions": s["positions"] + t["positions"], "real": s["real"] + t["real"],
+                "asr": args.batch_size, "text2code": args.batch_size, "asr_positions": s["real"], "text2code_positions": t["real"]}
+
+    for _ in range(args.warmup):
+        train_step()
+    totals, timed_steps = Counter(), 0
+    timed_start = time.perf_counter()
+    while timed_steps < args.proto_steps and (timed_steps == 0 or time.perf_counter() - timed_start < args.proto_max_s):
+        totals.update(train_step())  # a busy machine stops at proto_max_s: the rate is over the steps timed
+        timed_steps += 1
     elapsed_s = time.perf_counter() - timed_start
-    return {"params": sum(p.numel() for p in model.parameters()), "elapsed_s": elapsed_s, "steps": timed_steps,
+    torch.set_num_threads(1)
+    cpu = Counter()
+    for _ in range(args.cpu_steps):
+        start_cpu_s = time.process_time()
+        done = train_step()
+        cpu.update({"step_cpu_s": time.process_time() - start_cpu_s, "audio_s": done["audio_s"]})
+    return {"cpu": cpu, "params": sum(p.numel() for p in model.parameters()), "elapsed_s": elapsed_s, "steps": timed_steps,
             "totals": totals, "losses": (losses[0], losses[-1]), "num_speech": len(speech_items), "num_text": len(text_items),
             "corpus_audio_s": sum(s for _, _, s in speech_items), "read_s": read_s, "features_s": features_s,
             "vocab": len(SPECIALS) + len(chars)}
@@ -358,6 +370,45 @@ def replay(cfg, num_steps: int, world_size: int) -> list[dict]:
     return steps
 
 
+def framework_cpu_work(cfg, num_steps: int, world_size: int) -> Counter:
+    """Rank 0's work per step in one thread, as CPU time, which other processes on the machine hardly change.
+
+    The recipe's model (build_model, as the loop) and a plain AdamW step, without DeepSpeed's partitions or the
+    gradient all-reduce; `load_cpu_s` is decoding and packing, done here in-process (in the run, by its
+    DataLoader worker). Two warm-up steps first.
+    """
+    import dataclasses
+
+    from omni_train.data.pipeline import DataPipeline
+    from omni_train.data.text import Tokenizer
+    from omni_train.model.omni import build_model
+
+    torch.set_num_threads(1)
+    tokenizer = Tokenizer.from_path(cfg.data.tokenizer)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, vocab_size=tokenizer.vocab_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
+                                  weight_decay=cfg.train.weight_decay)
+    batches = iter(DataPipeline(dataclasses.replace(cfg.data, num_workers=0), tokenizer=tokenizer, rank=0,
+                                world_size=world_size, seed=cfg.seed))
+    audio = cfg.data.audio
+    cpu = Counter()
+    for step in range(2 + num_steps):
+        start_cpu_s = time.process_time()
+        micro_batches = [next(batches) for _ in range(cfg.train.grad_accum)]
+        loaded_cpu_s = time.process_time()
+        for batch in micro_batches:
+            (model(batch).loss / len(micro_batches)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= 2:
+            frames = sum(int(b["audio_window_frames"].sum()) for b in micro_batches if "audio_window_frames" in b)
+            cpu.update({"load_cpu_s": loaded_cpu_s - start_cpu_s, "step_cpu_s": time.process_time() - loaded_cpu_s,
+                        "audio_s": frames * audio.hop_length / audio.sample_rate_hz})
+    return cpu
+
+
 def run_framework(shard_dir: Path, args: argparse.Namespace, tmp: Path) -> dict:
     from omni_train.config import load_recipe
     from omni_train.data.text import Tokenizer
@@ -390,11 +441,12 @@ def run_framework(shard_dir: Path, args: argparse.Namespace, tmp: Path) -> dict:
     totals = Counter()
     for s in timed:
         totals.update(steps[s - 1])
+    cpu = framework_cpu_work(cfg, args.cpu_steps, args.nproc) if args.cpu_steps else Counter()
     model = build_model(cfg.model, vocab_size=Tokenizer.from_path(cfg.data.tokenizer).vocab_size)
     by_module = Counter()
     for name, p in model.named_parameters():
         by_module[name.split(".")[0]] += p.numel()
-    return {"params": sum(by_module.values()), "by_module": by_module, "elapsed_s": sum(rows[s]["step_s"] for s in timed),
+    return {"cpu": cpu, "params": sum(by_module.values()), "by_module": by_module, "elapsed_s": sum(rows[s]["step_s"] for s in timed),
             "steps": len(timed), "totals": totals, "wall_s": wall_s, "replay_s": replay_s, "cfg": cfg,
             "losses": (rows[1]["loss"], rows[args.steps]["loss"]),
             "loader_wait_s": sum(rows[s]["loader_wait_s"] for s in timed)}
@@ -441,6 +493,13 @@ def print_table(proto: dict, frame: dict, corpus: str, args: argparse.Namespace)
     for name, p, f, fmt in lines:
         ratio = f"{f / p:.2f}" if p else "-"
         print(f"{name:<30}{fmt % p if p else '-':>11}{fmt % f:>11}{ratio:>21}")
+    if proto["cpu"] and frame["cpu"]:  # audio seconds per CPU-second of one thread
+        p_cpu, f_cpu = proto["cpu"], frame["cpu"]
+        lines = [("audio s per CPU-s, 1 thread", p_cpu["audio_s"] / p_cpu["step_cpu_s"], f_cpu["audio_s"] / f_cpu["step_cpu_s"]),
+                 ("  with data loading", p_cpu["audio_s"] / p_cpu["step_cpu_s"],
+                  f_cpu["audio_s"] / (f_cpu["step_cpu_s"] + f_cpu["load_cpu_s"]))]
+        for name, p, f in lines:
+            print(f"{name:<30}{p:>11.1f}{f:>11.1f}{f / p:>21.2f}")
     ratio = rate(frame, "audio_s") / rate(proto, "audio_s")
     print("-" * len(header))
     print(f"goal: framework audio s/s >= prototype's: ratio {ratio:.2f} ({'met' if ratio >= 1 else 'not met'}); against "
@@ -461,6 +520,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="prototype steps run before the timing")
     parser.add_argument("--batch-size", type=int, default=32, help="prototype items per task batch")
     parser.add_argument("--threads", type=int, default=2, help="prototype torch threads")
+    parser.add_argument("--cpu-steps", type=int, default=10, help="steps of each measured in CPU time, 1 thread (0: skip)")
     parser.add_argument("--nproc", type=int, default=2, help="framework ranks")
     parser.add_argument("--keep", type=Path, default=None, help="keep the framework's run dir here")
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides for the framework run (key=value)")
