@@ -345,7 +345,14 @@ def framework_overrides(args: argparse.Namespace, shard_dir: Path, run_dir: Path
                  "train.eval_every=0", f"train.checkpoint_every={args.steps}", "train.log_every=1", "train.tracker=none",
                  "train.progress=false", "train.resume=never"]
     if shard_dir.resolve() != DEMO_SHARDS.resolve():  # the recipe names shards/demo: point it at the corpus used
-        overrides += [f"data.train.0.shards={shard_dir / 'train-*.tar'}", f"data.eval.0.shards={shard_dir / 'eval-000000.tar'}"]
+        from omni_train.config import load_recipe
+
+        data = load_recipe(args.recipe, list(args.overrides)).data
+        overrides += [f"data.train.{i}.shards={shard_dir / 'train-*.tar'}" for i in range(len(data.train))]
+        overrides += [f"data.eval.{i}.shards={shard_dir / 'eval-000000.tar'}" for i in range(len(data.eval))]
+        tokenizer = Path(data.tokenizer)
+        if tokenizer.parent.resolve() == DEMO_SHARDS.resolve() or tokenizer.parent == DEMO_SHARDS.relative_to(REPO):
+            overrides.append(f"data.tokenizer={shard_dir / tokenizer.name}")  # the corpus ships its tokenizer
     return overrides + list(args.overrides)
 
 
