@@ -57,6 +57,7 @@ test-all: install
 bench: install
 	$(PY) benchmarks/audio_features.py
 	$(PY) benchmarks/packing.py
+	$(PY) benchmarks/demo_speed.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
