@@ -50,6 +50,11 @@ def _probe(args: argparse.Namespace) -> int:
     return probe_cli(args)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from omni_train.export import export_cli
+    return export_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omni-train", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--probe-tasks", default=None, help="ad-hoc probe: comma-separated meta.task values (default: all)")
     probe.add_argument("--probe-name", default="adhoc", help="ad-hoc probe: its name in probes.jsonl")
     probe.set_defaults(func=_probe)
+
+    export = commands.add_parser("export", help="write a run's checkpoint as safetensors + config + tokenizer (HF layout)")
+    export.add_argument("--run", required=True, help="run directory (runs/NAME) holding config.yaml and checkpoints/")
+    export.add_argument("--out", required=True, help="output directory")
+    export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    lora = export.add_mutually_exclusive_group()
+    lora.add_argument("--merge-lora", action="store_true", help="fold LoRA adapters into the weights (the default)")
+    lora.add_argument("--keep-lora", action="store_true", help="write the base weights and the adapters apart (peft layout)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    export.set_defaults(func=_export)
 
     plot = commands.add_parser("plot", help="PNG loss and probe curves of one or more runs, side by side")
     plot.add_argument("runs", nargs="+", help="run directories (runs/NAME)")

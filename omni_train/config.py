@@ -24,6 +24,7 @@ from omni_train.data.pipeline import DataConfig
 from omni_train.model.omni import OmniConfig
 from omni_train.probes.runner import ProbeConfig
 from omni_train.train.loop import TrainConfig
+from omni_train.train.runs import InitConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,6 +40,7 @@ class RecipeConfig:
     seed: int = 0
     data: DataConfig
     model: OmniConfig
+    init: InitConfig = dataclasses.field(default_factory=InitConfig)  # start from a run's checkpoint (train/runs.py)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     probes: list[ProbeConfig] = dataclasses.field(default_factory=list)  # run during training and by `omni-train probe`
 
@@ -144,10 +146,29 @@ def _read_yaml(path: Path, what: str) -> dict:
     return text
 
 
+# What a fine-tune takes over from the run named by init.run: the model its weights belong to, and the
+# tokenizer and media settings that model was trained with.
+INHERITED_FROM_INIT_RUN = {"model": None, "data": ("tokenizer", "audio", "image", "video")}
+
+
+def inherited_from_run(run: str) -> dict:
+    """The init.run base run's model, tokenizer and media settings, as a layer to merge under the recipe."""
+    config = Path(run) / "config.yaml"
+    if not config.is_file():
+        raise RecipeError(f"init.run: {run} is not a run directory (no config.yaml)")
+    text = _read_yaml(config, "init.run config")
+    layer = {}
+    for section, keys in INHERITED_FROM_INIT_RUN.items():
+        values = text.get(section) or {}
+        layer[section] = values if keys is None else {k: values[k] for k in keys if k in values}
+    return layer
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] = (), *, schema: type = RecipeConfig) -> Any:
     """Recipe file + overrides -> validated `schema` instance, or `RecipeError` naming the key.
 
     Layers, later winning: dataclass defaults, the model preset (configs/model/<model.preset>.yaml),
+    with `init.run` set the base run's model, tokenizer and media settings (INHERITED_FROM_INIT_RUN),
     the recipe file, the command-line overrides.
     """
     base = OmegaConf.structured(schema)
@@ -162,6 +183,9 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), *, schema: t
         if "model" in {f.name for f in dataclasses.fields(schema)}:
             preset = dict(parsed).get("model.preset") or (text.get("model") or {}).get("preset") or "tiny"
             base = OmegaConf.merge(base, {"model": _read_yaml(preset_path(str(preset)), "model preset")})
+        init_run = dict(parsed).get("init.run", (text.get("init") or {}).get("run"))
+        if init_run and "init" in {f.name for f in dataclasses.fields(schema)}:
+            base = OmegaConf.merge(base, inherited_from_run(str(init_run)))
         base = OmegaConf.merge(base, text)
         for key, value in parsed:
             OmegaConf.update(base, key, value, merge=True)

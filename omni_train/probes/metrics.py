@@ -1,4 +1,4 @@
-"""Probe metrics: exact match, execution match in a sandboxed subprocess, WER / CER, recall@k.
+"""Probe metrics: exact match, execution match in a sandboxed subprocess, WER / CER, item lists, recall@k.
 
 Execution match runs generated and reference code with `python -I -S -B -c CODE` and compares
 what each prints. The model's output is untrusted text, so every snippet runs in its own child:
@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import os
 import pwd
+import re
 import selectors
 import shutil
 import signal
@@ -232,6 +233,34 @@ def _nonempty_references(references: Sequence[str], predictions: Sequence[str]) 
     # An empty reference has no words to get wrong: it would divide by zero, so it is left out.
     pairs = [(r.strip(), p.strip()) for r, p in zip(references, predictions, strict=True) if r.strip()]
     return [r for r, _ in pairs], [p for _, p in pairs]
+
+
+ITEM_MARKER = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s+")
+
+
+def list_items(text: str) -> list[str]:
+    """The items of a list answer, one per line ("- item", "* item", "1. item"), normalized for matching:
+    lower case, punctuation dropped, whitespace collapsed. Lines without a marker count as items too."""
+    items = []
+    for line in text.splitlines():
+        line = ITEM_MARKER.sub("", line)
+        words = re.sub(r"[^\w\s]", " ", line.lower()).split()
+        if words:
+            items.append(" ".join(words))
+    return items
+
+
+def item_matches(prediction: str, reference: str) -> tuple[int, int, int]:
+    """(found, predicted, reference) item counts: a predicted item is found when it equals a reference item not
+    matched yet (after `list_items`' normalization). Precision = found / predicted, recall = found / reference."""
+    predicted, expected = list_items(prediction), list_items(reference)
+    remaining = list(expected)
+    found = 0
+    for item in predicted:
+        if item in remaining:
+            remaining.remove(item)
+            found += 1
+    return found, len(predicted), len(expected)
 
 
 def recall_at_k(similarity: torch.Tensor, relevant: Sequence[set[int] | int], k: int) -> float:

@@ -9,7 +9,10 @@ Kinds:
 - generative: greedy output for the sample's own prompt (its messages minus the final assistant
   turn) against the sample's assistant text. Metrics: `exact` (stripped strings) on every item,
   `execution` (both snippets run in the sandbox and print the same) on code tasks — tasks whose
-  name ends in "code" — and corpus `wer` / `cer` on the other tasks (transcripts, captions).
+  name ends in "code" — `item_precision` / `item_recall` on item-list tasks — tasks whose name
+  ends in "items", such as a meeting's action items: the assistant text is one item per line,
+  "- " in front, and an item counts as found when its normalized text equals a reference item's —
+  and corpus `wer` / `cer` on the other tasks (transcripts, captions).
 - pipeline: the two-step baseline for spoken instructions. For each item with audio, first a
   transcript from the same audio with the instruction part (the user turn's last text part)
   replaced by `transcribe_instruction`, then code from that transcript given as a text part
@@ -33,6 +36,15 @@ ZeRO-3 requires. Results are gathered to rank 0, which computes the metrics per 
 per task over all languages ("all"), per language over all tasks and over everything, appends
 `{"step", "probe", "task", "language", "metric", "value", "n"}` rows to `probes.jsonl` and a few
 examples to `probe_examples.jsonl`.
+
+Grouping by other meta fields: `group_by: [num_speakers, duration_s]` adds, per task, one row per
+value of each field, with `"group_by": field, "group": value` (language "all");
+`buckets: {duration_s: [10, 30]}` turns a numeric field into ranges ("<10", "10-30", ">=30").
+Items without the field form the group "unknown". So held-out meeting turns are scored
+per speaker count and per length, by the same metrics as the whole probe:
+
+    - {name: meeting_asr, shards: "shards/meeting/eval-*.tar", tasks: [transcribe, action_items],
+       group_by: [num_speakers, duration_s], buckets: {duration_s: [10, 20]}}
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ import copy
 import json
 import logging
 import math
+import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -55,15 +68,17 @@ from omni_train.data.format import MODALITIES, ShardFormatError, parse_sample
 from omni_train.data.pipeline import TarEntry, decode_sample, expand_shards, index_tar, read_entry
 from omni_train.data.text import Tokenizer, render_prompt
 from omni_train.probes.generate import generate, mean_hidden, text_messages
-from omni_train.probes.metrics import (char_error_rate, exact_match, execution_matches, recall_at_k,
+from omni_train.probes.metrics import (char_error_rate, exact_match, execution_matches, item_matches, recall_at_k,
                                        word_error_rate)
 
 log = logging.getLogger(__name__)
 
 PROBE_KINDS = ("generative", "pipeline", "retrieval")
-PROBE_METRICS = ("exact", "execution", "wer", "cer")
+PROBE_METRICS = ("exact", "execution", "wer", "cer", "item_precision", "item_recall")
 ALL = "all"
+UNKNOWN = "unknown"
 CODE_TASK_SUFFIX = "code"
+ITEMS_TASK_SUFFIX = "items"
 
 
 @dataclass(kw_only=True)
@@ -82,6 +97,8 @@ class ProbeConfig:
     k: list[int] = field(default_factory=lambda: [1, 5])  # retrieval: recall@k for each k
     timeout_s: float = 2.0              # execution match: per snippet
     num_examples: int = 8               # items written to probe_examples.jsonl
+    group_by: list[str] = field(default_factory=list)   # meta fields to score separately, e.g. num_speakers
+    buckets: dict[str, list[float]] = field(default_factory=dict)  # numeric group_by field -> increasing range edges
 
     def __post_init__(self):
         if not self.name or any(ch.isspace() for ch in self.name):
@@ -103,6 +120,14 @@ class ProbeConfig:
             raise ValueError(f"k must be a non-empty list of integers >= 1, got {self.k}")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        reserved = [f for f in self.group_by if f in ("task", "language")]
+        if reserved:
+            raise ValueError(f"group_by names {reserved[0]}, which is always grouped; name other meta fields")
+        for name, edges in self.buckets.items():
+            if name not in self.group_by:
+                raise ValueError(f"buckets names {name}, which is not in group_by {self.group_by}")
+            if not edges or any(not isinstance(e, (int, float)) for e in edges) or list(edges) != sorted(set(edges)):
+                raise ValueError(f"buckets of {name} must be a non-empty list of increasing numbers, got {edges}")
 
 
 def probes_due(probes: Sequence[ProbeConfig], step: int, *, final: bool = False) -> list[ProbeConfig]:
@@ -132,6 +157,17 @@ class ProbeItem:
     def language(self) -> str:
         return str(self.sample["meta"].get("language") or "unknown")
 
+    def group(self, name: str, edges: list[float] | None) -> str:
+        """The item's value of meta field `name` as a group label, in the range of `edges` when given."""
+        value = self.sample["meta"].get(name)
+        if value is None or isinstance(value, (dict, list)):
+            return UNKNOWN
+        if edges is None:
+            return str(value)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return UNKNOWN
+        return bucket_label(float(value), edges)
+
     @property
     def reference(self) -> str:
         """The final assistant turn's text."""
@@ -148,6 +184,17 @@ class ProbeItem:
     def user_media(self) -> list[str]:
         return [part["type"] for message in self.sample["messages"] if message["role"] == "user"
                 for part in message["content"] if part["type"] in MODALITIES]
+
+
+def bucket_label(value: float, edges: list[float]) -> str:
+    """The range of `edges` that holds `value`: "<a", "a-b" (a <= value < b), ">=z"."""
+    text = [f"{e:g}" for e in edges]
+    if value < edges[0]:
+        return f"<{text[0]}"
+    for low, high, low_text, high_text in zip(edges, edges[1:], text, text[1:]):
+        if low <= value < high:
+            return f"{low_text}-{high_text}"
+    return f">={text[-1]}"
 
 
 def _usable(item: ProbeItem, kind: str) -> bool:
@@ -286,36 +333,71 @@ def _is_code_task(task: str) -> bool:
     return task.endswith(CODE_TASK_SUFFIX)
 
 
-def _groups(results: list[dict]) -> list[tuple[str, str, list[dict]]]:
-    """(task, language, results) for every task x language pair, each task and language over "all", and everything."""
+def _is_items_task(task: str) -> bool:
+    return task.endswith(ITEMS_TASK_SUFFIX)
+
+
+Group = tuple[str, str, dict[str, str], list[dict]]  # (task, language, {"group_by": field, "group": value} or {}, results)
+
+
+def _groups(results: list[dict], probe: ProbeConfig) -> list[Group]:
+    """Every task x language pair, each task and language over "all", and everything; then, per task,
+    one group per value of each `probe.group_by` field (module docstring)."""
     keyed: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in results:
         for task in (r["task"], ALL):
             for language in (r["language"], ALL):
                 keyed[(task, language)].append(r)
-    return [(task, language, group) for (task, language), group in sorted(keyed.items())]
+    groups: list[Group] = [(task, language, {}, group) for (task, language), group in sorted(keyed.items())]
+    for name in probe.group_by:  # per task only: rows of task "all" are the probe's overall numbers (plots read them)
+        by_value: dict[tuple[str, str], list[dict]] = defaultdict(list)
+        for r in results:
+            by_value[(r["task"], r["groups"][name])].append(r)
+        groups += [(task, ALL, {"group_by": name, "group": value}, group)
+                   for (task, value), group in sorted(by_value.items(), key=lambda kv: (kv[0][0], _group_order(kv[0][1])))]
+    return groups
 
 
-def _score_generation(results: list[dict], probe: ProbeConfig) -> list[tuple[str, str, str, float, int]]:
-    """(task, language, metric, value, n) for generative and pipeline results (each with prediction, reference)."""
+def _group_order(label: str) -> tuple:
+    """Numbers and ranges in numeric order ("<10" < "10-20" < ">=20"), other labels after them."""
+    number = re.search(r"-?\d+(\.\d+)?", label)
+    if number is None:
+        return (1, 0.0, label)
+    return (0, float(number.group()) - (0.5 if label.startswith("<") else 0.0), label)
+
+
+Score = tuple[str, str, dict[str, str], str, float, int]  # (task, language, group, metric, value, n)
+
+
+def _score_generation(results: list[dict], probe: ProbeConfig) -> list[Score]:
+    """(task, language, group, metric, value, n) for generative and pipeline results (each with prediction, reference)."""
     wanted = set(probe.metrics)
     for r in results:
         r["exact"] = exact_match(r["prediction"], r["reference"])
+        if _is_items_task(r["task"]):
+            r["items"] = item_matches(r["prediction"], r["reference"])  # (found, predicted, reference)
     code = [r for r in results if _is_code_task(r["task"])]
     if "execution" in wanted and code:
         for r, ok in zip(code, execution_matches([r["prediction"] for r in code], [r["reference"] for r in code],
                                                  timeout_s=probe.timeout_s)):
             r["execution"] = ok
     scores = []
-    for task, language, group in _groups(results):
+    for task, language, key, group in _groups(results, probe):
         n = len(group)
         if "exact" in wanted:
-            scores.append((task, language, "exact", sum(r["exact"] for r in group) / n, n))
+            scores.append((task, language, key, "exact", sum(r["exact"] for r in group) / n, n))
         executed = [r for r in group if "execution" in r]
         if executed:
-            scores.append((task, language, "execution", sum(r["execution"] for r in executed) / len(executed), len(executed)))
+            scores.append((task, language, key, "execution", sum(r["execution"] for r in executed) / len(executed), len(executed)))
+        listed = [r["items"] for r in group if "items" in r]
+        if listed:
+            found, predicted, reference = (sum(counts) for counts in zip(*listed))
+            if "item_precision" in wanted:  # no prediction at all: nothing wrong was said
+                scores.append((task, language, key, "item_precision", found / predicted if predicted else 1.0, len(listed)))
+            if "item_recall" in wanted:
+                scores.append((task, language, key, "item_recall", found / reference if reference else 1.0, len(listed)))
         if probe.kind == "generative":
-            texts = [r for r in group if not _is_code_task(r["task"])]
+            texts = [r for r in group if not _is_code_task(r["task"]) and not _is_items_task(r["task"])]
             pairs = ([r["reference"] for r in texts], [r["prediction"] for r in texts])
         else:  # pipeline: the intermediate transcripts against the known ones
             texts = [r for r in group if r.get("reference_transcript")]
@@ -323,13 +405,13 @@ def _score_generation(results: list[dict], probe: ProbeConfig) -> list[tuple[str
         prefix = "" if probe.kind == "generative" else "transcript_"
         for metric, fn in (("wer", word_error_rate), ("cer", char_error_rate)):
             if metric in wanted and texts:
-                scores.append((task, language, prefix + metric, fn(*pairs), len(texts)))
+                scores.append((task, language, key, prefix + metric, fn(*pairs), len(texts)))
     return scores
 
 
-def _score_retrieval(results: list[dict], probe: ProbeConfig) -> list[tuple[str, str, str, float, int]]:
+def _score_retrieval(results: list[dict], probe: ProbeConfig) -> list[Score]:
     scores = []
-    for task, language, group in _groups(results):
+    for task, language, key, group in _groups(results, probe):
         gallery = list(dict.fromkeys(r["transcript"] for r in group))           # distinct transcripts
         column = {t: i for i, t in enumerate(gallery)}
         speech = torch.nn.functional.normalize(torch.stack([r["speech"] for r in group]).float(), dim=-1)  # (N, D)
@@ -339,8 +421,8 @@ def _score_retrieval(results: list[dict], probe: ProbeConfig) -> list[tuple[str,
         targets = [column[r["transcript"]] for r in group]
         recordings = [{i for i, c in enumerate(targets) if c == g} for g in range(len(gallery))]
         for k in probe.k:
-            scores.append((task, language, f"recall@{k}_speech2text", recall_at_k(similarity, targets, k), len(group)))
-            scores.append((task, language, f"recall@{k}_text2speech", recall_at_k(similarity.T, recordings, k), len(gallery)))
+            scores.append((task, language, key, f"recall@{k}_speech2text", recall_at_k(similarity, targets, k), len(group)))
+            scores.append((task, language, key, f"recall@{k}_text2speech", recall_at_k(similarity.T, recordings, k), len(gallery)))
     return scores
 
 
@@ -392,7 +474,8 @@ def run_probe(model: nn.Module, probe: ProbeConfig, *, data_cfg: Any, tokenizer:
     results.sort(key=lambda r: r["index"])
     for r in results:
         item = items[r["index"]]
-        r.update(id=item.id, task=item.task, language=item.language)
+        r.update(id=item.id, task=item.task, language=item.language,
+                 groups={name: item.group(name, probe.buckets.get(name)) for name in probe.group_by})
         if probe.kind == "retrieval":
             r["transcript"] = item.transcript
         else:
@@ -408,7 +491,7 @@ def run_probe(model: nn.Module, probe: ProbeConfig, *, data_cfg: Any, tokenizer:
     else:
         scores = _score_generation(results, probe)
     rows = [{"step": step, "probe": probe.name, "task": task, "language": language, "metric": metric,
-             "value": float(value), "n": n} for task, language, metric, value, n in scores]
+             "value": float(value), "n": n, **group} for task, language, group, metric, value, n in scores]
     examples = [{"step": step, "probe": probe.name, **e} for e in _examples(results, probe)]
     return rows, examples
 
@@ -456,8 +539,9 @@ MAX_LANGUAGE_COLUMNS = 8
 
 def format_table(rows: Sequence[dict]) -> str:
     """Probe rows as text: one line per (probe, task, metric) with the overall value and n, then one
-    column per language (or, with many languages, the per-language values on the lines below).
-    Rates are percentages. Rows of several steps: the latest step of each probe."""
+    column per language (or, with many languages, the per-language values on the lines below), then
+    the `group_by` rows as "field: value rate (n)" lines under their metric. Rates are percentages.
+    Rows of several steps: the latest step of each probe."""
     if not rows:
         return "(no probe results)"
     latest = {}
@@ -465,12 +549,16 @@ def format_table(rows: Sequence[dict]) -> str:
         latest[r["probe"]] = max(latest.get(r["probe"], r["step"]), r["step"])
     rows = [r for r in rows if r["step"] == latest[r["probe"]]]
     table: dict[tuple[str, str, str], dict[str, dict]] = defaultdict(dict)
+    grouped: dict[tuple[str, str, str], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     order: list[tuple[str, str, str]] = []
     for r in rows:
         key = (r["probe"], r["task"], r["metric"])
-        if key not in table:
+        if key not in table and key not in grouped:
             order.append(key)
-        table[key][r["language"]] = r
+        if "group_by" in r:
+            grouped[key][r["group_by"]].append(r)
+        else:
+            table[key][r["language"]] = r
     lines = []
     for probe in dict.fromkeys(p for p, _, _ in order):
         keys = [k for k in order if k[0] == probe]
@@ -493,6 +581,9 @@ def format_table(rows: Sequence[dict]) -> str:
                 pairs = [f"{lang} {_cell(by_language.get(lang))}" for lang in languages]
                 for start in range(0, len(pairs), 8):
                     lines.append("      " + "  ".join(pairs[start:start + 8]))
+            for field_name, group_rows in grouped.get(key, {}).items():
+                cells = [f"{r['group']} {_cell(r)} ({r['n']})" for r in group_rows]
+                lines.append(f"      by {field_name}: " + "  ".join(cells))
     return "\n".join(lines)
 
 
@@ -503,49 +594,18 @@ def _cell(row: dict | None) -> str:
 # ------------------------------------------------------------------------------------------------- CLI
 
 
-def load_checkpoint_weights(model: nn.Module, directory: Path) -> None:
-    """Load a checkpoint folder's weights into the single-device `model`, whatever engine wrote it:
-    `model.safetensors` (single, DDP) or a DeepSpeed folder `engine/`: ZeRO 1-3 shards consolidated
-    to fp32 by DeepSpeed's zero_to_fp32, stage 0's whole module from its model-states file."""
-    engine = directory / "engine"
-    if (directory / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        state = load_file(str(directory / "model.safetensors"))
-    elif any(engine.glob("zero_pp_rank_*_optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag="engine")
-    elif (engine / "mp_rank_00_model_states.pt").is_file():  # ZeRO stage 0: no shards to consolidate
-        state = torch.load(engine / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
-    else:
-        raise FileNotFoundError(f"{directory} holds neither model.safetensors nor a DeepSpeed engine/ folder")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{directory}: the checkpoint does not fit the run's model "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-
-
 def probe_cli(args) -> int:
     """`omni-train probe --run runs/NAME [--step S] [--probes a,b]`: the recipe's probes on one checkpoint."""
     from omni_train.config import load_recipe
-    from omni_train.model.omni import build_model
-    from omni_train.train.checkpoint import list_checkpoints
     from omni_train.train.engine import Dist
+    from omni_train.train.runs import checkpoint_path, load_run
 
     run = Path(args.run)
     config = run / "config.yaml"
     if not config.is_file():
         raise FileNotFoundError(f"{config} does not exist: '{run}' is not a run directory")
+    checkpoint_path(run, args.step)  # the checkpoint exists, before any work
     cfg = load_recipe(config)
-    checkpoints = dict(list_checkpoints(run / "checkpoints"))
-    if not checkpoints:
-        raise FileNotFoundError(f"{run / 'checkpoints'} holds no step_XXXXXXXX checkpoint")
-    step = max(checkpoints) if args.step is None else args.step
-    if step not in checkpoints:
-        raise FileNotFoundError(f"{run / 'checkpoints'} has no checkpoint of step {step} "
-                                f"(steps: {', '.join(map(str, sorted(checkpoints)))})")
-
     if args.probe_shards:
         probes = [ProbeConfig(name=args.probe_name, kind=args.probe_kind, shards=args.probe_shards,
                               tasks=[t for t in (args.probe_tasks or "").split(",") if t])]
@@ -565,9 +625,8 @@ def probe_cli(args) -> int:
 
         probes = [dataclasses.replace(p, max_items=args.max_items) for p in probes]
 
-    tokenizer = Tokenizer.from_path(cfg.data.tokenizer)
-    model = build_model(cfg.model, vocab_size=tokenizer.vocab_size)
-    load_checkpoint_weights(model, checkpoints[step])
+    model, cfg, tokenizer, checkpoint = load_run(run, args.step)  # a LoRA run: its base, then its adapters
+    step = int(checkpoint.name.removeprefix("step_"))
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model.to(device)
     rows = run_probes(model, probes, data_cfg=cfg.data, tokenizer=tokenizer, dist=Dist(0, 1, 0, device, None),

@@ -94,3 +94,32 @@ def finalize(tmp: Path, final: Path, keep: int) -> None:
     if keep > 0:
         for _, old in list_checkpoints(final.parent)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint_weights(model: torch.nn.Module, directory: Path, *, only: set[str] | None = None) -> None:
+    """Load a checkpoint folder's weights into the single-device `model`, whatever engine wrote it:
+    `model.safetensors` (single, DDP) or a DeepSpeed folder `engine/`: ZeRO 1-3 shards consolidated
+    to fp32 by DeepSpeed's zero_to_fp32, stage 0's whole module from its model-states file.
+
+    `only`: the checkpoint holds just these parameters (a LoRA run saves its trainable ones; the
+    rest is the base model, already in `model`); every one of them must be there.
+    """
+    engine = directory / "engine"
+    if (directory / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(str(directory / "model.safetensors"))
+    elif any(engine.glob("zero_pp_rank_*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag="engine", exclude_frozen_parameters=only is not None)
+    elif (engine / "mp_rank_00_model_states.pt").is_file():  # ZeRO stage 0: no shards to consolidate
+        state = torch.load(engine / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+    else:
+        raise FileNotFoundError(f"{directory} holds neither model.safetensors nor a DeepSpeed engine/ folder")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if only is not None:
+        missing = [k for k in missing if k in only]
+    if missing or unexpected:
+        raise ValueError(f"{directory}: the checkpoint does not fit the run's model "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

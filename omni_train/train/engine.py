@@ -8,6 +8,10 @@
 
 Model code never sees any of this. Gradient accumulation, clipping, bf16 and the optimizer step
 differ per engine and live here; the loop calls the same three methods whatever the engine.
+
+With `train.lora`, checkpoints hold only the parameters that train (the adapters): the frozen base
+is rebuilt from the run's recorded starting point (`runs.build_run_model`) rather than copied into
+every checkpoint.
 """
 
 from __future__ import annotations
@@ -116,6 +120,9 @@ class Engine:
         self.model = model
         check_stage_modules(model, cfg.stages)
         groups = module_groups(model, cfg.modules, cfg.weight_decay)
+        # LoRA: what checkpoints hold (None: every parameter)
+        self.saved_parameters = ({name for name, p in model.named_parameters() if p.requires_grad}
+                                 if cfg.lora is not None else None)
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
                                       foreach=dist.device.type == "cuda")
         make_scheduler = lambda opt: build_scheduler(opt, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,  # noqa: E731
@@ -203,10 +210,11 @@ class Engine:
     # -- checkpoints: `directory` is a fresh per-checkpoint folder that every rank writes into
     def save(self, directory: Path) -> None:
         if self.cfg.engine == "deepspeed":
-            self.wrapped.save_checkpoint(str(directory), tag="engine")
+            self.wrapped.save_checkpoint(str(directory), tag="engine", exclude_frozen_parameters=self.saved_parameters is not None)
             return
         if self.dist.is_main:
-            state = {k: v.detach().contiguous().cpu() for k, v in self.module.state_dict().items()}
+            state = {k: v.detach().contiguous().cpu() for k, v in self.module.state_dict().items()
+                     if self.saved_parameters is None or k in self.saved_parameters}
             save_file(state, str(directory / "model.safetensors"))
             torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
@@ -214,13 +222,18 @@ class Engine:
     def load(self, directory: Path) -> None:
         if self.cfg.engine == "deepspeed":
             path, _ = self.wrapped.load_checkpoint(str(directory), tag="engine", load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
+                                                   load_lr_scheduler_states=True,
+                                                   load_module_strict=self.saved_parameters is None)
             if path is None:
                 raise ValueError(f"{directory}: no DeepSpeed checkpoint (engine/) to resume from")
             return
         if not (directory / "model.safetensors").is_file():
             raise ValueError(f"{directory}: no model.safetensors; was it written by train.engine=deepspeed?")
-        self.module.load_state_dict(load_file(str(directory / "model.safetensors"), device=str(self.dist.device)))
+        state = load_file(str(directory / "model.safetensors"), device=str(self.dist.device))
+        if self.saved_parameters is not None and set(state) != self.saved_parameters:
+            raise ValueError(f"{directory}: the checkpoint's parameters are not this run's trainable ones "
+                             f"({len(state)} saved, {len(self.saved_parameters)} trainable)")
+        self.module.load_state_dict(state, strict=self.saved_parameters is None)
         # weights_only: optimizer and scheduler states are tensors and numbers, never arbitrary objects
         self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.dist.device, weights_only=True))
         self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))

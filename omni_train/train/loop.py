@@ -1,10 +1,13 @@
 """The training loop: a visible `while` over steps, with eval, checkpoint and log as `every(...)` lines.
 
     torchrun --nproc_per_node=2 launch/pretrain.py --recipe recipes/smoke.yaml train.steps=50
+    torchrun --nproc_per_node=2 launch/finetune.py --recipe recipes/meeting-finetune.yaml init.run=runs/demo
 
-`train(cfg)` builds the model (single-device code), wraps it once in `engine.Engine`, streams
-packed batches from `data.pipeline.DataPipeline`, and writes the run directory:
-config.yaml, metrics.jsonl, skipped.jsonl, checkpoints/step_XXXXXXXX/.
+`train(cfg)` builds the model (single-device code; base weights and LoRA adapters by
+`runs.build_run_model`), wraps it once in `engine.Engine`, streams packed batches from
+`data.pipeline.DataPipeline`, and writes the run directory: config.yaml, metrics.jsonl (with
+each rank's peak resident memory, `max_rss_mb`, the largest over ranks), skipped.jsonl,
+probes.jsonl, checkpoints/step_XXXXXXXX/.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import torch
 
 from omni_train.train.checkpoint import finalize, read_rank_state, resolve_resume, step_dir, write_rank_state
 from omni_train.train.engine import ENGINES, Engine, all_reduce, barrier, init_distributed, shutdown
-from omni_train.train.metrics import TRACKERS, MetricsLogger
+from omni_train.train.lora import LoraConfig, parameter_counts
+from omni_train.train.metrics import TRACKERS, MetricsLogger, max_rss_mb
 from omni_train.train.optim import ModuleOptimConfig, StageConfig
 
 PRECISIONS = ("fp32", "bf16")
@@ -50,6 +54,8 @@ class TrainConfig:
     progress: bool = True
     modules: dict[str, ModuleOptimConfig] = field(default_factory=dict)
     stages: list[StageConfig] = field(default_factory=list)
+    lora: LoraConfig | None = None      # LoRA adapters (lora.py); None: every parameter of the unfrozen modules trains
+    probes_at_start: bool = False       # run the probes once before the first step (the base model's numbers)
 
     def __post_init__(self):
         if self.engine not in ENGINES:
@@ -128,11 +134,31 @@ def save_checkpoint(engine: Engine, state: TrainState, data, cfg, dist, config_y
     if dist.is_main:
         (tmp / "trainer_state.json").write_text(json.dumps({**dataclasses.asdict(state), "world_size": dist.world_size}))
         (tmp / "config.yaml").write_text(config_yaml)
+        if cfg.train.lora is not None:  # the checkpoint holds the adapters only: say what they apply to
+            (tmp / "adapter.json").write_text(json.dumps(adapter_summary(engine, cfg), indent=1))
     barrier(dist)
     if dist.is_main:
         finalize(tmp, final, cfg.train.keep_checkpoints)
     barrier(dist)
     return final
+
+
+def adapter_summary(engine: Engine, cfg) -> dict:
+    """What a LoRA checkpoint's adapters apply to: the base (init run and step, pretrained components) and the layers."""
+    from peft.tuners.lora import LoraLayer
+
+    pretrained = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(cfg.model) if f.name.startswith("pretrained_")}
+    return {"lora": dataclasses.asdict(cfg.train.lora), "init": dataclasses.asdict(cfg.init), "pretrained": pretrained,
+            "adapted_layers": [name for name, m in engine.module.named_modules() if isinstance(m, LoraLayer)],
+            "saved_parameters": sorted(engine.saved_parameters or [])}
+
+
+def describe_parameters(model: torch.nn.Module) -> str:
+    counts = parameter_counts(model)
+    line = f"parameters: {counts['total']:,} total, {counts['trainable']:,} trainable"
+    if counts["adapter"]:
+        line += f", {counts['adapter']:,} in LoRA adapters"
+    return line
 
 
 def train(cfg) -> TrainState:
@@ -151,10 +177,10 @@ def train(cfg) -> TrainState:
 
     tokenizer = Tokenizer.from_path(cfg.data.tokenizer)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    from omni_train.model.omni import build_model
     from omni_train.probes.runner import format_table, probes_due, run_probes
+    from omni_train.train.runs import build_run_model
 
-    model = build_model(cfg.model, vocab_size=tokenizer.vocab_size)
+    model = build_run_model(cfg, tokenizer.vocab_size)  # base weights, then LoRA adapters: before the engine wraps it
     engine = Engine(model, tcfg, dist, micro_batch_size=cfg.data.batch_size)
     data = DataPipeline(cfg.data, tokenizer=tokenizer, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed,
                         skip_log=output_dir / "skipped.jsonl")
@@ -174,7 +200,14 @@ def train(cfg) -> TrainState:
                            tracker=tcfg.tracker, run_name=cfg.name, config=dataclasses.asdict(cfg), progress=tcfg.progress)
     if checkpoint is not None:
         logger.write(f"resumed from {checkpoint} at step {state.step}")
+    logger.write(describe_parameters(engine.module))
     evaluator = Evaluator(cfg, dist, tokenizer) if cfg.data.eval and tcfg.eval_every else None
+    replica = lambda: build_run_model(cfg, tokenizer.vocab_size, load_init=False)  # noqa: E731 - ZeRO-3 probe copies
+    if tcfg.probes_at_start and state.step == 0 and cfg.probes:
+        probe_rows = run_probes(engine.full_model(replica), cfg.probes, data_cfg=cfg.data, tokenizer=tokenizer, dist=dist,
+                                step=0, output_dir=output_dir)
+        if probe_rows:
+            logger.write(format_table(probe_rows))
     batches = iter(data)
 
     while state.step < tcfg.steps:
@@ -205,7 +238,7 @@ def train(cfg) -> TrainState:
                 logger.write(f"step {state.step}: eval loss {eval_loss:.4f}")
         due = probes_due(cfg.probes, state.step, final=state.step == tcfg.steps)
         if due:
-            probe_model = engine.full_model(lambda: build_model(cfg.model, vocab_size=tokenizer.vocab_size))
+            probe_model = engine.full_model(replica)
             probe_rows = run_probes(probe_model, due, data_cfg=cfg.data, tokenizer=tokenizer, dist=dist,
                                     step=state.step, output_dir=output_dir)
             row.update({f"probe/{r['probe']}/{r['metric']}": r["value"] for r in probe_rows
@@ -213,6 +246,7 @@ def train(cfg) -> TrainState:
             if state.step == tcfg.steps and probe_rows:
                 logger.write(format_table(probe_rows))
         if every(state.step, tcfg.log_every) or state.step == 1 or state.step == tcfg.steps or "eval_loss" in row or due:
+            (row["max_rss_mb"],) = all_reduce([max_rss_mb()], dist, op="max")  # the same decision on every rank
             logger.log(row)
         logger.progress(state.step, row)
         if every(state.step, tcfg.checkpoint_every) or state.step == tcfg.steps:

@@ -8,10 +8,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
+import sys
 from pathlib import Path
 from typing import Any
 
 TRACKERS = ("wandb", "none")
+
+
+def max_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (DataLoader workers are other processes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 class MetricsLogger:

@@ -1,0 +1,151 @@
+"""Export a run's checkpoint as a self-contained directory, and load it back.
+
+    omni-train export --run runs/meeting-finetune --out exports/meeting [--step S] [--merge-lora | --keep-lora]
+
+    from omni_train.export import load_exported
+    model, tokenizer, cfg = load_exported("exports/meeting")    # OmniModel in eval mode, on the CPU
+
+The directory (Hugging Face layout; nothing in it is pickled):
+    config.json                  {"format": "omni_train", "model": the resolved model config, "data": the
+                                  media settings the model was trained with, "source": run, step, lora}
+    model.safetensors            every weight of the model (LoRA merged in, or the base under --keep-lora)
+    tokenizer files              whatever `Tokenizer.save` writes (omni_tokenizer.json, tokenizer.model, tokenizer.json ...)
+    adapter_config.json          --keep-lora only: peft's LoraConfig of the adapters
+    adapter_model.safetensors    --keep-lora only: the adapters in peft's layout (`<layer>.lora_A.weight`)
+
+`--merge-lora` (the default) folds the adapters into the weights (W + B A alpha / r): one plain
+model. `--keep-lora` keeps base and adapters apart, for swapping adapters on one base; peft can
+read the two adapter files. A run without LoRA exports its weights either way.
+
+The model config is the built model's (`model.cfg`: vocabulary and any pretrained component's
+shape filled in) with every `pretrained_*` path cleared, so loading never reads anything outside
+the directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from omni_train.data.audio import AudioConfig
+from omni_train.data.image import ImageConfig
+from omni_train.data.video import VideoConfig
+from omni_train.model.omni import OmniConfig
+
+FORMAT = "omni_train"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+@dataclass(kw_only=True)
+class MediaConfig:
+    """The preprocessing the exported model expects (the run's data.audio / image / video)."""
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+
+
+@dataclass(kw_only=True)
+class ExportConfig:
+    format: str
+    model: OmniConfig
+    data: MediaConfig = field(default_factory=MediaConfig)
+    source: dict[str, Any] = field(default_factory=dict)  # run, step, lora: merged | separate | none
+
+    def __post_init__(self):
+        if self.format != FORMAT:
+            raise ValueError(f"format must be {FORMAT!r}, got {self.format!r}")
+
+
+def _model_config(model: nn.Module) -> dict:
+    """The built model's config with the pretrained_* paths cleared (their weights are in the export)."""
+    cfg = dataclasses.asdict(model.cfg)
+    for name in cfg:
+        if name.startswith("pretrained_"):
+            cfg[name] = None
+    return cfg
+
+
+def export_run(run: str | Path, out: str | Path, *, step: int | None = None, merge_lora: bool = True,
+               overwrite: bool = False) -> Path:
+    """Write the export directory `out` for `run`'s checkpoint (the latest unless `step`); see the module docstring."""
+    from safetensors.torch import save_file
+
+    from omni_train.train.lora import adapter_state_dict, has_lora, peft_config, remove_lora
+    from omni_train.train.runs import load_run
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
+    model, cfg, tokenizer, checkpoint = load_run(run, step)
+    lora = has_lora(model)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if lora and not merge_lora:
+        adapted = [name for name, module in model.named_modules() if hasattr(module, "get_base_layer")]
+        adapter = adapter_state_dict(model)
+        peft_config(cfg.train.lora, adapted).save_pretrained(str(tmp))
+        save_file(adapter, str(tmp / ADAPTER_WEIGHTS_FILE))
+    if lora:
+        remove_lora(model, merge=merge_lora)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS_FILE))
+    tokenizer.save(tmp)
+    config = {"format": FORMAT, "model": _model_config(model),
+              "data": {name: dataclasses.asdict(getattr(cfg.data, name)) for name in ("audio", "image", "video")},
+              "source": {"run": str(run), "step": int(checkpoint.name.removeprefix("step_")),
+                         "lora": ("merged" if merge_lora else "separate") if lora else "none"}}
+    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, ensure_ascii=False))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def load_exported(directory: str | Path) -> tuple[nn.Module, Any, ExportConfig]:
+    """(model in eval mode on the CPU, tokenizer, config) from an export directory; adapters kept apart are re-applied."""
+    from safetensors.torch import load_file
+
+    from omni_train.config import load_recipe
+    from omni_train.data.text import Tokenizer
+    from omni_train.model.omni import build_model
+    from omni_train.train.lora import load_adapter_state_dict
+
+    directory = Path(directory)
+    if not (directory / CONFIG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{directory} is not an omni_train export (no {CONFIG_FILE} / {WEIGHTS_FILE})")
+    cfg = load_recipe(directory / CONFIG_FILE, schema=ExportConfig)  # JSON is YAML: the recipe loader validates it
+    tokenizer = Tokenizer.from_path(directory)
+    model = build_model(cfg.model, vocab_size=tokenizer.vocab_size)
+    model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+    if (directory / ADAPTER_CONFIG_FILE).is_file():
+        import peft
+
+        peft.inject_adapter_in_model(peft.LoraConfig.from_pretrained(str(directory)), model)
+        load_adapter_state_dict(model, load_file(str(directory / ADAPTER_WEIGHTS_FILE)))
+    return model.eval(), tokenizer, cfg
+
+
+def export_cli(args: argparse.Namespace) -> int:
+    out = export_run(args.run, args.out, step=args.step, merge_lora=not args.keep_lora, overwrite=args.overwrite)
+    config = json.loads((out / CONFIG_FILE).read_text())
+    size_mb = sum(p.stat().st_size for p in out.iterdir()) / 2**20
+    print(f"exported {config['source']['run']} step {config['source']['step']} (LoRA: {config['source']['lora']}) "
+          f"to {out} ({size_mb:.1f} MiB)")
+    return 0
+
+
+@torch.no_grad()
+def max_output_difference(a: nn.Module, b: nn.Module, batch: dict) -> float:
+    """The largest absolute difference of two models' logits on one batch (the export parity check)."""
+    return float((a(batch, return_logits=True).logits - b(batch, return_logits=True).logits).abs().max())

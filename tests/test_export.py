@@ -1,0 +1,150 @@
+"""Runs that start from other runs, LoRA checkpoints, and `omni-train export` + `load_exported` round trips.
+
+Small single-process runs on the shared multimodal corpus (audio, images, video, text): a base
+pre-trained for a few steps, a LoRA fine-tune of it on every module group, a full fine-tune with
+a frozen module. Exports must reload to the run's outputs within 1e-5 (fp32), merged and with
+the adapters kept apart; LoRA checkpoints hold only the adapters and resume exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from omni_train.config import RecipeError, load_recipe
+from omni_train.train.loop import train
+
+LORA = "{r: 4, alpha: 8, targets: [backbone.attention, backbone.mlp, projectors, audio_encoder, vision_encoder]}"
+
+
+def run_recipe(corpus, run: Path, *overrides: str) -> Path:
+    base = [f"name={run.name}", f"output_dir={run}", f"data.train.0.shards={corpus['pattern']}",
+            f"data.eval.0.shards={corpus['shards'][-1]}", "train.engine=single", "train.precision=fp32", "train.tracker=none",
+            "train.progress=false", "train.log_every=1", "train.eval_every=0", "data.num_workers=0"]
+    train(load_recipe("recipes/smoke.yaml", [*base, *overrides]))
+    return run
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def runs(corpus, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    base = run_recipe(corpus, root / "base", "train.steps=2", "train.checkpoint_every=2")
+    lora = run_recipe(corpus, root / "lora", f"init.run={base}", f"train.lora={LORA}", "train.steps=4",
+                      "train.checkpoint_every=2", "train.lr=1e-2", "train.warmup_steps=0")
+    return {"base": base, "lora": lora}
+
+
+@pytest.fixture(scope="module")
+def batch(corpus, runs) -> dict:
+    from omni_train.data.pipeline import DataPipeline
+    from omni_train.data.text import Tokenizer
+
+    cfg = load_recipe(runs["lora"] / "config.yaml")
+    pipeline = DataPipeline(dataclasses.replace(cfg.data, num_workers=0), cfg.data.eval,
+                            tokenizer=Tokenizer.from_path(cfg.data.tokenizer), epochs=1)
+    return next(iter(pipeline))
+
+
+def test_export_reloads_to_the_same_outputs_merged_and_separate(runs, batch, tmp_path):
+    from omni_train.cli import main
+    from omni_train.export import load_exported, max_output_difference
+    from omni_train.train.runs import load_run
+
+    for name, flags in (("lora", ["--merge-lora"]), ("lora", ["--keep-lora"]), ("base", [])):
+        reference, *_ = load_run(runs[name])
+        out = tmp_path / f"{name}{''.join(flags)}"
+        assert main(["export", "--run", str(runs[name]), "--out", str(out), *flags]) == 0
+        model, tokenizer, cfg = load_exported(out)
+        assert max_output_difference(reference, model, batch) < 1e-5, (name, flags)
+        assert tokenizer.vocab_size == reference.cfg.backbone.vocab_size
+        assert cfg.model.pretrained_backbone is None
+
+
+def test_kept_adapters_are_peft_files_over_the_unchanged_base(runs, tmp_path):
+    import peft
+
+    from omni_train.cli import main
+    from omni_train.train.runs import load_run
+
+    out = tmp_path / "separate"
+    assert main(["export", "--run", str(runs["lora"]), "--out", str(out), "--keep-lora"]) == 0
+    adapter_cfg = peft.LoraConfig.from_pretrained(str(out))
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    assert adapter_cfg.r == 4 and "backbone.layers.0.self_attn.q_proj" in adapter_cfg.target_modules
+    assert "audio_encoder.layers.0.fc1" in adapter_cfg.target_modules and "vision_projector.fc2" in adapter_cfg.target_modules
+    assert adapter and all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in adapter)
+    assert any(v.abs().max() > 0 for k, v in adapter.items() if k.endswith("lora_B.weight"))  # trained, not the zero init
+    base, *_ = load_run(runs["base"])  # LoRA leaves the base weights as they were
+    exported = load_file(str(out / "model.safetensors"))
+    assert exported.keys() == base.state_dict().keys()
+    assert all(torch.equal(exported[k], v) for k, v in base.state_dict().items())
+
+
+def test_lora_checkpoint_holds_the_adapters_and_resumes_exactly(corpus, runs, tmp_path):
+    checkpoint = runs["lora"] / "checkpoints" / "step_00000002"
+    saved = load_file(str(checkpoint / "model.safetensors"))
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
+    summary = json.loads((checkpoint / "adapter.json").read_text())
+    assert summary["init"]["run"] == str(runs["base"]) and sorted(saved) == summary["saved_parameters"]
+    resumed = run_recipe(corpus, tmp_path / "resumed", f"init.run={runs['base']}", f"train.lora={LORA}", "train.steps=4",
+                         "train.checkpoint_every=2", "train.lr=1e-2", "train.warmup_steps=0", f"train.resume={checkpoint}")
+    expected, again = losses(runs["lora"]), losses(resumed)
+    assert sorted(again) == [3, 4]
+    assert all(abs(again[s] - expected[s]) < 1e-6 for s in again), (again, expected)
+
+
+def test_full_finetune_inherits_the_model_and_freezes_a_module(corpus, runs, tmp_path):
+    from omni_train.train.runs import load_run
+
+    # the base has a vision encoder and the smoke recipe's model; a fine-tune recipe need not repeat it
+    cfg = load_recipe("recipes/smoke.yaml", [f"init.run={runs['base']}", "model.preset=0.5b"])
+    assert cfg.model.backbone.dim == 128 and cfg.init.step == 2  # step: resolved to the latest, recorded
+    run = run_recipe(corpus, tmp_path / "full", f"init.run={runs['base']}", "train.steps=2", "train.checkpoint_every=2",
+                     "train.modules={audio_encoder: {freeze: true}, backbone: {lr_scale: 0.5}}")
+    base, *_ = load_run(runs["base"])
+    tuned, *_ = load_run(run)
+    before, after = base.state_dict(), tuned.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("audio_encoder."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("backbone."))
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.lora={r: 0}", "train.lora.r"),
+    ("train.lora={targets: [backbone.everything]}", "train.lora.targets"),
+    ("train.lora={full_modules: [decoder]}", "train.lora.full_modules"),
+    ("init.run=/nonexistent/run", "init.run"),
+    ("init.step=3", "init.step"),
+])
+def test_lora_and_init_errors_name_the_key(override, key):
+    with pytest.raises(RecipeError) as info:
+        load_recipe("recipes/smoke.yaml", [override])
+    assert str(info.value).startswith(key) and "\n" not in str(info.value), str(info.value)
+
+
+def test_init_step_that_the_run_does_not_have(runs):
+    with pytest.raises(RecipeError, match=r"^init.step: .* has no checkpoint of step 7 \(steps: 2\)"):
+        load_recipe("recipes/smoke.yaml", [f"init.run={runs['base']}", "init.step=7"])
+
+
+def test_export_cli_errors_are_one_line(runs, tmp_path, capsys):
+    from omni_train.cli import main
+
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "file").write_text("x")
+    for args, reason in ((["--run", str(runs["lora"]), "--out", str(occupied)], "not empty"),
+                         (["--run", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], "not a run directory"),
+                         (["--run", str(runs["lora"]), "--out", str(tmp_path / "o"), "--step", "9"], "no checkpoint of step 9")):
+        assert main(["export", *args]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("omni-train: error:") and reason in lines[0], lines
+    assert not (tmp_path / "o").exists()
