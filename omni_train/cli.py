@@ -40,6 +40,11 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
     return train_tokenizer_cli(args)
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from omni_train.probes.compare import compare_cli
+    return compare_cli(args)
+
+
 def _plot(args: argparse.Namespace) -> int:
     from omni_train.plot import plot_cli
     return plot_cli(args)
@@ -132,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--keep-lora", action="store_true", help="write the base weights and the adapters apart (peft layout)")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     export.set_defaults(func=_export)
+
+    compare = commands.add_parser("compare", help="headline probe numbers of several runs side by side (naive vs mechanisms)")
+    compare.add_argument("runs", nargs="+", help="run directories (runs/NAME) with probes.jsonl")
+    compare.set_defaults(func=_compare)
 
     plot = commands.add_parser("plot", help="PNG loss and probe curves of one or more runs, side by side")
     plot.add_argument("runs", nargs="+", help="run directories (runs/NAME)")
