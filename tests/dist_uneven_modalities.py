@@ -77,8 +77,9 @@ def main(out: str) -> None:
         moved = {n: float((trained[n] - initial[n]).abs().max()) for n in trained if n.startswith("vision_encoder.")}
         assert min(moved.values()) > 0, "a vision encoder parameter did not move"
         # Adam moves each weight by about lr = 2e-3 a step; summing gradients in another order (ZeRO's
-        # flattened reduce-scatter vs one process) leaves differences near 1e-5, a wrong gradient ~1e-3
-        assert max(worst.values()) < 5e-5, sorted(worst.items(), key=lambda kv: -kv[1])[:5]
+        # flattened reduce-scatter vs one process) leaves differences of 1e-5 to 6e-5 (Adam divides tiny gradients
+        # by their own tiny second moments, which magnifies rounding), a wrong or missing gradient ~1e-3
+        assert max(worst.values()) < 2e-4, sorted(worst.items(), key=lambda kv: -kv[1])[:5]
         print(f"consistent: max |zero3 - single| = {max(worst.values()):.2e} over {len(worst)} tensors; "
               f"vision encoder moved by up to {max(moved.values()):.2e}", flush=True)
     dist.barrier()
