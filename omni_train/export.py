@@ -79,8 +79,6 @@ def _model_config(model: nn.Module) -> dict:
 def export_run(run: str | Path, out: str | Path, *, step: int | None = None, merge_lora: bool = True,
                overwrite: bool = False) -> Path:
     """Write the export directory `out` for `run`'s checkpoint (the latest unless `step`); see the module docstring."""
-    from safetensors.torch import save_file
-
     from omni_train.train.lora import adapter_state_dict, has_lora, peft_config, remove_lora
     from omni_train.train.runs import load_run
 
@@ -89,22 +87,34 @@ def export_run(run: str | Path, out: str | Path, *, step: int | None = None, mer
         raise ValueError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
     model, cfg, tokenizer, checkpoint = load_run(run, step)
     lora = has_lora(model)
+    adapters = None
+    if lora and not merge_lora:
+        adapted = [name for name, module in model.named_modules() if hasattr(module, "get_base_layer")]
+        adapters = (peft_config(cfg.train.lora, adapted), adapter_state_dict(model))
+    if lora:
+        remove_lora(model, merge=merge_lora)
+    source = {"run": str(run), "step": int(checkpoint.name.removeprefix("step_")),
+              "lora": ("merged" if merge_lora else "separate") if lora else "none"}
+    return write_export(model, tokenizer, cfg.data, out, source=source, adapters=adapters)
+
+
+def write_export(model: nn.Module, tokenizer: Any, data_cfg: Any, out: Path, *, source: dict[str, Any],
+                 adapters: tuple[Any, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write `model` (without LoRA layers), its tokenizer and media settings as an export directory, replacing `out`
+    atomically (written beside it, then renamed); `adapters`: (peft LoraConfig, adapter state) kept apart."""
+    from safetensors.torch import save_file
+
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if lora and not merge_lora:
-        adapted = [name for name, module in model.named_modules() if hasattr(module, "get_base_layer")]
-        adapter = adapter_state_dict(model)
-        peft_config(cfg.train.lora, adapted).save_pretrained(str(tmp))
-        save_file(adapter, str(tmp / ADAPTER_WEIGHTS_FILE))
-    if lora:
-        remove_lora(model, merge=merge_lora)
+    if adapters is not None:
+        adapters[0].save_pretrained(str(tmp))
+        save_file(adapters[1], str(tmp / ADAPTER_WEIGHTS_FILE))
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS_FILE))
     tokenizer.save(tmp)
     config = {"format": FORMAT, "model": _model_config(model),
-              "data": {name: dataclasses.asdict(getattr(cfg.data, name)) for name in ("audio", "image", "video")},
-              "source": {"run": str(run), "step": int(checkpoint.name.removeprefix("step_")),
-                         "lora": ("merged" if merge_lora else "separate") if lora else "none"}}
+              "data": {name: dataclasses.asdict(getattr(data_cfg, name)) for name in ("audio", "image", "video")},
+              "source": source}
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, ensure_ascii=False))
     if out.exists():
         shutil.rmtree(out)

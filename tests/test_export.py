@@ -95,6 +95,13 @@ def test_lora_checkpoint_holds_the_adapters_and_resumes_exactly(corpus, runs, tm
     assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
     summary = json.loads((checkpoint / "adapter.json").read_text())
     assert summary["init"]["run"] == str(runs["base"]) and sorted(saved) == summary["saved_parameters"]
+    # the frozen base, once per run, as an export directory: the base run's weights
+    from omni_train.export import load_exported
+    from omni_train.train.runs import load_run
+
+    frozen, *_ = load_exported(runs["lora"] / summary["base"].removeprefix("../../"))
+    base, *_ = load_run(runs["base"])
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in frozen.state_dict().items())
     resumed = run_recipe(corpus, tmp_path / "resumed", f"init.run={runs['base']}", f"train.lora={LORA}", "train.steps=4",
                          "train.checkpoint_every=2", "train.lr=1e-2", "train.warmup_steps=0", f"train.resume={checkpoint}")
     expected, again = losses(runs["lora"]), losses(resumed)
@@ -148,3 +155,42 @@ def test_export_cli_errors_are_one_line(runs, tmp_path, capsys):
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("omni-train: error:") and reason in lines[0], lines
     assert not (tmp_path / "o").exists()
+
+
+def test_lora_on_a_pretrained_backbone_directory_exports_without_it(corpus, batch, tmp_path):
+    """init.run=null: the weights come from a local HF Qwen3 directory (through build_model); the export needs it no more."""
+    import os
+    import subprocess
+    import sys
+
+    from distributed import REPO
+    from omni_train.cli import main
+    from omni_train.export import load_exported, max_output_difference
+    from omni_train.train.runs import load_run
+
+    transformers = pytest.importorskip("transformers")
+    hf = tmp_path / "qwen3"
+    torch.manual_seed(0)
+    transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)).save_pretrained(hf, safe_serialization=True)
+    run = tmp_path / "from_qwen"
+    result = subprocess.run(
+        [sys.executable, "launch/finetune.py", "--recipe", "recipes/smoke.yaml", f"name={run.name}", f"output_dir={run}",
+         f"model.pretrained_backbone={hf}", "train.lora={targets: [backbone.attention]}", "train.engine=single",
+         "train.steps=2", "train.checkpoint_every=2", "train.eval_every=0", "train.precision=fp32", "train.tracker=none",
+         "train.progress=false", f"data.train.0.shards={corpus['pattern']}", "data.num_workers=0"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_MODE": "disabled"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "starting from model.pretrained_backbone, LoRA r=8 on backbone.attention" in result.stdout
+    # 2 layers x rank 8 x (in + out): q and o 64 + 64, k and v 64 + 32
+    assert "7,168 trainable, 7,168 in LoRA adapters" in result.stdout, result.stdout[-2000:]
+    import shutil
+
+    shutil.rmtree(hf)  # the run kept its base (base/): the directory it came from is no longer needed
+    out = tmp_path / "export"
+    assert main(["export", "--run", str(run), "--out", str(out)]) == 0
+    model, _, cfg = load_exported(out)
+    assert cfg.model.pretrained_backbone is None and cfg.model.backbone.dim == 64
+    reference, *_ = load_run(run)
+    assert max_output_difference(reference, model, batch) < 1e-5

@@ -30,7 +30,7 @@ from omni_train.data import synth
 from omni_train.probes.metrics import item_matches
 from omni_train.probes.runner import ProbeConfig, _score_generation, bucket_label, format_table
 
-PROBE = ("{name: meeting, shards: '%s', tasks: [transcribe, action_items], max_new_tokens: 80, batch_size: 16, "
+PROBE = ("{name: meeting, shards: '%s', tasks: [transcribe, action_items], max_new_tokens: 80, batch_size: 8, "
          "group_by: [num_speakers, duration_s], buckets: {duration_s: [3, 5]}}")
 PEAK_RSS = "import resource, sys; from omni_train.cli import main; code = main(sys.argv[1:]); " \
            "print('peak_rss_mb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024); sys.exit(code)"
@@ -128,10 +128,10 @@ def test_lora_zero2_lowers_held_out_wer_trains_only_adapters_and_exports(meeting
     items = {r["metric"]: r for r in rows if r["step"] == 40 and r["task"] == "action_items" and "group_by" not in r}
     assert {"item_precision", "item_recall"} <= set(items) and items["item_recall"]["n"] == 1
 
-    # the checkpoint holds the adapters (not the frozen base) and names the base they apply to
+    # the checkpoint holds the adapters, the run its frozen base (base/) once, adapter.json where it came from
     checkpoint = run / "checkpoints" / "step_00000040"
     summary = json.loads((checkpoint / "adapter.json").read_text())
-    assert summary["init"] == {"run": str(base_run), "step": 30}
+    assert summary["init"] == {"run": str(base_run), "step": 30} and (run / "base" / "model.safetensors").is_file()
     assert summary["saved_parameters"] and all(".lora_" in name for name in summary["saved_parameters"])
     assert (checkpoint / "engine" / "mp_rank_00_model_states.pt").stat().st_size < 4 * 4 * adapter
 
@@ -164,8 +164,12 @@ def eval_batch(cfg, tokenizer) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.multiproc
-def test_memory_does_not_grow_with_meeting_length(tmp_path, capsys):
+def test_memory_does_not_grow_with_meeting_length(tmp_path, capsys, monkeypatch):
     """10- and 30-minute meetings: the same base, the same LoRA run; peak memory of the build and of each rank."""
+    # glibc raises its mmap threshold as large blocks are freed, after which freed tensors stay in the heap and
+    # peak RSS depends on the order of batch shapes (about +-10% between two runs); a fixed threshold hands them
+    # back, so RSS follows what is live. Inherited by every process the test starts.
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
     report, runs = {}, {}
     base = None
     for minutes in (10, 30):

@@ -30,7 +30,7 @@ Kinds:
 
 Every probe reads all of its shards' items in one fixed order (shard order, then tar order),
 keeps those of `tasks` (and those its kind can use), at most `max_items`, and gives rank r the
-items r, r + W, ... . Every rank runs the same number of batches (a rank short of items runs a
+items r, r + W, ..., which it batches shortest media first (`meta.duration_s`). Every rank runs the same number of batches (a rank short of items runs a
 one-token text prompt whose output is dropped) and `generate` the same number of steps, as
 ZeRO-3 requires. Results are gathered to rank 0, which computes the metrics per (task, language),
 per task over all languages ("all"), per language over all tasks and over everything, appends
@@ -195,6 +195,12 @@ def bucket_label(value: float, edges: list[float]) -> str:
         if low <= value < high:
             return f"{low_text}-{high_text}"
     return f">={text[-1]}"
+
+
+def _media_seconds(item: ProbeItem) -> float:
+    """The item's `meta.duration_s` (its media's length, as the writers record it), 0 when unknown."""
+    value = item.sample["meta"].get("duration_s")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
 def _usable(item: ProbeItem, kind: str) -> bool:
@@ -459,7 +465,10 @@ def run_probe(model: nn.Module, probe: ProbeConfig, *, data_cfg: Any, tokenizer:
               ) -> tuple[list[dict], list[dict]]:
     """One probe on this rank's share of the items: (rows, examples) on rank 0, ([], []) elsewhere."""
     items = list_items(probe)
-    mine = items[dist.rank::dist.world_size]
+    # batches of similar length: without a KV cache every generated token reruns the whole (padded) batch,
+    # so one long recording would make every prompt of its batch as costly as itself. Results do not depend
+    # on the batching; they are put back in the fixed order below.
+    mine = sorted(items[dist.rank::dist.world_size], key=lambda item: _media_seconds(item))
     num_batches = math.ceil(math.ceil(len(items) / dist.world_size) / probe.batch_size)  # the same on every rank
     ctx = _Context(model, tokenizer, data_cfg, stop_early=dist.world_size == 1)
     results: list[dict] = []

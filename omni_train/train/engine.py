@@ -10,8 +10,8 @@ Model code never sees any of this. Gradient accumulation, clipping, bf16 and the
 differ per engine and live here; the loop calls the same three methods whatever the engine.
 
 With `train.lora`, checkpoints hold only the parameters that train (the adapters): the frozen base
-is rebuilt from the run's recorded starting point (`runs.build_run_model`) rather than copied into
-every checkpoint.
+is written once per run (`runs.build_run_model`, `runs/NAME/base/`) rather than copied into every
+checkpoint.
 """
 
 from __future__ import annotations

@@ -144,11 +144,15 @@ def save_checkpoint(engine: Engine, state: TrainState, data, cfg, dist, config_y
 
 
 def adapter_summary(engine: Engine, cfg) -> dict:
-    """What a LoRA checkpoint's adapters apply to: the base (init run and step, pretrained components) and the layers."""
+    """What a LoRA checkpoint's adapters apply to: the run's base/ (made from the init run and step or the
+    pretrained components named here) and the adapted layers."""
     from peft.tuners.lora import LoraLayer
 
+    from omni_train.train.runs import BASE_DIR
+
     pretrained = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(cfg.model) if f.name.startswith("pretrained_")}
-    return {"lora": dataclasses.asdict(cfg.train.lora), "init": dataclasses.asdict(cfg.init), "pretrained": pretrained,
+    return {"lora": dataclasses.asdict(cfg.train.lora), "base": f"../../{BASE_DIR}", "init": dataclasses.asdict(cfg.init),
+            "pretrained": pretrained,
             "adapted_layers": [name for name, m in engine.module.named_modules() if isinstance(m, LoraLayer)],
             "saved_parameters": sorted(engine.saved_parameters or [])}
 
@@ -178,16 +182,18 @@ def train(cfg) -> TrainState:
     tokenizer = Tokenizer.from_path(cfg.data.tokenizer)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     from omni_train.probes.runner import format_table, probes_due, run_probes
-    from omni_train.train.runs import build_run_model
+    from omni_train.train.runs import BASE_DIR, build_run_model
 
-    model = build_run_model(cfg, tokenizer.vocab_size)  # base weights, then LoRA adapters: before the engine wraps it
+    # base weights, then LoRA adapters (a LoRA run keeps its frozen base in base/): before the engine wraps the model
+    checkpoint = resolve_resume(tcfg.resume, output_dir / "checkpoints")
+    base_dir = output_dir / BASE_DIR if tcfg.lora is not None else None
+    model = build_run_model(cfg, tokenizer, base_dir=base_dir, reuse_base=checkpoint is not None, write_base=dist.is_main)
     engine = Engine(model, tcfg, dist, micro_batch_size=cfg.data.batch_size)
     data = DataPipeline(cfg.data, tokenizer=tokenizer, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed,
                         skip_log=output_dir / "skipped.jsonl")
     state = TrainState()
     torch.manual_seed(cfg.seed * 1000 + dist.rank)  # per-rank randomness from here on (dropout, sampling)
 
-    checkpoint = resolve_resume(tcfg.resume, output_dir / "checkpoints")
     if checkpoint is not None:
         engine.load(checkpoint)
         saved = json.loads((checkpoint / "trainer_state.json").read_text())
@@ -202,7 +208,7 @@ def train(cfg) -> TrainState:
         logger.write(f"resumed from {checkpoint} at step {state.step}")
     logger.write(describe_parameters(engine.module))
     evaluator = Evaluator(cfg, dist, tokenizer) if cfg.data.eval and tcfg.eval_every else None
-    replica = lambda: build_run_model(cfg, tokenizer.vocab_size, load_init=False)  # noqa: E731 - ZeRO-3 probe copies
+    replica = lambda: build_run_model(cfg, tokenizer, base_dir=base_dir, load_init=False)  # noqa: E731 - ZeRO-3 probe copies
     if tcfg.probes_at_start and state.step == 0 and cfg.probes:
         probe_rows = run_probes(engine.full_model(replica), cfg.probes, data_cfg=cfg.data, tokenizer=tokenizer, dist=dist,
                                 step=0, output_dir=output_dir)

@@ -3,7 +3,7 @@
     init: {run: runs/pretrain, step: 700}     # start from an omni_train checkpoint (step: latest when left out)
     train: {lora: {r: 8, targets: [backbone.attention, backbone.mlp]}}
 
-`build_run_model(cfg, vocab_size)` is the one recipe -> model path for training, probes and
+`build_run_model(cfg, tokenizer)` is the one recipe -> model path for training, probes and
 export: `model.build_model` (which loads any pretrained components the recipe names), then the
 weights of `init.run` at `init.step` (a LoRA run there is merged into its own base first), then
 LoRA adapters (`train.lora`). The engine wraps what it returns.
@@ -11,21 +11,26 @@ LoRA adapters (`train.lora`). The engine wraps what it returns.
 A fine-tune inherits its base run's model, tokenizer and media settings (`config.load_recipe`
 merges them under the recipe), so a recipe names `init.run` and only what it changes.
 
-`load_run(run, step)` reads a run directory back: its config.yaml, the model built as above, the
-checkpoint's weights (only the adapters for a LoRA run, whose checkpoints leave the frozen base
-out: it is rebuilt from the recorded `init` and `model.pretrained_*`).
+A LoRA run writes its frozen base once, as an export directory `runs/NAME/base/`, before the first
+step; its checkpoints hold only what trains (the adapters). `load_run(run, step)` reads a run
+directory back: its config.yaml, the model (for a LoRA run the base from `base/`, then the
+adapters), the checkpoint's weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from omni_train.train.checkpoint import list_checkpoints, load_checkpoint_weights
 from omni_train.train.lora import apply_lora, merge_lora
+
+BASE_DIR = "base"  # in a LoRA run's directory: the frozen base model, in the export layout
 
 
 @dataclass(kw_only=True)
@@ -64,24 +69,39 @@ def checkpoint_path(run: str | Path, step: int | None = None) -> Path:
     return checkpoints[step]
 
 
-def build_run_model(cfg: Any, vocab_size: int, *, load_init: bool = True) -> nn.Module:
+def build_run_model(cfg: Any, tokenizer: Any, *, base_dir: Path | None = None, reuse_base: bool = True,
+                    write_base: bool = False, load_init: bool = True) -> nn.Module:
     """The recipe's model with its base weights (pretrained components, init.run) and its LoRA adapters.
 
+    `base_dir`: a LoRA run's `base/`, the frozen base as an export directory (`export.write_export`):
+    read from there when it exists and `reuse_base` (a resumed or finished run), else built and, with
+    `write_base` (rank 0 of a run that starts), written there. So the run's checkpoints need hold only
+    the adapters, whatever becomes of init.run's checkpoints or the pretrained directories, and
+    randomly initialized frozen modules come back as they were.
     `load_init=False` builds the same architecture without reading init.run (a replica to load weights into).
     """
+    from omni_train.export import CONFIG_FILE, load_exported, write_export
     from omni_train.model.omni import build_model
 
-    model = build_model(cfg.model, vocab_size=vocab_size)
-    if cfg.init.run is not None and load_init:
-        base, _, _, checkpoint = load_run(cfg.init.run, cfg.init.step, merge=True)
-        try:
-            missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
-        except RuntimeError as e:  # shapes differ
-            raise ValueError(f"init.run: {checkpoint} does not fit model.* ({_first_mismatch(str(e))})") from None
-        if missing or unexpected:
-            raise ValueError(f"init.run: {checkpoint} does not fit model.* (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        del base
+    if base_dir is not None and reuse_base and (base_dir / CONFIG_FILE).is_file():
+        model = load_exported(base_dir)[0].train()
+    else:
+        model = build_model(cfg.model, vocab_size=tokenizer.vocab_size)
+        if cfg.init.run is not None and load_init:
+            base, _, _, checkpoint = load_run(cfg.init.run, cfg.init.step, merge=True)
+            try:
+                missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+            except RuntimeError as e:  # shapes differ
+                raise ValueError(f"init.run: {checkpoint} does not fit model.* ({_first_mismatch(str(e))})") from None
+            if missing or unexpected:
+                raise ValueError(f"init.run: {checkpoint} does not fit model.* (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            del base
+        if base_dir is not None and write_base:
+            pretrained = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(cfg.model) if f.name.startswith("pretrained_")}
+            write_export(model, tokenizer, cfg.data, base_dir,
+                         source={"init": dataclasses.asdict(cfg.init), "pretrained": pretrained, "lora": "none"})
     if cfg.train.lora is not None:
+        torch.manual_seed(cfg.seed)  # the same adapter initialization on every rank, however the base was made
         apply_lora(model, cfg.train.lora)
     return model
 
@@ -107,8 +127,8 @@ def load_run(run: str | Path, step: int | None = None, *, merge: bool = False) -
     checkpoint = checkpoint_path(run, step)
     cfg = load_recipe(config)
     tokenizer = Tokenizer.from_path(cfg.data.tokenizer)
-    model = build_run_model(cfg, tokenizer.vocab_size)
     lora = cfg.train.lora is not None
+    model = build_run_model(cfg, tokenizer, base_dir=run / BASE_DIR if lora else None)
     load_checkpoint_weights(model, checkpoint, only=saved_parameter_names(model, cfg.train) if lora else None)
     if lora and merge:
         merge_lora(model)
