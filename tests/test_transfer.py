@@ -170,6 +170,40 @@ def test_greedy_spans_collapse_runs_drop_blanks_and_stop_at_items():
 # ------------------------------------------------------------------------------------------------ token_rate
 
 
+def test_ctc_loss_over_the_used_columns_equals_the_full_vocabulary():
+    """The head's CTC runs over the transcripts' tokens, the blank and one "other" column: loss and gradients
+    are those of torch's CTC over every vocabulary column."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from omni_train.model.transfer import TokenRateTransfer
+
+    torch.manual_seed(0)
+    vocab = 300
+    head = TokenRateTransfer(TransferConfig(kind="token_rate"), 16, vocab)
+    num_frames = [40, 25, 33, 12]
+    transcripts = [torch.randint(0, vocab, (n,)) for n in (9, 4, 0, 3)]  # item 2 has no transcript
+    frames = torch.randn(sum(num_frames), 16, requires_grad=True)
+    with_transcript = [0, 1, 3]
+
+    def full_vocabulary():
+        log_probs = head.ctc_head(frames).log_softmax(-1).split(num_frames)
+        chosen = [log_probs[i] for i in with_transcript]
+        return F.ctc_loss(nn.utils.rnn.pad_sequence(chosen), torch.cat([transcripts[i] for i in with_transcript]),
+                          torch.tensor([x.shape[0] for x in chosen]), torch.tensor([transcripts[i].numel() for i in with_transcript]),
+                          blank=vocab, zero_infinity=True)
+
+    expected = full_vocabulary()
+    got = head._ctc_loss(head.ctc_head(frames), num_frames, transcripts, with_transcript)
+    assert torch.allclose(got, expected, rtol=1e-6), (got, expected)
+    parameters = [frames, head.ctc_head.weight, head.ctc_head.bias]
+    for a, b in zip(torch.autograd.grad(got, parameters), torch.autograd.grad(expected, parameters)):
+        assert (a - b).abs().max() <= 1e-6 * b.abs().max(), (a - b).abs().max()
+    assert head._ctc_loss(head.ctc_head(frames), num_frames, transcripts, []).item() == 0.0
+
+
+
+
 def test_token_rate_forward_backward_and_aux(media):
     batch = mixed_batch(media)
     model = tiny_model(TransferConfig(kind="token_rate"))
