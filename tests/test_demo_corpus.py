@@ -222,6 +222,12 @@ def test_demo_plan_keeps_probe_expressions_out_of_training():
     asr = [s for s in plan["train"] if s.task == "asr"]
     assert len(asr) == 3000 and {s.language for s in asr} == set(demo.CALIBRATION_VOICES)
     assert {s.task for s in plan["train"]} == TRAINED and not any("(" in s.expression.text for s in asr)
+    # the demo speaks digits (as the calibration did); written inputs keep numbers up to 99
+    speech = [s for split in plan.values() for s in split if isinstance(s.job, demo.SpeechJob)]
+    assert max(n for s in speech for n in s.expression.numbers) == 9
+    assert max(n for s in plan["train"] if s.task == "text2code" for n in s.expression.numbers) > 9
+    full = demo.plan_corpus(demo.demo_config("full", per_voice=4))
+    assert max(n for s in full["train"] if s.task == "asr" for n in s.expression.numbers) > 9
     copy = sum(s.task == "text_copy" for s in plan["train"]) / sum(s.task in ("text2code", "text_copy") for s in plan["train"])
     assert 0.27 < copy < 0.33
 

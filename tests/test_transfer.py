@@ -23,14 +23,15 @@ from omni_train.model.audio_encoder import AudioEncoderConfig
 from omni_train.model.backbone import Backbone, BackboneConfig
 from omni_train.model.hf_adapters import save_qwen_backbone
 from omni_train.model.omni import OmniConfig, OmniModel, build_model, fuse_interleave
-from omni_train.model.transfer import TransferConfig, greedy_spans, repack
+from omni_train.model.transfer import TransferConfig, compact_rows, greedy_spans, repack
 from omni_train.model.vision_encoder import VisionEncoderConfig
 
 TOKENIZER = Tokenizer.byte_level()
 AUDIO_CFG = AudioConfig()
 # short digit strings: espeak voices each digit as a word, the transcript keeps the spaces
 DIGITS = ["3 5 1", "7 2", "4 8 6", "9 0", "2 6", "5 1 8", "6 4", "1 9 7"]
-AUX_KEYS = {"ctc_loss", "align_loss", "gated_fraction", "ctc_exact", "compressed_len", "transcript_len", "transcribed_items"}
+AUX_KEYS = {"ctc_loss", "align_loss", "gated_fraction", "ctc_exact", "compressed_len", "transcript_len", "transcribed_items",
+            "dropped_samples", "backbone_fraction"}
 
 
 def tiny_config(transfer: TransferConfig | None = None, *, vision: bool = True, audio_dim: int = 32) -> OmniConfig:
@@ -155,6 +156,64 @@ def test_repack_moves_tokens_restarts_positions_and_pads_at_the_end():
     assert repack(embeds, position_ids, document_ids, labels, [], [])[0] is embeds
 
 
+def test_compact_rows_repacks_documents_and_keeps_what_the_backbone_computes():
+    """Documents move between rows and dropped ones leave; every kept token's backbone output is unchanged."""
+    torch.manual_seed(0)
+    backbone = Backbone(BackboneConfig(vocab_size=50, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=64))
+    # row 0: documents 0 (4) and 1 (3), padding; row 1: document 2 (6); row 2: 3 (2), 4 (5), 5 (2); length 12
+    layout = [[0] * 4 + [1] * 3 + [-1] * 5, [2] * 6 + [-1] * 6, [3] * 2 + [4] * 5 + [5] * 2 + [-1] * 3]
+    document_ids = torch.tensor(layout)
+    position_ids = torch.zeros_like(document_ids)
+    for row in range(3):
+        for doc in document_ids[row].unique().tolist():
+            if doc >= 0:
+                where = (document_ids[row] == doc).nonzero().flatten()
+                position_ids[row, where] = torch.arange(where.numel())
+    embeds = torch.randn(3, 12, 32)
+    labels = torch.where(document_ids >= 0, torch.randint(0, 50, (3, 12)), IGNORE_INDEX)
+    with torch.no_grad():
+        before = backbone(inputs_embeds=embeds, position_ids=position_ids, document_ids=document_ids)
+    new_embeds, new_positions, new_docs, new_labels = compact_rows(embeds, position_ids, document_ids, labels, {1})
+    # 4 + 6 + 2 + 5 + 2 = 19 tokens of 12-position rows: two rows, the fullest decides the length
+    assert new_docs.shape[0] == 2 and new_docs.shape[1] <= 12 and int((new_docs >= 0).sum()) == 19
+    assert not (new_docs == 1).any()
+    with torch.no_grad():
+        after = backbone(inputs_embeds=new_embeds, position_ids=new_positions, document_ids=new_docs)
+    for doc in (0, 2, 3, 4, 5):
+        old_where, new_where = document_ids == doc, new_docs == doc
+        assert new_where.any(dim=1).sum() == 1, f"document {doc} was cut"
+        assert torch.equal(new_positions[new_where], position_ids[old_where])
+        assert torch.equal(new_labels[new_where], labels[old_where])
+        assert torch.equal(new_embeds[new_where], embeds[old_where])
+        torch.testing.assert_close(after[new_where], before[old_where], rtol=1e-5, atol=1e-5)
+    # nothing left: one padding position, so the backbone still runs
+    empty = compact_rows(embeds, position_ids, document_ids, labels, {0, 1, 2, 3, 4, 5})
+    assert empty[2].tolist() == [[-1]] and empty[3].tolist() == [[IGNORE_INDEX]]
+
+
+def test_ungated_drop_leaves_the_backbone_to_text_until_the_gate_opens(media):
+    """`ungated: drop`: an untrained gate keeps every transcribed sample out of the backbone; CTC still trains the
+    audio side, every parameter still gets a gradient, and eval is unchanged (every item compressed)."""
+    batch = mixed_batch(media)
+    keep = tiny_model(TransferConfig(kind="token_rate"))
+    drop = tiny_model(TransferConfig(kind="token_rate", ungated="drop"))
+    out = drop(batch)
+    assert out.aux["gated_fraction"] == 0.0 and out.aux["dropped_samples"] == 1.0  # document 0 (row 0's speech)
+    assert out.aux["backbone_fraction"] < 1.0 and keep(batch).aux["backbone_fraction"] == 1.0
+    fused = drop.fuse(batch)
+    assert not (fused.document_ids == 0).any()
+    for doc in (1, 2, 3):  # the image, the speech without a transcript (full audio) and the text stay whole
+        assert int((fused.document_ids == doc).sum()) == int((batch["document_ids"] == doc).sum())
+    out.loss.backward()
+    assert all(g is not None for g in grads(drop).values())
+    assert drop.audio_encoder.conv1.weight.grad.abs().sum() > 0 and drop.transfer.ctc_head.weight.grad.abs().sum() > 0
+    keep.eval(), drop.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(drop(batch).loss, keep(batch).loss)
+    with pytest.raises(ValueError, match=r"model\.transfer\.ungated must be one of keep, drop"):
+        TransferConfig(kind="token_rate", ungated="skip")
+
+
 def test_greedy_spans_collapse_runs_drop_blanks_and_stop_at_items():
     blank = 9
     labels = torch.tensor([9, 3, 3, 9, 3, 5, 5, 5, 9, 9, 4, 4])  # item 0: 8 frames, item 1: 4 frames ("5" then "4")
@@ -231,10 +290,12 @@ def test_gate_always_compresses_and_repacks(media):
     fused = model.fuse(batch)
     num_spans = round(out.aux["compressed_len"])  # of the one item with a transcript (row 0, document 0)
     assert out.aux["gated_fraction"] == 1.0 and num_spans > 0
-    original = int((batch["document_ids"][0] == 0).sum())
-    assert int((fused.document_ids[0] == 0).sum()) == original - (int(batch["audio_num_tokens"][0]) + 2) + num_spans
-    # row 1's audio item has no transcript: with `always`, training compresses it too
-    assert (fused.document_ids[1] >= 0).sum() < (batch["document_ids"][1] >= 0).sum()
+    # documents are counted wherever compaction put them
+    original = int((batch["document_ids"] == 0).sum())
+    assert int((fused.document_ids == 0).sum()) == original - (int(batch["audio_num_tokens"][0]) + 2) + num_spans
+    # row 1's audio item (document 2) has no transcript: with `always`, training compresses it too
+    assert (fused.document_ids == 2).sum() < (batch["document_ids"] == 2).sum()
+    assert out.aux["backbone_fraction"] < 1.0  # compaction: the rows hold less padding
     out.loss.backward()
     assert model.transfer.ctc_head.weight.grad.abs().sum() > 0
 

@@ -358,11 +358,15 @@ def expression_split(expr: Expression) -> str | None:
     return "eval" if fraction < PROBE_FRACTION + EVAL_FRACTION else "train"
 
 
-def draw_expression(rng: random.Random, split: str, *, parens: bool) -> Expression:
-    """An expression of `split`; `parens=False` for speech, which never speaks parentheses."""
+def draw_expression(rng: random.Random, split: str, *, parens: bool, two_digit_fraction: float = 0.35) -> Expression:
+    """An expression of `split`; `parens=False` for speech, which never speaks parentheses.
+
+    Each number is 10-99 with probability `two_digit_fraction`, else 0-9.
+    """
     while True:
         num_numbers = 2 if rng.random() < 0.4 else 3
-        numbers = tuple(rng.randint(0, 9) if rng.random() < 0.65 else rng.randint(10, 99) for _ in range(num_numbers))
+        numbers = tuple(rng.randint(10, 99) if rng.random() < two_digit_fraction else rng.randint(0, 9)
+                        for _ in range(num_numbers))
         ops = tuple(rng.choice(OPERATORS) for _ in range(num_numbers - 1))
         shape = rng.choice(("left", "right")) if parens and num_numbers == 3 and rng.random() < 0.3 else ""
         expr = Expression(numbers=numbers, ops=ops, parens=shape)
@@ -398,6 +402,10 @@ class DemoCorpusConfig:
     num_eval_videos: int
     num_train_shards: int
     noise_fraction: float = 0.3          # utterances mixed with background noise
+    # Spoken numbers of 10-99. Each is its own word in most languages (hi: 90 distinct words; de, nl
+    # say the units first), so a 3,000-utterance corpus holds each about 4 times per voice: transcripts
+    # were capped by them. The demo speaks digits, as the calibration did; written text keeps 0-99.
+    speech_two_digit_fraction: float = 0.35
     snr_db: tuple[float, float] = (5.0, 25.0)
     rate_wpm: tuple[int, int] = (130, 190)
     pitch: tuple[int, int] = (30, 70)
@@ -421,7 +429,7 @@ class DemoCorpusConfig:
                 raise ValueError(f"{f.name} must be a non-negative integer, got {value!r}")
         if self.asr_per_voice < 1 or self.num_text2code < 1 or self.num_train_shards < 1:
             raise ValueError("asr_per_voice, num_text2code and num_train_shards must be at least 1")
-        for name in ("text_copy_fraction", "symbolic_text_fraction", "noise_fraction"):
+        for name in ("text_copy_fraction", "symbolic_text_fraction", "noise_fraction", "speech_two_digit_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if not self.rate_wpm[0] <= self.rate_wpm[1] or not self.pitch[0] <= self.pitch[1] or not self.snr_db[0] <= self.snr_db[1]:
@@ -443,7 +451,8 @@ def demo_config(size: str = "demo", *, seed: int = 0, per_voice: int | None = No
         cfg = DemoCorpusConfig(size=size, seed=seed, voices=CALIBRATION_VOICES, asr_per_voice=375,
                                eval_asr_per_voice=25, probe_speech_per_voice=40, num_text2code=3000,
                                num_eval_text2code=200, num_image2text=400, num_eval_image2text=40,
-                               num_probe_image2code=80, num_videos=48, num_eval_videos=8, num_train_shards=8)
+                               num_probe_image2code=80, num_videos=48, num_eval_videos=8, num_train_shards=8,
+                               speech_two_digit_fraction=0.0)
     elif size == "full":
         cfg = DemoCorpusConfig(size=size, seed=seed, voices=ALL_VOICES, asr_per_voice=120, eval_asr_per_voice=10,
                                probe_speech_per_voice=20, num_text2code=4000, num_eval_text2code=300,
@@ -744,7 +753,7 @@ class _Planner:
 
     def speech(self, split: str, task: str, voice: str) -> PlannedSample:
         rng, cfg = self.rng, self.cfg
-        expr = draw_expression(rng, split, parens=False)
+        expr = draw_expression(rng, split, parens=False, two_digit_fraction=cfg.speech_two_digit_fraction)
         noisy = rng.random() < cfg.noise_fraction
         job = SpeechJob(name=self._name("wav"), voice=voice, text=expr.spoken(voice),
                         rate_wpm=rng.randint(*cfg.rate_wpm), pitch=rng.randint(*cfg.pitch),

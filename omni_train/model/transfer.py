@@ -18,8 +18,21 @@ went from 0% to 75% on a tiny model) acts between fusion and the backbone:
 Which items are compressed. Training (and eval with `compress_at_inference: false`): items with
 a transcript whose greedy labels equal it (`gate: exact`; without the gate, recognition never
 left its plateau in the calibration), or every item that yields a span (`gate: always`); the
-others keep their full audio features. Eval with `compress_at_inference: true`: every audio
-item that yields a span, transcript or not, so the decoder sees only the token-rate prefix.
+others keep their full audio features (`ungated: keep`, the calibration's variant) or leave the
+backbone's batch altogether (`ungated: drop`: their whole sample is removed, the audio encoder
+learns from the CTC loss alone until the gate opens). Eval with `compress_at_inference: true`:
+every audio item that yields a span, transcript or not, so the decoder sees only the token-rate
+prefix.
+
+Why `drop` (docs/demo.md): at inference the decoder only ever reads compressed prefixes, so the
+full-audio samples it trains on before the gate opens cost about half of the backbone's positions
+and teach it nothing the probes use; without them a CPU step is cheaper and the gate opens
+sooner in wall-clock time.
+
+Rows are compacted in training whenever something was compressed or dropped: the remaining
+samples are packed again, first fit by decreasing length, into as few rows of the same length
+as they fill (`compact_rows`). Attention never crosses a document and the loss is a mean over
+the same tokens, so this changes only how much padding the backbone computes.
 
 Spaces are labels like any other token: a transcript's space tokens are CTC targets, and the
 compressed prefix holds the vectors CTC emitted for them. On espeak digit strings the CTC head
@@ -31,7 +44,9 @@ Metrics (`FusedInputs.aux`, logged by the engine): ctc_loss, align_loss, gated_f
 items over the gate's population: the items with a transcript, or every audio item where any may
 be compressed), ctc_exact (items whose greedy labels equal their transcript), compressed_len and
 transcript_len (mean spans and mean transcript tokens over the items with a transcript),
-transcribed_items. Every key is present in every forward, 0.0 where undefined.
+transcribed_items, dropped_samples (`ungated: drop`) and backbone_fraction (positions the backbone
+runs after compaction over those of the batch). Every key is present in every forward, 0.0 where
+undefined.
 
 Distributed rule (omni.py): the CTC head runs exactly once per forward on every rank (on a
 zero vector when the batch has no audio) and always reaches the loss (`0.0 * ...` where there
@@ -58,6 +73,7 @@ if TYPE_CHECKING:
 
 TRANSFER_KINDS = ("none", "token_rate")
 GATES = ("exact", "always")
+UNGATED = ("keep", "drop")
 
 
 @dataclass(kw_only=True)
@@ -68,12 +84,16 @@ class TransferConfig:
     gate: str = "exact"                 # GATES: exact = compress only items whose greedy CTC labels equal the transcript
     compress_at_inference: bool = True  # eval mode: compress every audio item from its greedy labels, no transcript needed
     replace_markers: bool = True        # the compressed span replaces <|audio_start|> and <|audio_end|> too (text layout)
+    ungated: str = "keep"               # UNGATED, training: an item with a transcript that the gate keeps out is fed as
+                                        # full audio (keep) or its sample leaves the backbone's batch (drop)
 
     def __post_init__(self):
         if self.kind not in TRANSFER_KINDS:
             raise ValueError(f"model.transfer.kind must be one of {', '.join(TRANSFER_KINDS)}, got {self.kind!r}")
         if self.gate not in GATES:
             raise ValueError(f"model.transfer.gate must be one of {', '.join(GATES)}, got {self.gate!r}")
+        if self.ungated not in UNGATED:
+            raise ValueError(f"model.transfer.ungated must be one of {', '.join(UNGATED)}, got {self.ungated!r}")
         for name in ("ctc_weight", "align_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
@@ -191,6 +211,55 @@ def repack(embeds: torch.Tensor, position_ids: torch.Tensor, document_ids: torch
     return (pool_embeds[index], torch.where(touched, new_positions, position_ids), new_docs, pool_labels[index])
 
 
+def compact_rows(embeds: torch.Tensor, position_ids: torch.Tensor, document_ids: torch.Tensor, labels: torch.Tensor,
+                 drop: set[int] = frozenset()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pack the documents of (B, L) rows again into as few rows as they fill, leaving out the documents in `drop`.
+
+    Every document is a contiguous run of one id in one row (the packer never cuts a sample, and
+    repack keeps them whole); runs go, longest first, into the first new row with room (first fit
+    decreasing), and each token keeps its embedding, position, label and document id, which stay
+    unique across the batch. The row length becomes that of the fullest new row. With nothing left,
+    one padding position remains, so the backbone still runs (distributed rule). Returns
+    (embeds, position_ids, document_ids, labels).
+    """
+    num_rows, row_len, dim = embeds.shape
+    assert position_ids.shape == document_ids.shape == labels.shape == (num_rows, row_len), \
+        "compact_rows takes 1-D positions (B, L)"
+    device = embeds.device
+    flat_docs = document_ids.flatten()
+    starts = torch.ones_like(flat_docs, dtype=torch.bool)
+    starts[1:] = flat_docs[1:] != flat_docs[:-1]
+    starts[::row_len] = True  # a run never continues into the next row
+    run_start = starts.nonzero().flatten().tolist()
+    run_end = run_start[1:] + [flat_docs.numel()]
+    run_doc = flat_docs[run_start].tolist()
+    runs = sorted(((end - start, start) for start, end, doc in zip(run_start, run_end, run_doc)
+                   if doc >= 0 and doc not in drop), key=lambda run: -run[0])
+    rows: list[list[int]] = []  # per new row: [used, start of each run in it...]
+    for length, start in runs:
+        for row in rows:
+            if row[0] + length <= row_len:
+                row[0] += length
+                row.append(start)
+                break
+        else:
+            rows.append([length, start])
+    lengths = dict((start, length) for length, start in runs)
+    new_len = max((row[0] for row in rows), default=1)
+    pad_index = num_rows * row_len
+    index = torch.full((max(len(rows), 1), new_len), pad_index, dtype=torch.long)
+    for r, (used, *run_starts) in enumerate(rows):
+        if run_starts:
+            index[r, :used] = torch.cat([torch.arange(start, start + lengths[start]) for start in run_starts])
+    index = index.to(device)
+
+    def gather(x: torch.Tensor, pad_value) -> torch.Tensor:
+        pool = torch.cat([x.reshape(num_rows * row_len, *x.shape[2:]), x.new_full((1, *x.shape[2:]), pad_value)])
+        return pool[index]
+
+    return gather(embeds, 0), gather(position_ids, 0), gather(document_ids, -1), gather(labels, IGNORE_INDEX)
+
+
 class TokenRateTransfer(nn.Module):
     """`kind: token_rate`: the CTC head and the compression, alignment, gating and repacking around it (module docstring)."""
 
@@ -262,12 +331,20 @@ class TokenRateTransfer(nn.Module):
         else:
             align = logits.new_zeros(())
 
+        item_spans = audio_item_spans(batch["modality_ids"], num_frames) if num_frames else []
+        dropped: set[int] = set()
+        if self.training and self.cfg.ungated == "drop":
+            doc_of = {i: int(document_ids[item_spans[i][0], item_spans[i][1]]) for i in range(len(num_frames))}
+            # a sample whose other audio item is compressed stays (with this one as full audio)
+            dropped = {doc_of[i] for i in with_transcript if i not in chosen} - {doc_of[i] for i in chosen}
         if chosen:
-            item_spans = audio_item_spans(batch["modality_ids"], num_frames)
             margin = 1 if self.cfg.replace_markers else 0
             replace = [(item_spans[i][0], item_spans[i][1] - margin, item_spans[i][2] + margin) for i in chosen]
             embeds, position_ids, document_ids, labels = repack(embeds, position_ids, document_ids, labels, replace,
                                                                 [compressed[i] for i in chosen])
+        num_positions = document_ids.numel()
+        if self.training and (chosen or dropped):
+            embeds, position_ids, document_ids, labels = compact_rows(embeds, position_ids, document_ids, labels, dropped)
 
         aux_loss = self.cfg.ctc_weight * ctc + self.cfg.align_weight * align
         num_transcribed = len(with_transcript)
@@ -281,6 +358,8 @@ class TokenRateTransfer(nn.Module):
             "compressed_len": sum(spans.counts[i] for i in with_transcript) / num_transcribed if num_transcribed else 0.0,
             "transcript_len": sum(transcripts[i].numel() for i in with_transcript) / num_transcribed if num_transcribed else 0.0,
             "transcribed_items": float(num_transcribed),
+            "dropped_samples": float(len(dropped)),
+            "backbone_fraction": document_ids.numel() / num_positions,  # positions the backbone runs, after compaction
         }
         return dataclasses.replace(fused, embeds=embeds, position_ids=position_ids, document_ids=document_ids,
                                    labels=labels, aux_loss=fused.aux_loss + aux_loss, aux={**fused.aux, **aux})
