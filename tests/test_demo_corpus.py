@@ -208,7 +208,7 @@ def test_demo_plan_keeps_probe_expressions_out_of_training():
     plan = demo.plan_corpus(demo.demo_config("demo", seed=3))
     probe = {s.expression.text for s in plan["probe"]}
     spoken_probe = {s.job.text for s in plan["probe"] if isinstance(s.job, demo.SpeechJob)}
-    assert len(probe) > 300 and {s.task for s in plan["probe"]} == PROBED
+    assert len(probe) > 250 and {s.task for s in plan["probe"]} == PROBED  # spoken digits: ~45 two-number probe expressions
     pattern = re.compile(r"(?<![\w])(" + "|".join(map(re.escape, sorted(probe | spoken_probe, key=len, reverse=True)))
                          + r")(?![\w])")
     trained = {s.expression.text for split in ("train", "eval") for s in plan[split]}

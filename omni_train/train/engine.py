@@ -56,6 +56,11 @@ def init_distributed(engine: str) -> Dist:
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        # Subnormal floats cost x86 cores 10-100x per operation. Once a softmax over a vocabulary is confident,
+        # its gradient is full of them: the demo's CTC head backward (1,000 frames x 1,001 outputs) went from
+        # ~5 to ~130 ms per matmul and a late step from 0.5 to 0.28 s with them flushed (docs/demo.md).
+        torch.set_flush_denormal(True)
     if engine == "single":
         if world_size > 1:
             raise ValueError(f"train.engine=single runs one process, but torchrun started {world_size}; use ddp or deepspeed")
