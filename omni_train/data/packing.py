@@ -30,7 +30,11 @@ class Pooled:
 
 
 class Packer:
-    """Best-fit packing over a pool of at most `pool_size` samples, in arrival order."""
+    """Best-fit packing over a pool of at most `pool_size` samples, in arrival order.
+
+    Only the samples' lengths are read, so anything with a `len` packs: the model's `compact_rows`
+    repacks document runs (`range`s of positions) with it.
+    """
 
     def __init__(self, seq_len: int, pool_size: int):
         assert seq_len > 0 and pool_size >= 1

@@ -30,7 +30,7 @@ and teach it nothing the probes use; without them a CPU step is cheaper and the 
 sooner in wall-clock time.
 
 Rows are compacted in training whenever something was compressed or dropped: the remaining
-samples are packed again, first fit by decreasing length, into as few rows of the same length
+samples are packed again by the data layer's best-fit packer into as few rows of the same length
 as they fill (`compact_rows`). Attention never crosses a document and the loss is a mean over
 the same tokens, so this changes only how much padding the backbone computes.
 
@@ -65,8 +65,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omni_train.data.packing import IGNORE_INDEX
+from omni_train.data.packing import IGNORE_INDEX, Packer
 from omni_train.data.sample import MODALITY_IDS
+from omni_train.model.attention import document_ids_to_cu_seqlens
 
 if TYPE_CHECKING:
     from omni_train.model.omni import FusedInputs  # omni imports this module
@@ -216,8 +217,8 @@ def compact_rows(embeds: torch.Tensor, position_ids: torch.Tensor, document_ids:
     """Pack the documents of (B, L) rows again into as few rows as they fill, leaving out the documents in `drop`.
 
     Every document is a contiguous run of one id in one row (the packer never cuts a sample, and
-    repack keeps them whole); runs go, longest first, into the first new row with room (first fit
-    decreasing), and each token keeps its embedding, position, label and document id, which stay
+    repack keeps them whole); the runs, longest first, go through the data layer's best-fit
+    `Packer`, and each token keeps its embedding, position, label and document id, which stay
     unique across the batch. The row length becomes that of the fullest new row. With nothing left,
     one padding position remains, so the backbone still runs (distributed rule). Returns
     (embeds, position_ids, document_ids, labels).
@@ -225,33 +226,21 @@ def compact_rows(embeds: torch.Tensor, position_ids: torch.Tensor, document_ids:
     num_rows, row_len, dim = embeds.shape
     assert position_ids.shape == document_ids.shape == labels.shape == (num_rows, row_len), \
         "compact_rows takes 1-D positions (B, L)"
-    device = embeds.device
-    flat_docs = document_ids.flatten()
-    starts = torch.ones_like(flat_docs, dtype=torch.bool)
-    starts[1:] = flat_docs[1:] != flat_docs[:-1]
-    starts[::row_len] = True  # a run never continues into the next row
-    run_start = starts.nonzero().flatten().tolist()
-    run_end = run_start[1:] + [flat_docs.numel()]
-    run_doc = flat_docs[run_start].tolist()
-    runs = sorted(((end - start, start) for start, end, doc in zip(run_start, run_end, run_doc)
-                   if doc >= 0 and doc not in drop), key=lambda run: -run[0])
-    rows: list[list[int]] = []  # per new row: [used, start of each run in it...]
-    for length, start in runs:
-        for row in rows:
-            if row[0] + length <= row_len:
-                row[0] += length
-                row.append(start)
-                break
-        else:
-            rows.append([length, start])
-    lengths = dict((start, length) for length, start in runs)
-    new_len = max((row[0] for row in rows), default=1)
+    bounds = document_ids_to_cu_seqlens(document_ids)[0].tolist()  # runs of one id, never across rows
+    flat_docs = document_ids.flatten().tolist()
+    runs = [range(start, end) for start, end in zip(bounds[:-1], bounds[1:])
+            if flat_docs[start] >= 0 and flat_docs[start] not in drop]
+    packer = Packer(row_len, pool_size=max(len(runs), 1))
+    for run in sorted(runs, key=len, reverse=True):
+        packer.add(run)
+    rows = []
+    while sequence := packer.pop_sequence():
+        rows.append(torch.cat([torch.arange(run.start, run.stop) for run in sequence]))
     pad_index = num_rows * row_len
-    index = torch.full((max(len(rows), 1), new_len), pad_index, dtype=torch.long)
-    for r, (used, *run_starts) in enumerate(rows):
-        if run_starts:
-            index[r, :used] = torch.cat([torch.arange(start, start + lengths[start]) for start in run_starts])
-    index = index.to(device)
+    index = torch.full((max(len(rows), 1), max((len(row) for row in rows), default=1)), pad_index, dtype=torch.long)
+    for r, row in enumerate(rows):
+        index[r, :len(row)] = row
+    index = index.to(embeds.device)
 
     def gather(x: torch.Tensor, pad_value) -> torch.Tensor:
         pool = torch.cat([x.reshape(num_rows * row_len, *x.shape[2:]), x.new_full((1, *x.shape[2:]), pad_value)])
