@@ -64,6 +64,22 @@ def test_frozen_module_and_lr_scale(batch):
         make_engine("train.modules={vison_encoder: {freeze: true}}")
 
 
+def test_warmup_stable_decay_holds_the_learning_rate_until_the_last_decay_steps(batch):
+    engine = make_engine("train.steps=10", "train.warmup_steps=2", "train.decay_steps=4", "train.min_lr_ratio=0.1",
+                         "train.lr=1e-3")
+    lrs = []
+    for _ in range(10):
+        lrs.append(engine.lr())
+        engine.train_step([batch])
+    lrs.append(engine.lr())
+    assert lrs[:2] == pytest.approx([5e-4, 1e-3])                 # warmup
+    assert lrs[2:7] == pytest.approx([1e-3] * 5)                  # stable until step 6 = 10 - 4
+    assert lrs[6] > lrs[7] > lrs[8] > lrs[9] > lrs[10] == pytest.approx(1e-4)  # cosine over the last 4 steps
+    plain = make_engine("train.steps=10", "train.warmup_steps=2", "train.min_lr_ratio=0.1", "train.lr=1e-3")
+    plain.train_step([batch]), plain.train_step([batch]), plain.train_step([batch])
+    assert plain.lr() < 1e-3                                      # decay_steps=0: the cosine starts after warmup
+
+
 def test_single_engine_checkpoint_round_trip(batch, tmp_path):
     engine = make_engine()
     engine.train_step([batch])

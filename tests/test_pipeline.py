@@ -7,6 +7,7 @@ skipping, refused members and remote URLs.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -118,6 +119,30 @@ def test_resume_gives_identical_batches(corpus, num_workers, world_size):
         # the stream crossed an epoch boundary for at least one config, which resume also handles
     other_seed = read_all(DataPipeline(cfg, seed=6), 2)
     assert not torch.equal(other_seed[0]["input_ids"], read_all(DataPipeline(cfg, seed=5), 1)[0]["input_ids"])
+
+
+def test_decode_cache_gives_the_same_batches_across_epochs(corpus):
+    cfg = make_cfg(corpus["pattern"], seq_len=512)
+    per_epoch = len(read_all(DataPipeline(cfg, epochs=1)))
+    reference = read_all(DataPipeline(cfg, seed=3), 3 * per_epoch)
+    cached = DataPipeline(dataclasses.replace(cfg, decode_cache_mb=64), seed=3)
+    got = read_all(cached, 3 * per_epoch)
+    for a, b in zip(got, reference, strict=True):
+        assert_batches_equal(a, b)
+    cache = cached.dataset.cache
+    assert cache.misses == len(corpus["entries"]) and cache.hits >= len(corpus["entries"])  # epochs 2 and 3 decode nothing
+    assert 0 < cache.bytes <= 64 * 2**20
+
+
+def test_decode_cache_stays_within_its_budget(corpus):
+    from omni_train.data.pipeline import sample_nbytes
+
+    pipeline = DataPipeline(make_cfg(corpus["pattern"], seq_len=2048, decode_cache_mb=1), epochs=1)
+    batches = read_all(pipeline)
+    cache = pipeline.dataset.cache  # num_workers=0: the pipeline's own stream filled it
+    decoded = sum(len(b["samples"]) for b in batches)
+    assert 0 < len(cache.samples) < decoded  # the corpus decodes to more than 1 MB: the oldest went
+    assert cache.bytes == sum(sample_nbytes(sample) for sample, _ in cache.samples.values()) <= 2**20
 
 
 @pytest.mark.parametrize("max_samples", [3, 12])  # 8 shards (split by shard) and 2 shards (split by sample)

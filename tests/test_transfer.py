@@ -283,6 +283,27 @@ def test_token_rate_forward_backward_and_aux(media):
     assert model.audio_projector.fc2.weight.grad.abs().sum() > 0
 
 
+def test_max_backbone_items_caps_the_compressed_speech_the_backbone_reads(media):
+    """Over the cap, compressed samples leave the backbone's batch; every item still has its CTC and alignment loss."""
+    text = render_chat(chat(None, "print 2 plus 2", "print(2 + 2)"), [], TOKENIZER)
+    batch = collate([[asr_sample(media["speech"][i], DIGITS[i]) for i in range(3)] + [text]])
+    capped = tiny_model(TransferConfig(kind="token_rate", gate="always", ungated="drop", max_backbone_items=1))
+    uncapped = tiny_model(TransferConfig(kind="token_rate", gate="always", ungated="drop"))
+    out, full = capped(batch), uncapped(batch)
+    assert out.aux["gated_fraction"] == full.aux["gated_fraction"] == 1.0  # the gate's pass rate, before the cap
+    assert out.aux["dropped_samples"] == 2.0 and full.aux["dropped_samples"] == 0.0
+    assert out.aux["ctc_loss"] == full.aux["ctc_loss"] and out.aux["align_loss"] == full.aux["align_loss"]
+    fused = capped.fuse(batch)
+    assert sorted(set(fused.document_ids.flatten().tolist()) - {-1}) == [0, 3]  # the first speech sample and the text
+    out.loss.backward()
+    assert capped.audio_encoder.conv1.weight.grad.abs().sum() > 0
+    capped.eval(), uncapped.eval()
+    with torch.no_grad():  # eval reads every item
+        torch.testing.assert_close(capped(batch).loss, uncapped(batch).loss)
+    with pytest.raises(ValueError, match=r"model\.transfer\.max_backbone_items needs ungated: drop"):
+        TransferConfig(kind="token_rate", max_backbone_items=4)
+
+
 def test_gate_always_compresses_and_repacks(media):
     batch = mixed_batch(media)
     model = tiny_model(TransferConfig(kind="token_rate", gate="always"))

@@ -57,7 +57,7 @@ import numpy as np
 from omni_train.data.synth import require
 from omni_train.data.writer import PreparedSample, ShardSink, existing_shards
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SOURCE = "demo"
 SIZES = ("tiny", "demo", "full")
 SPLITS = ("train", "eval", "probe")
@@ -452,7 +452,7 @@ def demo_config(size: str = "demo", *, seed: int = 0, per_voice: int | None = No
                                eval_asr_per_voice=25, probe_speech_per_voice=40, num_text2code=3000,
                                num_eval_text2code=200, num_image2text=400, num_eval_image2text=40,
                                num_probe_image2code=80, num_videos=48, num_eval_videos=8, num_train_shards=8,
-                               speech_two_digit_fraction=0.0)
+                               speech_two_digit_fraction=0.0, noise_fraction=0.2, snr_db=(15.0, 30.0))
     elif size == "full":
         cfg = DemoCorpusConfig(size=size, seed=seed, voices=ALL_VOICES, asr_per_voice=120, eval_asr_per_voice=10,
                                probe_speech_per_voice=20, num_text2code=4000, num_eval_text2code=300,
@@ -759,8 +759,8 @@ class _Planner:
                         rate_wpm=rng.randint(*cfg.rate_wpm), pitch=rng.randint(*cfg.pitch),
                         snr_db=round(rng.uniform(*cfg.snr_db), 1) if noisy else None,
                         noise=rng.choice(("white", "brown")), noise_seed=rng.getrandbits(32))
-        meta = {"voice": voice, "utterance": job.text, "rate_wpm": job.rate_wpm, "pitch": job.pitch}
-        if job.snr_db is not None:
+        meta = {"voice": voice, "utterance": job.text, "rate_wpm": job.rate_wpm, "pitch": job.pitch, "noise": "none"}
+        if job.snr_db is not None:  # probes can score clean and noisy speech apart (group_by: [noise])
             meta.update(noise=job.noise, snr_db=job.snr_db)
         return PlannedSample(split=split, task=task, language=voice, expression=expr, job=job, meta=meta)
 

@@ -116,7 +116,8 @@ def collate_packed(sequences: list[list[TokenizedSample]], seq_len: int, pad_id:
             for item in sample.media:
                 media[item.modality].append(item)
                 if item.modality == "audio":
-                    transcripts.append(sample.audio_transcript_ids if sample.audio_transcript_ids is not None
+                    # a copy: the batch's tensors move to shared memory, a cached sample's stay where they are
+                    transcripts.append(sample.audio_transcript_ids.clone() if sample.audio_transcript_ids is not None
                                        else torch.zeros(0, dtype=torch.long))
             samples.append({"shard": sample.shard, "key": sample.key, "task": sample.meta.get("task"),
                             "language": sample.meta.get("language"), "num_tokens": n})

@@ -24,6 +24,7 @@ Failures. A sample whose JSON or media cannot be used is skipped and appended to
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob
 import json
@@ -80,6 +81,7 @@ class DataConfig:
     allow_remote: bool = False          # opt in to http(s):// and pipe: shard URLs (pipe: runs a shell command)
     overlong: str = "error"             # a sample longer than seq_len: error (stop) | skip (logged)
     pack_pool: int = 64                 # samples pooled for best-fit packing
+    decode_cache_mb: int = 0            # per worker: keep decoded samples (log-mel, pixels, tokens) for later epochs
     max_consecutive_failures: int = 32
     audio: AudioConfig = field(default_factory=AudioConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
@@ -89,8 +91,9 @@ class DataConfig:
         for name in ("seq_len", "batch_size", "pack_pool", "max_consecutive_failures"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        for name in ("num_workers", "decode_cache_mb"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.overlong not in OVERLONG_POLICIES:
             raise ValueError(f"overlong must be one of {', '.join(OVERLONG_POLICIES)}, got {self.overlong!r}")
 
@@ -230,6 +233,50 @@ def decode_sample(raw: dict[str, bytes], where: str, cfg: DataConfig, tokenizer:
     if isinstance(transcript, str) and sum(m.modality == "audio" for m in media) == 1:
         tokenized.audio_transcript_ids = torch.tensor(tokenizer.encode(transcript), dtype=torch.long)
     return tokenized
+
+
+def sample_nbytes(sample: TokenizedSample) -> int:
+    tensors = [sample.input_ids, sample.labels, sample.modality_ids, sample.timestamps_s]
+    tensors += [t for m in sample.media for t in (m.token_timestamps_s, *m.tensors.values())]
+    if sample.audio_transcript_ids is not None:
+        tensors.append(sample.audio_transcript_ids)
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class DecodeCache:
+    """Decoded samples by (shard, key), least recently used out first, within `max_mb` (0: off).
+
+    Decoding is deterministic, so a cached sample is the sample a fresh decode would give: batches,
+    and exact resume, are unchanged. It saves the audio/video decode, log-mel, image resize and
+    tokenization of every later epoch: on a small corpus (the demo's 1.5 h of speech is ~0.6 GB
+    decoded) that work runs once, and the training processes get the cores the workers used.
+    Samples that fail are not kept (they are retried, and logged once, each epoch).
+    """
+
+    def __init__(self, max_mb: int):
+        self.max_bytes = max_mb * 2**20
+        self.bytes = 0
+        self.samples: collections.OrderedDict[tuple[str, str], tuple[TokenizedSample, int]] = collections.OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, url: str, key: str) -> TokenizedSample | None:
+        found = self.samples.get((url, key))
+        if found is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self.samples.move_to_end((url, key))
+        return found[0]
+
+    def put(self, url: str, key: str, sample: TokenizedSample) -> None:
+        size = sample_nbytes(sample)
+        if size > self.max_bytes or (url, key) in self.samples:
+            return
+        while self.bytes + size > self.max_bytes:
+            _, (_, freed) = self.samples.popitem(last=False)
+            self.bytes -= freed
+        self.samples[(url, key)] = (sample, size)
+        self.bytes += size
 
 
 class SkipLog:
@@ -378,6 +425,7 @@ class PackedStream(IterableDataset):
         self.num_workers = max(cfg.num_workers, 1)
         self.rotation = 0
         self.restore: dict[int, dict] = {}
+        self.cache = DecodeCache(cfg.decode_cache_mb)  # each worker fills its own copy
 
     def __iter__(self):
         info = get_worker_info()
@@ -395,6 +443,8 @@ class PackedStream(IterableDataset):
         return active[int(np.searchsorted(np.cumsum(weights), u, side="right").clip(max=len(active) - 1))]
 
     def _decode(self, url: str, key: str, fetch) -> TokenizedSample | None:
+        if (cached := self.cache.get(url, key)) is not None:
+            return cached
         members, error = fetch()
         if error is None:
             try:
@@ -405,6 +455,7 @@ class PackedStream(IterableDataset):
                 error = f"{type(e).__name__}: {e}"
             else:
                 if len(sample) <= self.cfg.seq_len:
+                    self.cache.put(url, key, sample)
                     return sample
                 error = (f"{url}:{key}: sample has {len(sample)} tokens > data.seq_len={self.cfg.seq_len}; "
                          "raise data.seq_len or set data.overlong=skip")

@@ -131,7 +131,8 @@ class Engine:
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
                                       foreach=dist.device.type == "cuda")
         make_scheduler = lambda opt: build_scheduler(opt, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,  # noqa: E731
-                                                     min_lr_ratio=cfg.min_lr_ratio, stages=cfg.stages)
+                                                     min_lr_ratio=cfg.min_lr_ratio, decay_steps=cfg.decay_steps,
+                                                     stages=cfg.stages)
         self.autocast = cfg.precision == "bf16" and cfg.engine != "deepspeed"
         if cfg.engine == "deepspeed":
             import deepspeed

@@ -40,6 +40,7 @@ class TrainConfig:
     lr: float = 3e-4
     min_lr_ratio: float = 0.1           # cosine decays to lr * min_lr_ratio at `steps`
     warmup_steps: int = 100
+    decay_steps: int = 0                # > 0: hold lr after warmup, cosine over the last decay_steps (warmup-stable-decay)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -69,7 +70,7 @@ class TrainConfig:
         for name in ("steps", "grad_accum", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "eval_batches", "keep_checkpoints"):
+        for name in ("warmup_steps", "decay_steps", "eval_every", "eval_batches", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:

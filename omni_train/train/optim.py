@@ -65,11 +65,20 @@ def module_groups(model: nn.Module, modules: dict[str, ModuleOptimConfig], weigh
     return groups
 
 
-def schedule_multiplier(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to min_lr_ratio at total_steps."""
+def schedule_multiplier(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float,
+                        decay_steps: int = 0) -> float:
+    """Linear warmup to 1, then cosine decay to min_lr_ratio at total_steps.
+
+    decay_steps > 0 (warmup-stable-decay, MiniCPM arXiv:2404.06395): the multiplier stays at 1 after
+    warmup and the cosine runs over the last decay_steps steps only, so a run keeps its full learning
+    rate while a slow task (the demo's recognition) is still leaving its plateau and anneals at the end.
+    """
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    decay_start = max(warmup_steps, total_steps - decay_steps) if decay_steps else warmup_steps
+    if step < decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -81,11 +90,11 @@ def stage_multiplier(module: str, step: int, stages: list[StageConfig]) -> float
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int, min_lr_ratio: float,
-                    stages: list[StageConfig]) -> torch.optim.lr_scheduler.LambdaLR:
+                    stages: list[StageConfig], decay_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
     def for_group(group: dict):
         module, scale = group["module"], group["lr_scale"]
         return lambda step: scale * stage_multiplier(module, step, stages) * schedule_multiplier(
-            step, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio)
+            step, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio, decay_steps=decay_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [for_group(g) for g in optimizer.param_groups])
 
 
