@@ -28,7 +28,7 @@ import pytest
 from distributed import REPO, torchrun
 from omni_train.data import synth
 from omni_train.probes.metrics import item_matches
-from omni_train.probes.runner import ProbeConfig, _score_generation, bucket_label, format_table
+from omni_train.probes.runner import UNKNOWN, ProbeConfig, _score_generation, bucket_label, format_table
 
 PROBE = ("{name: meeting, shards: '%s', tasks: [transcribe, action_items], max_new_tokens: 80, batch_size: 8, "
          "group_by: [num_speakers, duration_s], buckets: {duration_s: [3, 5]}}")
@@ -220,6 +220,10 @@ def test_rows_per_speaker_count_and_length_beside_the_overall_ones():
     assert scores[("action_items", "all", None, None, "item_precision")] == 1.0
     assert scores[("action_items", "all", None, None, "item_recall")] == 0.5
     assert ("action_items", "all", None, None, "wer") not in scores  # item lists are scored as items, not words
+    unknown = [{"task": "text2code", "language": "en", "prediction": "x", "reference": "x",
+                "groups": {"num_speakers": UNKNOWN, "duration_s": UNKNOWN}}]
+    grouped_tasks = {task for task, _, group, *_ in _score_generation(results + unknown, probe) if group}
+    assert grouped_tasks == {"transcribe", "action_items"}  # no field anywhere in a task: no "unknown" rows for it
     rows = [{"step": 5, "probe": "m", "task": t, "language": lang, "metric": m, "value": v, "n": 1,
              **({"group_by": g, "group": gv} if g else {})} for (t, lang, g, gv, m), v in scores.items()]
     table = format_table(rows)

@@ -357,8 +357,10 @@ def _groups(results: list[dict], probe: ProbeConfig) -> list[Group]:
     groups: list[Group] = [(task, language, {}, group) for (task, language), group in sorted(keyed.items())]
     for name in probe.group_by:  # per task only: rows of task "all" are the probe's overall numbers (plots read them)
         by_value: dict[tuple[str, str], list[dict]] = defaultdict(list)
+        applies = {r["task"] for r in results if r["groups"][name] != UNKNOWN}  # tasks whose items have the field
         for r in results:
-            by_value[(r["task"], r["groups"][name])].append(r)
+            if r["task"] in applies:
+                by_value[(r["task"], r["groups"][name])].append(r)
         groups += [(task, ALL, {"group_by": name, "group": value}, group)
                    for (task, value), group in sorted(by_value.items(), key=lambda kv: (kv[0][0], _group_order(kv[0][1])))]
     return groups
