@@ -472,8 +472,9 @@ def print_table(proto: dict, frame: dict, corpus: str, args: argparse.Namespace)
           f"{args.threads} threads, batches of {args.batch_size} + {args.batch_size}; {args.warmup} warm-up + "
           f"{proto['steps']} timed steps in {proto['elapsed_s']:.1f} s, loss {proto['losses'][0]:.2f} -> {proto['losses'][1]:.2f}")
     modules = ", ".join(f"{name} {n / 1e6:.2f}M" for name, n in frame["by_module"].most_common())
+    engine = f"{cfg.train.engine} (ZeRO {cfg.train.zero_stage})" if cfg.train.engine == "deepspeed" else cfg.train.engine
     print(f"framework: {args.recipe}, {frame['params'] / 1e6:.2f}M parameters ({modules}); {args.nproc} ranks x "
-          f"OMP_NUM_THREADS=1, engine {cfg.train.engine} (ZeRO {cfg.train.zero_stage}), {cfg.data.num_workers} loader "
+          f"OMP_NUM_THREADS=1, engine {engine}, {cfg.data.num_workers} loader "
           f"worker(s) per rank, {cfg.data.batch_size} x {cfg.data.seq_len} packed tokens per rank and step, transfer "
           f"{cfg.model.transfer.kind if cfg.model.transfer else 'none'}; {args.steps} steps, the first {args.skip} "
           f"left out, loss {frame['losses'][0]:.2f} -> {frame['losses'][1]:.2f}; torchrun wall {frame['wall_s']:.0f} s "
