@@ -260,6 +260,8 @@ class DecodeCache:
         self.hits = self.misses = 0
 
     def get(self, url: str, key: str) -> TokenizedSample | None:
+        if not self.max_bytes:
+            return None
         found = self.samples.get((url, key))
         if found is None:
             self.misses += 1
@@ -269,8 +271,11 @@ class DecodeCache:
         return found[0]
 
     def put(self, url: str, key: str, sample: TokenizedSample) -> None:
+        """Keep a sample that `get` just missed (the oldest go to make room); one over the whole budget is not kept."""
+        if not self.max_bytes:
+            return
         size = sample_nbytes(sample)
-        if size > self.max_bytes or (url, key) in self.samples:
+        if size > self.max_bytes:
             return
         while self.bytes + size > self.max_bytes:
             _, (_, freed) = self.samples.popitem(last=False)
