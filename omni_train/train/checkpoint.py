@@ -4,11 +4,14 @@
         engine/ or model.safetensors + optimizer.pt + scheduler.pt   (the engine's own format)
         trainer_state.json     step, tokens seen, the resolved config
         data_rank{R}.json      rank R's data-pipeline state (exact resume)
-        rng_rank{R}.pt         rank R's torch RNG states (tensors only, loaded with weights_only=True)
+        rng_rank{R}.pt         rank R's torch RNG states (tensors only)
         rng_rank{R}.json       rank R's Python and NumPy RNG states
 
 Every rank writes into `step_XXXXXXXX.tmp`; after a barrier, rank 0 renames it to its final name,
 so a folder named `step_*` is always complete. `resume: auto` picks the highest such step.
+
+Reading never unpickles more than plain state, DeepSpeed's files included (`safe_load.py`): a
+file that needs more, or a damaged one, stops the load with one line naming it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from omni_train.train.safe_load import load_state, only_plain_state, read_json
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -81,9 +86,8 @@ def read_rank_state(directory: Path, rank: int) -> dict:
     data_path = directory / f"data_rank{rank}.json"
     if not data_path.is_file():
         raise ValueError(f"{directory}: no state for rank {rank}; resume with the world size the checkpoint was written with")
-    set_rng_state(torch.load(directory / f"rng_rank{rank}.pt", weights_only=True),
-                  json.loads((directory / f"rng_rank{rank}.json").read_text()))
-    return json.loads(data_path.read_text())
+    set_rng_state(load_state(directory / f"rng_rank{rank}.pt"), read_json(directory / f"rng_rank{rank}.json"))
+    return read_json(data_path)
 
 
 def finalize(tmp: Path, final: Path, keep: int) -> None:
@@ -109,12 +113,14 @@ def load_checkpoint_weights(model: torch.nn.Module, directory: Path, *, only: se
         from safetensors.torch import load_file
 
         state = load_file(str(directory / "model.safetensors"))
-    elif any(engine.glob("zero_pp_rank_*_optim_states.pt")):
+    elif any(engine.glob("*zero_pp_rank_*_optim_states.pt")):  # bf16 runs write bf16_zero_pp_rank_*
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag="engine", exclude_frozen_parameters=only is not None)
+        with only_plain_state(directory):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag="engine",
+                                                             exclude_frozen_parameters=only is not None)
     elif (engine / "mp_rank_00_model_states.pt").is_file():  # ZeRO stage 0: no shards to consolidate
-        state = torch.load(engine / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+        state = load_state(engine / "mp_rank_00_model_states.pt", deepspeed=True)["module"]
     else:
         raise FileNotFoundError(f"{directory} holds neither model.safetensors nor a DeepSpeed engine/ folder")
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from omni_train.train.optim import build_scheduler, check_stage_modules, module_groups
+from omni_train.train.safe_load import load_state, only_plain_state
 
 ENGINES = ("single", "ddp", "deepspeed")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -227,9 +228,10 @@ class Engine:
 
     def load(self, directory: Path) -> None:
         if self.cfg.engine == "deepspeed":
-            path, _ = self.wrapped.load_checkpoint(str(directory), tag="engine", load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True,
-                                                   load_module_strict=self.saved_parameters is None)
+            with only_plain_state(directory):  # DeepSpeed unpickles with weights_only=False otherwise
+                path, _ = self.wrapped.load_checkpoint(str(directory), tag="engine", load_optimizer_states=True,
+                                                       load_lr_scheduler_states=True,
+                                                       load_module_strict=self.saved_parameters is None)
             if path is None:
                 raise ValueError(f"{directory}: no DeepSpeed checkpoint (engine/) to resume from")
             return
@@ -240,9 +242,9 @@ class Engine:
             raise ValueError(f"{directory}: the checkpoint's parameters are not this run's trainable ones "
                              f"({len(state)} saved, {len(self.saved_parameters)} trainable)")
         self.module.load_state_dict(state, strict=self.saved_parameters is None)
-        # weights_only: optimizer and scheduler states are tensors and numbers, never arbitrary objects
-        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.dist.device, weights_only=True))
-        self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
+        # optimizer and scheduler states are tensors and numbers, never arbitrary objects
+        self.optimizer.load_state_dict(load_state(directory / "optimizer.pt", map_location=self.dist.device))
+        self.scheduler.load_state_dict(load_state(directory / "scheduler.pt"))
 
 
 def shutdown(engine: Engine | None, dist: Dist) -> None:
