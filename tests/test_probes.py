@@ -165,11 +165,13 @@ def test_sandbox_contains_what_the_code_does(tmp_path):
     assert check_code("import math\nprint(math.sqrt(16))") is None
     assert run_code("import math\nprint(math.sqrt(16))").stdout == "4.0\n"
 
-    # without the allowlist, the process limits still hold
-    env = run_code("import os; print(sorted(k for k in os.environ if k != 'LC_CTYPE')); print(os.getcwd())", check=False)
+    # without the allowlist, the sandbox and its limits still hold (tests/test_sandbox.py: the escapes)
+    made = f"made_by_{tmp_path.name}"
+    env = run_code(f"import os; os.mkdir({made!r}); print(sorted(set(os.environ) - {{'LC_CTYPE', 'PWD'}})); "
+                   "print(os.getcwd())", check=False)
     names, cwd = env.stdout.splitlines()
-    assert env.ok and names == "[]"  # empty environment (Python itself may coerce LC_CTYPE)
-    assert cwd != os.getcwd() and not Path(cwd).exists()  # a fresh directory, removed afterwards
+    assert env.ok and names == "[]"  # empty environment (Python may coerce LC_CTYPE; bwrap sets PWD)
+    assert cwd == "/tmp" and not (Path("/tmp") / made).exists()  # a private tmpfs, gone afterwards
     spawn = run_code(f"import os; print(os.system('echo leaked > {outside}'))", check=False)
     assert spawn.ok and spawn.stdout.strip() != "0" and not outside.exists()  # no process can be started
     write = run_code(f"f = open({str(outside)!r}, 'w'); f.write('leaked'); f.close()", check=False)
@@ -224,6 +226,7 @@ def test_probes_due():
 # ---------------------------------------------------------------------------------------- generation
 
 
+@pytest.mark.outcome
 def test_trained_model_reproduces_its_targets_and_untrained_fails(trained, code_shards, tmp_path):
     probe = ProbeConfig(name="t2c", shards=code_shards, max_new_tokens=24, batch_size=3)
     items = list_items(probe)

@@ -8,7 +8,8 @@
 Kinds:
 - generative: greedy output for the sample's own prompt (its messages minus the final assistant
   turn) against the sample's assistant text. Metrics: `exact` (stripped strings) on every item,
-  `execution` (both snippets run in the sandbox and print the same) on code tasks — tasks whose
+  `execution` (both snippets run in the sandbox and print the same; without bubblewrap a probe that
+  would score it stops with one line, unless `metrics` leaves it out) on code tasks — tasks whose
   name ends in "code" — `item_precision` / `item_recall` on item-list tasks — tasks whose name
   ends in "items", such as a meeting's action items: the assistant text is one item per line,
   "- " in front, and an item counts as found when its normalized text equals a reference item's —
@@ -69,7 +70,7 @@ from omni_train.data.pipeline import TarEntry, decode_sample, expand_shards, ind
 from omni_train.data.text import Tokenizer, render_prompt
 from omni_train.probes.generate import generate, mean_hidden, text_messages
 from omni_train.probes.metrics import (char_error_rate, exact_match, execution_matches, item_matches, recall_at_k,
-                                       word_error_rate)
+                                       require_sandbox, word_error_rate)
 
 log = logging.getLogger(__name__)
 
@@ -335,6 +336,17 @@ RUNNERS: dict[str, Callable[[list[ProbeItem], ProbeConfig, _Context], list[dict]
 # --------------------------------------------------------------------------------------------- metrics
 
 
+def needs_sandbox(probe: ProbeConfig, items: list[ProbeItem]) -> bool:
+    """Whether the probe runs generated code (execution match on a code task)."""
+    return probe.kind != "retrieval" and "execution" in probe.metrics and any(_is_code_task(i.task) for i in items)
+
+
+def check_probe(probe: ProbeConfig) -> None:
+    """What `run_probe` would stop on, checked before a run trains: its shards, and the sandbox it needs."""
+    if needs_sandbox(probe, list_items(probe)):
+        require_sandbox()
+
+
 def _is_code_task(task: str) -> bool:
     return task.endswith(CODE_TASK_SUFFIX)
 
@@ -467,6 +479,8 @@ def run_probe(model: nn.Module, probe: ProbeConfig, *, data_cfg: Any, tokenizer:
               ) -> tuple[list[dict], list[dict]]:
     """One probe on this rank's share of the items: (rows, examples) on rank 0, ([], []) elsewhere."""
     items = list_items(probe)
+    if needs_sandbox(probe, items):
+        require_sandbox()  # no sandbox: stop with its one line now, on every rank, rather than after generating
     # batches of similar length: without a KV cache every generated token reruns the whole (padded) batch,
     # so one long recording would make every prompt of its batch as costly as itself. Results do not depend
     # on the batching; they are put back in the fixed order below.
