@@ -24,16 +24,21 @@ EXTENSION_MODALITY = {ext: modality for modality, exts in EXTENSIONS.items() for
 ROLES = ("system", "user", "assistant")
 
 
-class ShardFormatError(ValueError):
+class DataError(ValueError):
+    """A user's data problem the pipeline stops on or skips (a refused shard, an over-long or oversized sample,
+    too many unusable samples in a row); the message is one line naming the shard, key or pattern."""
+
+
+class ShardFormatError(DataError):
     """A shard, sample or manifest entry that breaks the format; the message names where."""
 
 
-def split_member_name(name: str) -> tuple[str, str]:
+def split_member_name(name: str, shard: str = "") -> tuple[str, str]:
     """'dir/000123.audio_0.flac' -> ('dir/000123', 'audio_0.flac') (WebDataset's key rule: first dot of the basename)."""
     head, _, base = name.rpartition("/")
     key, dot, suffix = base.partition(".")
     if not dot or not key:
-        raise ShardFormatError(f"tar member {name!r} has no '<key>.<suffix>' form")
+        raise ShardFormatError(f"{shard + ': ' if shard else ''}tar member {name[:200]!r} has no '<key>.<suffix>' form")
     return (f"{head}/{key}" if head else key), suffix
 
 
@@ -66,6 +71,8 @@ def parse_sample(raw: bytes | str, where: str) -> dict[str, Any]:
         sample = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardFormatError(f"{where}: invalid JSON ({e})") from None
+    except RecursionError:
+        raise ShardFormatError(f"{where}: invalid JSON (nested too deeply)") from None
     if not isinstance(sample, dict) or not isinstance(sample.get("messages"), list) or not sample["messages"]:
         raise ShardFormatError(f"{where}: sample JSON needs a non-empty 'messages' list")
     for i, message in enumerate(sample["messages"]):
@@ -91,6 +98,14 @@ def parse_sample(raw: bytes | str, where: str) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise ShardFormatError(f"{where}: 'meta' must be an object")
     return sample
+
+
+def sample_text_chars(sample: dict[str, Any]) -> int:
+    """Characters of text a parsed sample would tokenize: its messages' text parts and `meta.transcript`."""
+    num_chars = sum(len(part["text"]) for message in sample["messages"] for part in message["content"]
+                    if part["type"] == "text")
+    transcript = sample["meta"].get("transcript")
+    return num_chars + (len(transcript) if isinstance(transcript, str) else 0)
 
 
 def media_parts(sample: dict[str, Any]) -> list[dict[str, Any]]:

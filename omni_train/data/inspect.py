@@ -3,7 +3,9 @@
 Without `--decode` it reads each sample's JSON and its media headers (durations, sizes, frame
 rates; no full decode) and computes the token count of the rendered sample (exact but for compressed-audio header durations) from the same
 placeholder arithmetic the training pipeline uses. With `--decode`, every sample goes through the
-pipeline's real decoding and tokenization and each unusable one is listed with its reason.
+pipeline's real decoding and tokenization and each unusable one is listed with its reason. Either way,
+samples the pipeline skips before reading them (a member over `data.max_member_mb` / `max_json_mb` /
+`max_sample_mb`, a key two samples share, text over `data.max_text_chars`) are listed as unusable too.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from omni_train.data.audio import num_audio_tokens
 from omni_train.data.format import ShardFormatError, media_parts, parse_sample
 from omni_train.data.image import smart_resize
-from omni_train.data.pipeline import DataConfig, decode_sample, expand_shards, index_tar, read_entry
+from omni_train.data.pipeline import DataConfig, check_text_length, decode_sample, expand_shards, index_tar, read_entry
 from omni_train.data.sample import EncodedMedia
 from omni_train.data.text import Tokenizer, render_chat
 from omni_train.data.video import sample_frame_times
@@ -67,7 +69,7 @@ def inspect_shards(pattern: str, *, decode: bool = False, cfg: DataConfig | None
     unusable, refused = [], []
     for url in urls:
         try:
-            entries = index_tar(url)
+            entries = index_tar(url, cfg)
         except ShardFormatError as e:
             refused.append({"shard": url, "reason": str(e)})
             continue
@@ -78,6 +80,7 @@ def inspect_shards(pattern: str, *, decode: bool = False, cfg: DataConfig | None
                     raise ShardFormatError(entry.error)
                 raw = read_entry(url, entry)
                 sample = parse_sample(raw.get("json", b""), where)
+                check_text_length(sample, where, cfg)
                 if decode:
                     tokenized = decode_sample(raw, where, cfg, tokenizer)
                     stats = [(m.duration_s if m.modality == "audio" else 0.0,

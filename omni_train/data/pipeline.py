@@ -6,8 +6,8 @@ each stream takes every G-th shard, otherwise every stream walks all shards and 
 sample. Inside a local shard, samples are read in a permutation drawn from (seed, source, epoch,
 shard) through a member index of the tar (random access: a full shuffle with no shuffle buffer).
 Remote shards (`http(s)://`, `pipe:`), only read when `data.allow_remote` is set, stream in tar
-order. Several sources are mixed by weight with a counter-based draw, so a stream's k-th sample
-depends only on (seed, stream, k).
+order; a `pipe:` source is one shell command, spaces and all. Several sources are mixed by
+weight with a counter-based draw, so a stream's k-th sample depends only on (seed, stream, k).
 
 Resume. A stream's state is a few integers: the position k, each source's (epoch, position),
 and the addresses of the samples waiting in the packing pool. A restored stream re-decodes the
@@ -17,9 +17,19 @@ where it stopped. Batches after a restore are identical to the batches an uninte
 would have produced.
 
 Failures. A sample whose JSON or media cannot be used is skipped and appended to
-`skipped.jsonl` with its shard, key and reason (a truncated tar logs where it ends);
-`data.max_consecutive_failures` failures in a row stop the run. Members outside the shard format
-(pickles, `.pth`, ...) refuse the whole shard.
+`skipped.jsonl` with its shard, key and reason (a truncated tar logs where it ends, a shard that
+cannot be opened as a tar is one line); `data.max_consecutive_failures` failures in a row stop the
+run. Members outside the shard format (pickles, `.pth`, ...) refuse the whole shard.
+
+Hostile shards. Memory per decoding process is bounded before anything is decoded: a member over
+`data.max_member_mb` (`max_json_mb` for the JSON; `max_sample_mb` for a sample's members together)
+is skipped from its tar header, never read, on local and streamed shards alike (`TarReader` also
+bounds what tarfile reads for one header); text over `data.max_text_chars` is skipped before it is
+tokenized; decoding stops once a sample's media alone pass `seq_len`. Two samples with one key never
+merge: both are skipped (a stream, read once, can skip only the later one when others came between).
+The errors that stop a run are `DataError` / `FileNotFoundError` with a
+one-line message naming the shard, key or pattern, raised in the main process even when a DataLoader
+worker met them.
 """
 
 from __future__ import annotations
@@ -30,18 +40,21 @@ import glob
 import json
 import logging
 import os
+import re
 import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import braceexpand
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from omni_train.data.audio import AudioConfig, encode_audio
-from omni_train.data.format import ShardFormatError, check_member_suffix, media_parts, parse_sample, split_member_name
+from omni_train.data.format import (DataError, ShardFormatError, check_member_suffix, media_parts, parse_sample,
+                                    sample_text_chars, split_member_name)
 from omni_train.data.image import ImageConfig, encode_image
 from omni_train.data.packing import Packer, collate_packed
 from omni_train.data.sample import TokenizedSample
@@ -49,9 +62,13 @@ from omni_train.data.text import Tokenizer, render_chat
 from omni_train.data.video import VideoConfig, encode_video
 
 log = logging.getLogger(__name__)
+# The pipeline's errors a user fixes from the message; raised in a DataLoader worker they reach the main
+# process as themselves, one line. Anything else is a bug and keeps DataLoader's traceback.
+USER_ERRORS = (DataError, FileNotFoundError)
 
 REMOTE_PREFIXES = ("http://", "https://", "pipe:", "s3://", "gs://")
 OVERLONG_POLICIES = ("error", "skip")
+MB = 2**20
 
 
 @dataclass(kw_only=True)
@@ -83,12 +100,22 @@ class DataConfig:
     pack_pool: int = 64                 # samples pooled for best-fit packing
     decode_cache_mb: int = 0            # per worker: keep decoded samples (log-mel, pixels, tokens) for later epochs
     max_consecutive_failures: int = 32
+    # What one sample may make a decoding process hold before decoding (decoded media have their own caps in
+    # audio/image/video). A member over its cap is never read: the sample is skipped and logged. 64 MB is ~1 h
+    # of 16 kHz speech as FLAC, 2 h as 64 kbps MP3, a few minutes of HD video, any camera photo; raise it for
+    # longer recordings. 1M characters is a ~20 h transcript (tokenizing it costs ~45 MB); the JSON cap leaves room
+    # for that text even \u-escaped and bounds what json.loads can build from a hostile 8 MB (~200 MB).
+    max_member_mb: int = 64             # any one media member
+    max_sample_mb: int = 256            # all members of one sample together
+    max_json_mb: int = 8                # the sample's .json member
+    max_text_chars: int = 1_000_000     # text one sample tokenizes (message text + meta.transcript)
     audio: AudioConfig = field(default_factory=AudioConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
 
     def __post_init__(self):
-        for name in ("seq_len", "batch_size", "pack_pool", "max_consecutive_failures"):
+        for name in ("seq_len", "batch_size", "pack_pool", "max_consecutive_failures", "max_member_mb", "max_sample_mb",
+                     "max_json_mb", "max_text_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("num_workers", "decode_cache_mb"):
@@ -97,21 +124,39 @@ class DataConfig:
         if self.overlong not in OVERLONG_POLICIES:
             raise ValueError(f"overlong must be one of {', '.join(OVERLONG_POLICIES)}, got {self.overlong!r}")
 
+    def member_limit(self, suffix: str) -> tuple[int, str]:
+        """(bytes, setting name) a member with this suffix may hold."""
+        if suffix == "json":
+            return self.max_json_mb * MB, "data.max_json_mb"
+        return self.max_member_mb * MB, "data.max_member_mb"
+
 
 # ---------------------------------------------------------------------------------------------
 # Shard URLs and tar access
 
 
 def expand_shards(pattern: str, *, allow_remote: bool = False) -> list[str]:
-    """Brace patterns and globs -> shard URLs. Remote URLs only with allow_remote; local ones must exist."""
-    import braceexpand
+    """Brace patterns and globs -> shard URLs. Remote URLs only with allow_remote; local ones must exist.
 
+    Whitespace separates several patterns, except in a `pipe:` source: its whole string is one shell command
+    (`pipe:curl -s URL`), in which only numeric ranges such as `{000000..000099}` are expanded."""
+    pattern = pattern.strip()
+    if pattern.startswith("pipe:"):
+        parts = [pattern]
+    else:
+        parts = pattern.split()
+        if any(part.startswith("pipe:") for part in parts):
+            raise ValueError(f"shards {pattern!r}: a pipe: command must be the whole shards string of its source "
+                             "(it runs as one shell command); give it a source of its own")
     urls: list[str] = []
-    for part in pattern.split():
-        for url in braceexpand.braceexpand(part):
+    for part in parts:
+        for url in _expand_pipe(part) if part.startswith("pipe:") else braceexpand.braceexpand(part):
             if url.startswith(REMOTE_PREFIXES):
                 if not allow_remote:
                     raise ValueError(f"shard URL {url!r} is remote or runs a command; set data.allow_remote=true to read it")
+                if url.startswith("s3://"):
+                    raise ValueError(f"shard URL {url!r}: s3:// has no reader here; stream it with "
+                                     f"'pipe:aws s3 cp {url} -'")
                 urls.append(url)
             elif any(ch in url for ch in "*?["):
                 matches = sorted(glob.glob(url))
@@ -119,45 +164,155 @@ def expand_shards(pattern: str, *, allow_remote: bool = False) -> list[str]:
                     raise FileNotFoundError(f"shard pattern {url!r} matches no file")
                 urls.extend(matches)
             else:
-                if not os.path.isfile(url):
+                if not os.path.exists(url):
                     raise FileNotFoundError(f"shard {url} does not exist")
+                if not os.path.isfile(url):
+                    raise ValueError(f"shard {url} is not a regular file")
                 urls.append(url)
     if not urls:
         raise ValueError(f"shard pattern {pattern!r} names no shard")
     return urls
 
 
+_NUMERIC_RANGE = re.compile(r"\{\d+\.\.\d+\}")
+
+
+def _expand_pipe(command: str) -> list[str]:
+    """A pipe: command per shard number of each `{a..b}` range (WebDataset's `pipe:curl .../train-{000..099}.tar`).
+
+    Nothing else is expanded: commas and braces belong to the shell command (`awk '{print $1, $2}'`), and
+    expanding them would run commands the user never wrote."""
+    match = _NUMERIC_RANGE.search(command)
+    if match is None:
+        return [command]
+    head, tail = command[:match.start()], command[match.end():]
+    return [head + number + rest for number in braceexpand.braceexpand(match.group()) for rest in _expand_pipe(tail)]
+
+
 @dataclass
 class TarEntry:
     key: str
     members: dict[str, tuple[int, int]] = field(default_factory=dict)  # suffix -> (data offset, size)
-    error: str | None = None  # set when the sample cannot be read (the tar is truncated inside it)
+    error: str | None = None  # set when the sample cannot be used (truncated, oversized, duplicate key)
 
 
-def index_tar(path: str) -> list[TarEntry]:
-    """Index a local tar's samples by reading headers only. A truncated tar yields the samples before
-    the damage plus one entry carrying the error; a refused member raises ShardFormatError."""
+# Headers of one tar member (with its pax records or GNU long name) are under 1 KiB in practice; tarfile reads
+# them whole, so a hostile 200 MB "long name" would otherwise be read into memory before any member check.
+MAX_HEADER_BYTES = MB
+
+
+class TarReader:
+    """The file object tarfile reads a shard through: header reads are bounded per member, and on a stream
+    (http, pipe:) seeking forward reads and drops in 1 MB chunks, so a member that is not wanted is never held."""
+
+    def __init__(self, raw, *, seekable: bool):
+        self.raw, self.seekable = raw, seekable
+        self.position = raw.tell() if seekable else 0
+        self.header_bytes = 0  # what tarfile read since `_members` last asked it for the next member
+
+    def read(self, size: int) -> bytes:
+        """tarfile's reads: headers only (member data is read with `read_data`)."""
+        if self.header_bytes + size > MAX_HEADER_BYTES:
+            raise OSError(f"tar header at byte {self.position} is over {MAX_HEADER_BYTES} bytes")
+        self.header_bytes += size
+        return self.read_data(size)
+
+    def read_data(self, size: int) -> bytes:
+        data = self.raw.read(size)
+        self.position += len(data)
+        return data
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        assert whence == os.SEEK_SET, whence
+        if self.seekable:
+            self.position = self.raw.seek(offset)
+            return self.position
+        if offset < self.position:
+            raise OSError(f"cannot seek back to byte {offset} in a streamed shard (at {self.position})")
+        while self.position < offset and self.read_data(min(MB, offset - self.position)):
+            pass
+        return self.position
+
+
+def _members(tar: tarfile.TarFile, reader: TarReader) -> Iterator[tarfile.TarInfo]:
+    """The tar's file members in order; a damaged header raises TarError / OSError / EOFError where it is."""
+    while True:
+        reader.header_bytes = 0
+        info = tar.next()
+        tar.members = []  # tarfile keeps every header it read; a shard of many small members would pile them up
+        if info is None:
+            return
+        if info.isfile():
+            yield info
+
+
+def _member_error(entry_size: int, suffix: str, size: int, cfg: DataConfig) -> str | None:
+    """Why a member of `size` bytes cannot be read (the sample's members so far hold `entry_size`), or None."""
+    limit, setting = cfg.member_limit(suffix)
+    if size > limit:
+        return f"member {suffix} is {size / MB:.1f} MB ({size} bytes), over {setting}={limit // MB}; not read"
+    if entry_size + size > cfg.max_sample_mb * MB:
+        return (f"members hold {(entry_size + size) / MB:.1f} MB with {suffix}, over "
+                f"data.max_sample_mb={cfg.max_sample_mb}; not read")
+    return None
+
+
+def _duplicate_key(key: str, *, earlier_read: bool = False) -> str:
+    if earlier_read:  # a stream cannot take back the sample it read before the key came back
+        return f"duplicate key {key!r}: an earlier sample of this streamed shard has it (already read); this one is skipped"
+    return f"duplicate key {key!r}: more than one sample in this shard has it; all of them are skipped"
+
+
+def _unreadable(e: BaseException) -> str:
+    return f"shard cannot be read as a tar ({type(e).__name__}: {' '.join(str(e).split())})"
+
+
+def index_tar(path: str, cfg: DataConfig | None = None) -> list[TarEntry]:
+    """Index a local tar's samples by reading headers only.
+
+    A sample with a member over `cfg`'s size caps, or whose key appears twice, carries an error (skipped
+    and logged by the pipeline, nothing of it read). A truncated tar yields the samples before the damage
+    plus one entry carrying the error; a shard that cannot be opened as a tar is one such entry (`<shard>`);
+    a refused member raises ShardFormatError."""
+    cfg = cfg or DataConfig()
     entries: dict[str, TarEntry] = {}
-    file_size = os.path.getsize(path)
     error = None
     last_key = None
-    with tarfile.open(path, "r:") as tar:
+    try:
+        f = open(path, "rb")
+        file_size = os.fstat(f.fileno()).st_size
+    except OSError as e:
+        return [TarEntry("<shard>", error=_unreadable(e))]
+    with f:
+        reader = TarReader(f, seekable=True)
+        try:
+            tar = tarfile.open(fileobj=reader, mode="r:")
+        except (tarfile.TarError, EOFError, OSError) as e:
+            return [TarEntry("<shard>", error=_unreadable(e))]
+        members = _members(tar, reader)
         while True:
             try:
-                info = tar.next()
+                info = next(members, None)
             except (tarfile.TarError, EOFError, OSError) as e:
                 error = f"truncated or corrupt tar after key {last_key!r}: {e}"
                 break
             if info is None:
                 break
-            if not info.isfile():
-                continue
-            key, suffix = split_member_name(info.name)
+            key, suffix = split_member_name(info.name, path)
             if key.startswith("__"):
                 continue
             check_member_suffix(suffix, f"{path}:{key}")
-            entry = entries.setdefault(key, TarEntry(key))
-            if info.offset_data + info.size > file_size:
+            entry = entries.get(key)
+            if entry is None:
+                entry = entries[key] = TarEntry(key)
+            elif key != last_key or suffix in entry.members:
+                entry.error = _duplicate_key(key)
+            if entry.error is None:
+                entry.error = _member_error(sum(size for _, size in entry.members.values()), suffix, info.size, cfg)
+            if entry.error is None and info.offset_data + info.size > file_size:
                 entry.error = f"tar truncated inside member {info.name} ({file_size} bytes on disk)"
             entry.members[suffix] = (info.offset_data, info.size)
             last_key = key
@@ -168,6 +323,9 @@ def index_tar(path: str) -> list[TarEntry]:
 
 
 def read_entry(path: str, entry: TarEntry, suffixes: tuple[str, ...] | None = None) -> dict[str, bytes]:
+    """The members of an indexed sample (those in `suffixes`); one with an error is never read."""
+    if entry.error:
+        raise ShardFormatError(f"{path}:{entry.key}: {entry.error}")
     with open(path, "rb") as f:
         out = {}
         for suffix, (offset, size) in entry.members.items():
@@ -178,42 +336,92 @@ def read_entry(path: str, entry: TarEntry, suffixes: tuple[str, ...] | None = No
     return out
 
 
-def iter_remote(url: str) -> Iterator[tuple[str, dict[str, bytes] | None, str | None]]:
-    """Sequential (key, members, error) from a streamed shard (webdataset's gopen handles http and pipe:)."""
-    import webdataset as wds
-    from webdataset.tariterators import tar_file_iterator
+def iter_remote(url: str, cfg: DataConfig | None = None) -> Iterator[tuple[str, dict[str, bytes] | None, str | None]]:
+    """Sequential (key, members, error) from a streamed shard (webdataset's gopen opens http and pipe:).
 
-    stream = wds.gopen(url, "rb")
-    key, members = None, {}
+    The size caps and the duplicate-key rule are index_tar's, checked from each header before the member is
+    read. A stream is read once, in order: a key that comes back after other samples is skipped and logged,
+    but its first sample was already read (two samples in a row with one key are both skipped)."""
+    import webdataset as wds
+
+    cfg = cfg or DataConfig()
+    key, members, error = None, {}, None
+    suffixes: set[str] = set()  # of the sample being read (its members are dropped once it has an error)
+    seen: set[str] = set()
     try:
-        for item in tar_file_iterator(stream):
-            k, suffix = split_member_name(item["fname"])
+        stream = wds.gopen(url, "rb")
+    except Exception as e:  # noqa: BLE001 - a stream that cannot start is one logged failure, like a broken one
+        yield "<shard>", None, f"stream cannot be opened: {type(e).__name__}: {e}"
+        return
+    try:
+        reader = TarReader(stream, seekable=False)
+        for info in _members(tarfile.open(fileobj=reader, mode="r:"), reader):
+            k, suffix = split_member_name(info.name, url)
+            if k.startswith("__"):
+                continue
             check_member_suffix(suffix, f"{url}:{k}")
-            if k != key and key is not None:
-                yield key, members, None
+            if k != key:
+                if key is not None:
+                    yield key, (None if error else members), error
+                key, members, suffixes, error = k, {}, set(), (_duplicate_key(k, earlier_read=True) if k in seen else None)
+                seen.add(k)
+            elif suffix in suffixes:
+                error = _duplicate_key(k)
+            suffixes.add(suffix)
+            if error is None:
+                error = _member_error(sum(map(len, members.values())), suffix, info.size, cfg)
+            if error is not None:
                 members = {}
-            key = k
-            members[suffix] = item["data"]
+                continue
+            members[suffix] = reader.read_data(info.size)
+            if len(members[suffix]) < info.size:
+                members, error = {}, f"stream ends inside member {info.name}"
+                break
     except ShardFormatError:
         raise
     except Exception as e:  # noqa: BLE001 - a broken stream ends the shard; what is lost gets logged
-        yield f"<after {key}>", None, f"stream broke after key {key!r}: {e}"
+        reason = f"{type(e).__name__}: {' '.join(str(e).split())}"
+        if key is None:
+            yield "<shard>", None, f"stream cannot be read as a tar ({reason})"
+        else:  # as in a truncated local tar: the sample before the damage, then what the damage cost
+            yield key, (None if error else members), error
+            yield f"<after {key}>", None, f"stream broke after key {key!r}: {reason}"
         return
     finally:
-        stream.close()
+        try:
+            stream.close()
+        except Exception as e:  # noqa: BLE001 - a command that exits non-zero (webdataset raises it at close)
+            log.warning("%s: %s", url, " ".join(str(e).split()))
     if key is not None:
-        yield key, members, None
+        yield key, (None if error else members), error
 
 
 # ---------------------------------------------------------------------------------------------
 # Decoding one sample
 
 
-def decode_sample(raw: dict[str, bytes], where: str, cfg: DataConfig, tokenizer: Tokenizer) -> TokenizedSample:
-    """Raw members of one sample -> TokenizedSample, or an exception whose message says why not."""
+class OverlongSample(DataError):
+    """A sample with more tokens than data.seq_len (an error or a skip, by data.overlong)."""
+
+
+def check_text_length(sample: dict[str, Any], where: str, cfg: DataConfig) -> None:
+    """Refuse a parsed sample whose text is over data.max_text_chars, before anything tokenizes it."""
+    num_chars = sample_text_chars(sample)
+    if num_chars > cfg.max_text_chars:
+        raise ShardFormatError(f"{where}: sample text is {num_chars} characters, over "
+                               f"data.max_text_chars={cfg.max_text_chars}; not tokenized")
+
+
+def decode_sample(raw: dict[str, bytes], where: str, cfg: DataConfig, tokenizer: Tokenizer, *,
+                  max_tokens: int | None = None) -> TokenizedSample:
+    """Raw members of one sample -> TokenizedSample, or an exception whose message says why not.
+
+    With `max_tokens`, a sample over it raises OverlongSample, as soon as its media alone are over: a sample
+    that names one long recording many times never holds more than `max_tokens` of decoded media plus one."""
     if "json" not in raw:
         raise ShardFormatError(f"{where}: sample has no .json member (members: {', '.join(sorted(raw))})")
     sample = parse_sample(raw["json"], where)
+    check_text_length(sample, where, cfg)
     media = []
     for part in media_parts(sample):
         member = part["member"]
@@ -226,7 +434,13 @@ def decode_sample(raw: dict[str, bytes], where: str, cfg: DataConfig, tokenizer:
             media.append(encode_image(raw[member], cfg.image, where=at))
         else:
             media.append(encode_video(raw[member], cfg.video, cfg.image, where=at))
+        if max_tokens is not None and (num_tokens := sum(m.num_tokens for m in media)) > max_tokens:
+            raise OverlongSample(f"{where}: sample's media alone have {num_tokens} tokens > "
+                                 f"data.seq_len={max_tokens}; raise data.seq_len or set data.overlong=skip")
     tokenized = render_chat(sample["messages"], media, tokenizer, where=where)
+    if max_tokens is not None and len(tokenized) > max_tokens:
+        raise OverlongSample(f"{where}: sample has {len(tokenized)} tokens > data.seq_len={max_tokens}; "
+                             "raise data.seq_len or set data.overlong=skip")
     shard, _, key = where.rpartition(":")
     tokenized.shard, tokenized.key, tokenized.meta = shard, key, sample.get("meta", {})
     transcript = tokenized.meta.get("transcript")
@@ -319,9 +533,9 @@ class SourceStream:
     With `tasks`, the source holds only the samples whose meta.task is listed (read from each sample's
     JSON once, when its shard is indexed); samples whose JSON cannot be read stay in, to be logged."""
 
-    def __init__(self, urls: list[str], source: int, *, seed: int, shuffle: bool, stream: int, num_streams: int,
+    def __init__(self, urls: list[str], source: int, *, cfg: DataConfig, seed: int, stream: int, num_streams: int,
                  tasks: list[str] | None = None):
-        self.urls, self.source, self.seed, self.shuffle = urls, source, seed, shuffle
+        self.urls, self.source, self.cfg, self.seed, self.shuffle = urls, source, cfg, seed, cfg.shuffle
         self.tasks = set(tasks) if tasks is not None else None
         self.stream, self.num_streams = stream, num_streams
         self.epoch, self.position = 0, 0
@@ -330,7 +544,7 @@ class SourceStream:
 
     def _entries(self, url: str) -> list[TarEntry]:
         if url not in self._index:
-            entries = index_tar(url)
+            entries = index_tar(url, self.cfg)
             if self.tasks is not None:
                 entries = [e for e in entries if e.error or "json" not in e.members or self._wanted(read_entry(url, e, ("json",)))]
             self._index[url] = entries
@@ -356,7 +570,7 @@ class SourceStream:
         for rank_in_order, shard in enumerate(order):
             url = self.urls[shard]
             if url.startswith(REMOTE_PREFIXES):
-                samples = ((key, (lambda m=members, e=error: (m, e))) for key, members, error in iter_remote(url)
+                samples = ((key, (lambda m=members, e=error: (m, e))) for key, members, error in iter_remote(url, self.cfg)
                            if error or self._wanted(members))
             else:
                 entries = self._entries(url)
@@ -388,8 +602,8 @@ class SourceStream:
                 if not infinite:
                     return None
                 if self.position == 0:
-                    raise ValueError(f"shards {self.urls[0]}...: stream {self.stream} of {self.num_streams} gets no sample; "
-                                     "use fewer ranks x workers or more samples") from None
+                    raise DataError(f"shards {self.urls[0]}...: stream {self.stream} of {self.num_streams} gets no sample; "
+                                    "use fewer ranks x workers or more samples") from None
                 self.epoch, self.position = self.epoch + 1, 0
                 self._iter = self._plan(self.epoch)
                 continue
@@ -431,6 +645,7 @@ class PackedStream(IterableDataset):
         self.rotation = 0
         self.restore: dict[int, dict] = {}
         self.cache = DecodeCache(cfg.decode_cache_mb)  # each worker fills its own copy
+        self.last_error = ""  # why the last unusable sample was skipped
 
     def __iter__(self):
         info = get_worker_info()
@@ -438,7 +653,12 @@ class PackedStream(IterableDataset):
         logical = (physical + self.rotation) % self.num_workers
         stream = self.rank * self.num_workers + logical
         num_streams = self.world_size * self.num_workers
-        yield from self._run(logical, stream, num_streams, self.restore.get(logical))
+        try:
+            yield from self._run(logical, stream, num_streams, self.restore.get(logical))
+        except USER_ERRORS as e:
+            # Raised in a DataLoader worker, it would reach the main process inside DataLoader's multi-line
+            # "Caught ... in DataLoader worker process" text; as a marker, DataPipeline raises it there as itself.
+            yield {"_error": (type(e), " ".join(str(e).split()))}
 
     def _choose(self, stream: int, k: int, active: list[int]) -> int:
         if len(active) == 1:
@@ -450,28 +670,31 @@ class PackedStream(IterableDataset):
     def _decode(self, url: str, key: str, fetch) -> TokenizedSample | None:
         if (cached := self.cache.get(url, key)) is not None:
             return cached
-        members, error = fetch()
+        try:
+            members, error = fetch()
+        except OSError as e:  # the shard became unreadable after it was indexed (moved, I/O error)
+            members, error = None, f"cannot read the sample ({type(e).__name__}: {' '.join(str(e).split())})"
         if error is None:
             try:
-                sample = decode_sample(members, f"{url}:{key}", self.cfg, self.tokenizer)
+                sample = decode_sample(members, f"{url}:{key}", self.cfg, self.tokenizer, max_tokens=self.cfg.seq_len)
+            except OverlongSample as e:
+                if self.cfg.overlong == "error":
+                    raise
+                error = str(e)
             except ShardFormatError as e:
                 error = str(e)
             except Exception as e:  # noqa: BLE001 - any decode failure skips the sample, with its reason
                 error = f"{type(e).__name__}: {e}"
             else:
-                if len(sample) <= self.cfg.seq_len:
-                    self.cache.put(url, key, sample)
-                    return sample
-                error = (f"{url}:{key}: sample has {len(sample)} tokens > data.seq_len={self.cfg.seq_len}; "
-                         "raise data.seq_len or set data.overlong=skip")
-                if self.cfg.overlong == "error":
-                    raise ValueError(error)
-        self.skip_log(url, key, error.removeprefix(f"{url}:{key}: "))
+                self.cache.put(url, key, sample)
+                return sample
+        self.last_error = error.removeprefix(f"{url}:{key}: ")
+        self.skip_log(url, key, self.last_error)
         return None
 
     def _run(self, worker: int, stream: int, num_streams: int, state: dict | None) -> Iterator[dict]:
-        sources = [SourceStream(urls, i, seed=self.seed, shuffle=self.cfg.shuffle, stream=stream, num_streams=num_streams,
-                                tasks=tasks) for i, (urls, tasks) in enumerate(zip(self.urls, self.tasks))]
+        sources = [SourceStream(urls, i, cfg=self.cfg, seed=self.seed, stream=stream, num_streams=num_streams, tasks=tasks)
+                   for i, (urls, tasks) in enumerate(zip(self.urls, self.tasks))]
         packer = Packer(self.cfg.seq_len, self.cfg.pack_pool)
         k, failures = 0, 0
         exhausted: set[int] = set()
@@ -485,7 +708,9 @@ class PackedStream(IterableDataset):
                 for address in pooled:
                     url, key, fetch = found[address[1:]]
                     sample = self._decode(url, key, fetch)
-                    assert sample is not None, f"pooled sample {url}:{key} no longer decodes"
+                    if sample is None:
+                        raise DataError(f"resume: {url}:{key}, pooled when the data state was saved, no longer "
+                                        "decodes (see skipped.jsonl); were the shards or data settings changed?")
                     packer.add(sample, address)
             packer.pool.sort(key=lambda item: state["pool"].index(list(item.address)))
 
@@ -505,8 +730,8 @@ class PackedStream(IterableDataset):
                     if sample is None:
                         failures += 1
                         if failures >= self.cfg.max_consecutive_failures:
-                            raise RuntimeError(f"{failures} samples in a row could not be used (last: {url}:{key}); "
-                                               "see skipped.jsonl")
+                            raise DataError(f"{failures} samples in a row could not be used (data.max_consecutive_failures);"
+                                            f" the last, {url}:{key}: {self.last_error}; see skipped.jsonl")
                         continue
                     failures = 0
                     packer.add(sample, address)
@@ -554,6 +779,9 @@ class DataPipeline:
                             prefetch_factor=2 if self.cfg.num_workers else None,
                             persistent_workers=False, multiprocessing_context="fork" if self.cfg.num_workers else None)
         for batch in loader:
+            if "_error" in batch:
+                error_type, message = batch["_error"]
+                raise error_type(message)
             data_state = batch.pop("_data_state")
             self.worker_states[data_state["worker"]] = data_state["state"]
             self.num_batches += 1
@@ -565,9 +793,36 @@ class DataPipeline:
                 "worker_states": {str(w): s for w, s in self.worker_states.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`'s output; ValueError when it is not one (a damaged or foreign state file)."""
+        if (problem := _state_problem(state)) is not None:
+            raise ValueError(f"not a data pipeline state ({problem})")
         for name in ("num_workers", "rank", "world_size", "seed"):
             if state[name] != getattr(self.dataset, name):
                 raise ValueError(f"data state was saved with {name}={state[name]}, this run has "
                                  f"{getattr(self.dataset, name)}; resume with the same setting")
         self.num_batches = state["num_batches"]
         self.worker_states = {int(w): s for w, s in state["worker_states"].items()}
+
+
+def _state_problem(state: Any) -> str | None:
+    """What makes `state` unlike `DataPipeline.state_dict()`'s output, or None: checked before any worker uses it."""
+    def ints(value: Any, length: int | None = None) -> bool:
+        return (isinstance(value, list) and all(isinstance(v, int) for v in value)
+                and (length is None or len(value) == length))
+
+    if not isinstance(state, dict):
+        return "not an object"
+    for name in ("num_batches", "num_workers", "rank", "world_size", "seed"):
+        if not isinstance(state.get(name), int):
+            return f"{name} is not an integer"
+    workers = state.get("worker_states")
+    if not isinstance(workers, dict):
+        return "worker_states is not an object"
+    for worker, stream in workers.items():
+        if not (isinstance(worker, str) and worker.isdigit() and isinstance(stream, dict)):
+            return f"worker_states[{worker!r}] is not a worker's state"
+        if not (isinstance(stream.get("k"), int) and ints(stream.get("exhausted"))
+                and isinstance(stream.get("sources"), list) and all(ints(s, 2) for s in stream["sources"])
+                and isinstance(stream.get("pool"), list) and all(ints(a, 3) for a in stream["pool"])):
+            return f"worker_states[{worker!r}] lacks k / exhausted / sources / pool"
+    return None
