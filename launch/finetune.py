@@ -8,8 +8,9 @@ checkpoint) — an omni_train run, whose model, tokenizer and media settings the
 or local HF directories in `model.pretrained_*` (the Qwen backbone, ...). What trains:
 `train.lora` (adapters on `targets`; the rest is frozen) or, without it, every module that
 `train.modules` does not freeze, each at `train.lr` x its `lr_scale`. DeepSpeed ZeRO 2/3 with
-`train.engine=deepspeed train.zero_stage=N`. The recipe is validated before any work starts; a bad
-key or value exits with one line naming it.
+`train.engine=deepspeed train.zero_stage=N`. The recipe, the shards and the resume target are checked
+before any work starts and before anything in the run directory changes; a user's error exits 2 with
+one line naming it (`OMNI_DEBUG=1` adds the traceback).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import dataclasses
 import os
 import sys
 
-from omni_train.config import RecipeError, load_recipe
+from omni_train.errors import preflight, run_entry_point
 
 
 def starting_point(cfg) -> str | None:
@@ -31,20 +32,19 @@ def starting_point(cfg) -> str | None:
     return ", ".join(pretrained) or None
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", required=True, help="recipes/*.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. init.run=runs/demo train.lora.r=16")
     args = parser.parse_args(argv)
-    try:
+    from omni_train.config import load_recipe
+
+    with preflight():
         cfg = load_recipe(args.recipe, args.overrides)
         start = starting_point(cfg)
         if start is None:
-            raise RecipeError("init.run: nothing to fine-tune from; set init.run=runs/NAME (an omni_train run) "
-                              "or a model.pretrained_* directory")
-    except RecipeError as e:
-        print(f"finetune: error: {e}", file=sys.stderr)
-        return 2
+            raise ValueError("init.run: nothing to fine-tune from; set init.run=runs/NAME (an omni_train run) "
+                             "or a model.pretrained_* directory")
     from omni_train.train.loop import train
 
     if os.environ.get("RANK", "0") == "0":
@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
                                                      if cfg.train.lora else ", all parameters"), flush=True)
     train(cfg)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_entry_point("finetune", lambda: _main(argv))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""`omni-train` subcommands. Each parses its flags and calls one library function."""
+"""`omni-train` subcommands. Each parses its flags and calls one library function; a user's error is one
+line on stderr and exit code 2 (`errors.py`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ def _shards_build(args: argparse.Namespace) -> int:
     if args.audio_dir:
         if args.manifest:
             raise ValueError("shards build: give --manifest or --audio-dir, not both")
+        if args.allow_outside_media_root:
+            raise ValueError("shards build --audio-dir: --allow-outside-media-root applies to --manifest only")
         if args.prefix is not None or args.task is not None:
             raise ValueError("shards build --audio-dir: --prefix and --task do not apply (the folder mode writes "
                              "train-*.tar and eval-*.tar with tasks transcribe and action_items)")
@@ -72,7 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "with a transcript of the same name beside it (.txt, .srt, .vtt, or .json with transcript / "
                             "segments / action_items) -> train-*.tar and eval-*.tar of transcribe (and action_items) "
                             "samples cut to --segment-s; exit 1 when some recordings were skipped (one line each)")
-    build.add_argument("--media-root", default=".", help="directory the manifest's media paths are relative to")
+    build.add_argument("--media-root", default=".", help="directory the manifest's media paths are relative to; "
+                                                          "every media file must resolve to a path under it")
+    build.add_argument("--allow-outside-media-root", action="store_true",
+                       help="read media paths that leave --media-root (absolute paths, '..', symbolic links)")
     build.add_argument("--out", required=True, help="output directory")
     build.add_argument("--prefix", default=None, help="shard file name prefix: <prefix>-000000.tar (default: train)")
     build.add_argument("--max-samples", type=int, default=1000, help="samples per shard")
@@ -150,12 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """User errors print one line and exit 2 (`errors.run_entry_point`); bugs keep their traceback."""
+    from omni_train.errors import run_entry_point
+
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one line, no traceback
-        print(f"omni-train: error: {e}", file=sys.stderr)
-        return 2
+    return run_entry_point("omni-train", lambda: args.func(args))
 
 
 if __name__ == "__main__":

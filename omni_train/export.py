@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,8 +85,7 @@ def export_run(run: str | Path, out: str | Path, *, step: int | None = None, mer
     from omni_train.train.runs import load_run
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
+    check_export_target(out, run, overwrite=overwrite)
     model, cfg, tokenizer, checkpoint = load_run(run, step)
     lora = has_lora(model)
     adapters = None
@@ -98,15 +99,59 @@ def export_run(run: str | Path, out: str | Path, *, step: int | None = None, mer
     return write_export(model, tokenizer, cfg.data, out, source=source, adapters=adapters)
 
 
+def is_export(directory: Path) -> bool:
+    """Whether `directory` holds an omni_train export (its config.json says so)."""
+    try:
+        return json.loads((directory / CONFIG_FILE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_export_target(out: Path, run: str | Path, *, overwrite: bool) -> None:
+    """Refuse an --out whose replacement would lose anything: a file, a non-empty folder without --overwrite,
+    and even with it any folder that is not an earlier export, or that is (or holds) a run."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise ValueError(f"--out {out} exists and is not empty (pass --overwrite to replace an earlier export)")
+    resolved, run_dir = out.resolve(), Path(run).resolve()
+    if resolved == run_dir or resolved in run_dir.parents:
+        raise ValueError(f"--out {out} is or holds the run {run}: refusing to replace it")
+    if (out / "config.yaml").is_file() or (out / "checkpoints").is_dir():
+        raise ValueError(f"--out {out} is a run directory (config.yaml / checkpoints/): refusing to replace it")
+    if not is_export(out):
+        raise ValueError(f"--out {out} is not an earlier omni_train export (no {CONFIG_FILE} with format "
+                         f"{FORMAT!r}): refusing to replace it; choose an empty or new --out")
+
+
 def write_export(model: nn.Module, tokenizer: Any, data_cfg: Any, out: Path, *, source: dict[str, Any],
                  adapters: tuple[Any, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write `model` (without LoRA layers), its tokenizer and media settings as an export directory, replacing `out`
-    atomically (written beside it, then renamed); `adapters`: (peft LoraConfig, adapter state) kept apart."""
+    atomically (written into a fresh hidden folder beside it, then renamed); `adapters`: (peft LoraConfig, adapter
+    state) kept apart. Callers decide whether `out` may be replaced (`check_export_target`)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        _write_export_files(model, tokenizer, data_cfg, tmp, source=source, adapters=adapters)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():  # swap: the old export is renamed away before the new one takes its name
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    return out
+
+
+def _write_export_files(model: nn.Module, tokenizer: Any, data_cfg: Any, tmp: Path, *, source: dict[str, Any],
+                        adapters: tuple[Any, dict[str, torch.Tensor]] | None) -> None:
     from safetensors.torch import save_file
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     if adapters is not None:
         adapters[0].save_pretrained(str(tmp))
         save_file(adapters[1], str(tmp / ADAPTER_WEIGHTS_FILE))
@@ -116,16 +161,10 @@ def write_export(model: nn.Module, tokenizer: Any, data_cfg: Any, out: Path, *, 
               "data": {name: dataclasses.asdict(getattr(data_cfg, name)) for name in ("audio", "image", "video")},
               "source": source}
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, ensure_ascii=False))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
 
 
 def load_exported(directory: str | Path) -> tuple[nn.Module, Any, ExportConfig]:
     """(model in eval mode on the CPU, tokenizer, config) from an export directory; adapters kept apart are re-applied."""
-    from safetensors.torch import load_file
-
     from omni_train.config import load_recipe
     from omni_train.data.text import Tokenizer
     from omni_train.model.omni import build_model
@@ -137,13 +176,36 @@ def load_exported(directory: str | Path) -> tuple[nn.Module, Any, ExportConfig]:
     cfg = load_recipe(directory / CONFIG_FILE, schema=ExportConfig)  # JSON is YAML: the recipe loader validates it
     tokenizer = Tokenizer.from_path(directory)
     model = build_model(cfg.model, vocab_size=tokenizer.vocab_size)
-    model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+    _load_strict(model, read_safetensors(directory / WEIGHTS_FILE), directory / WEIGHTS_FILE)
     if (directory / ADAPTER_CONFIG_FILE).is_file():
         import peft
 
         peft.inject_adapter_in_model(peft.LoraConfig.from_pretrained(str(directory)), model)
-        load_adapter_state_dict(model, load_file(str(directory / ADAPTER_WEIGHTS_FILE)))
+        load_adapter_state_dict(model, read_safetensors(directory / ADAPTER_WEIGHTS_FILE))
     return model.eval(), tokenizer, cfg
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, or one line naming the file (a missing, truncated or foreign file)."""
+    from safetensors.torch import load_file
+
+    from omni_train.errors import one_line
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError ...: the file is the user's to fix
+        raise ValueError(f"{path}: not a readable safetensors file ({one_line(e)})") from None
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [k for k in set(expected) & set(state) if expected[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{path}: the weights do not fit {CONFIG_FILE}'s model (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}, other shapes {sorted(shapes)[:3]})")
+    model.load_state_dict(state)
 
 
 def export_cli(args: argparse.Namespace) -> int:

@@ -351,3 +351,109 @@ def test_interrupted_shard_never_gets_its_final_name(media, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["train-000000.tar"]
     assert sink.shards == [out / "train-000000.tar"]
     assert sorted(samples_of(sink.shards)) == ["000000", "000001"]
+
+
+# ------------------------------------------------------------------------ media root, audio of a video, nesting
+
+
+def test_media_paths_must_stay_under_the_media_root(media, tmp_path, capsys):
+    """`..`, an absolute path and a symbolic link leading out of --media-root are refused (one line, nothing
+    written) unless --allow-outside-media-root; then the outside file is what the shard holds."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "tone.wav").write_bytes((media["root"] / "tone.wav").read_bytes())
+    secret = tmp_path / "outside.wav"
+    secret.write_bytes((media["root"] / "tone.wav").read_bytes())
+    (root / "link.wav").symlink_to(secret)
+    (root / "sub").mkdir()
+    out = tmp_path / "shards"
+    for path in ("../outside.wav", str(secret), "link.wav", "sub/../../outside.wav"):
+        manifest = write_jsonl(tmp_path / "m.jsonl", [GOOD_ENTRY, dict(GOOD_ENTRY, audios=[path])])
+        assert run_build(manifest, root, out) == 2, path
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "entry 1 (line 2): audios[0]" in err, err
+        assert "is outside --media-root" in err and str(secret) in err and "--allow-outside-media-root" in err, err
+        assert not out.exists()
+    assert run_build(manifest, root, out, "--allow-outside-media-root") == 0
+    assert samples_of(shards_in(out))["000001"][1]["audio_0.wav"] == secret.read_bytes()
+    # inside the root, absolute paths and links that stay inside are fine
+    (root / "inner.wav").symlink_to(root / "tone.wav")
+    manifest = write_jsonl(tmp_path / "m.jsonl", [dict(GOOD_ENTRY, audios=[str(root / "tone.wav")]),
+                                                  dict(GOOD_ENTRY, audios=["inner.wav"])])
+    assert run_build(manifest, root, tmp_path / "inside") == 0
+
+
+def test_audio_track_of_a_video_becomes_a_flac_member(tmp_path, capsys):
+    """`"audios": ["call.mp4"]`: the shard holds the video's audio track as FLAC (no video bytes), decoded by
+    the training path to the same samples as the mp4's own track; rebuilds are byte-identical; a video
+    without sound is one line."""
+    import torch
+    from torchcodec.decoders import AudioDecoder
+
+    from omni_train.data.audio import AudioConfig, encode_audio
+
+    root = tmp_path / "media"
+    root.mkdir()
+    synth.test_pattern_video(root / "call.mp4", 2.0, fps=10, width=160, height=120, with_audio=True)
+    synth.test_pattern_video(root / "call.webm", 1.0, fps=10, width=64, height=48, with_audio=True)
+    synth.test_pattern_video(root / "silent.mp4", 1.0, fps=10, width=64, height=48)
+    entry = {"messages": [{"role": "user", "content": "<audio>Transcribe."}, {"role": "assistant", "content": "a tone"}],
+             "audios": ["call.mp4"]}
+    manifest = write_jsonl(tmp_path / "m.jsonl", [entry, dict(entry, audios=["call.webm"])])
+    assert run_build(manifest, root, tmp_path / "a") == 0
+    assert "audio: 0.0008 h" in capsys.readouterr().out  # 2 s + 1 s
+    samples = samples_of(shards_in(tmp_path / "a"))
+    sample, members = samples["000000"]
+    assert list(members) == ["audio_0.flac"] and media_parts(sample) == [{"type": "audio", "member": "audio_0.flac"}]
+    assert abs(sample["meta"]["duration_s"] - 2.0) < 0.05, sample["meta"]
+    assert members["audio_0.flac"][:4] == b"fLaC"  # a FLAC stream: the video's pictures are not in the shard
+    assert list(samples["000001"][1]) == ["audio_0.flac"]
+
+    cfg = AudioConfig()
+    ours = AudioDecoder(members["audio_0.flac"], sample_rate=cfg.sample_rate_hz).get_all_samples().data.mean(0)
+    theirs = AudioDecoder(str(root / "call.mp4"), sample_rate=cfg.sample_rate_hz).get_all_samples().data.mean(0)
+    n = min(ours.numel(), theirs.numel())
+    assert abs(ours.numel() - theirs.numel()) <= cfg.sample_rate_hz // 100
+    assert torch.allclose(ours[:n], theirs[:n], atol=2e-4), (ours[:n] - theirs[:n]).abs().max()  # 16-bit FLAC
+    encoded = encode_audio(members["audio_0.flac"], cfg, where="000000.audio_0.flac")
+    assert encoded.num_tokens > 0 and abs(encoded.duration_s - 2.0) < 0.05
+
+    assert run_build(manifest, root, tmp_path / "b") == 0  # deterministic: byte-identical shards
+    assert [p.read_bytes() for p in shards_in(tmp_path / "a")] == [p.read_bytes() for p in shards_in(tmp_path / "b")]
+
+    manifest = write_jsonl(tmp_path / "m.jsonl", [entry, dict(entry, audios=["silent.mp4"])])
+    assert run_build(manifest, root, tmp_path / "c") == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "entry 1 (line 2): audios[0]" in lines[0] and "silent.mp4 has no audio stream" in lines[0]
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "json"])
+def test_deeply_nested_manifest_is_one_line(media, tmp_path, capsys, layout):
+    deep = '{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    manifest = tmp_path / f"m.{layout}"
+    manifest.write_text(json.dumps(GOOD_ENTRY) + "\n" + deep + "\n" if layout == "jsonl" else f"[{deep}]")
+    assert run_build(manifest, media["root"], tmp_path / "out") == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "JSON nested more than 200 levels deep" in lines[0], lines
+    assert (f"{manifest}: line 2" if layout == "jsonl" else f"{manifest}:") in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_summary_warns_about_media_the_loader_would_skip(media, tmp_path):
+    """A media file over the loader's default data.max_member_mb is built, with a warning line in the summary."""
+    import wave
+
+    from omni_train.data.pipeline import DataConfig
+
+    big = tmp_path / "root" / "long.wav"
+    big.parent.mkdir()
+    frames = (DataConfig().max_member_mb * 2**20) // 2 + 16000  # 16-bit mono: just over the cap
+    with wave.open(str(big), "wb") as f:
+        f.setnchannels(1), f.setsampwidth(2), f.setframerate(16000)
+        f.writeframes(bytes(2 * frames))
+    manifest = write_jsonl(tmp_path / "m.jsonl", [dict(GOOD_ENTRY, audios=["long.wav"])])
+    summary = build_shards(manifest, big.parent, tmp_path / "out")
+    assert "warning: the largest media file is 64.0 MB" in summary.format() and "data.max_member_mb=64" in summary.format()
+    assert "warning" not in build_shards(write_jsonl(tmp_path / "s.jsonl", [GOOD_ENTRY]), media["root"],
+                                         tmp_path / "small").format()

@@ -83,10 +83,7 @@ import numpy as np
 import torch
 
 from omni_train.data.audio import _one_line
-from omni_train.data.writer import PreparedSample, ShardSink, existing_shards
-
-RECORDING_EXTENSIONS = ("wav", "flac", "mp3", "ogg", "opus", "m4a", "aac", "wma", "aiff", "aif", "amr", "mka",
-                        "mp4", "m4v", "mkv", "webm", "mov", "avi", "3gp")
+from omni_train.data.writer import RECORDING_EXTENSIONS, PreparedSample, ShardSink, existing_shards
 TRANSCRIPT_EXTENSIONS = ("txt", "srt", "vtt", "json")
 SPLITS = ("train", "eval")
 SOURCE = "folder"

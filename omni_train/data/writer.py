@@ -24,7 +24,9 @@ import json
 import math
 import os
 import re
+import subprocess
 import tarfile
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,12 @@ from typing import Any
 from omni_train.data.format import EXTENSIONS, MODALITIES, ROLES, media_member_name
 
 PLACEHOLDER = re.compile(r"(<audio>|<image>|<video>)")
+# Recordings FFmpeg reads whose audio track can be an audio item (a video call's .mp4, an .m4a ...). In a
+# manifest's `audios` list, those outside the shard format's audio extensions are re-encoded to FLAC.
+RECORDING_EXTENSIONS = EXTENSIONS["audio"] + ("m4a", "aac", "wma", "aiff", "aif", "amr", "mka",
+                                              "mp4", "m4v", "mkv", "webm", "mov", "avi", "3gp")
+# JSON nesting deeper than this is refused before parsing (Python's json recursion would end in RecursionError).
+MAX_JSON_DEPTH = 200
 MEDIA_LIST_KEYS = {"audio": "audios", "image": "images", "video": "videos"}
 # LLaMA-Factory's sharegpt tags; the OpenAI-style names are accepted under `from` as well.
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
@@ -69,6 +77,7 @@ class BuildSummary:
     num_bytes: int
     samples_per_task: dict[str, int] = field(default_factory=dict)
     samples_per_language: dict[str, int] = field(default_factory=dict)
+    largest_member_mb: float = 0.0
 
     def format(self) -> str:
         def counts(per: dict[str, int]) -> str:
@@ -82,7 +91,17 @@ class BuildSummary:
             f"videos: {self.num_videos} ({self.num_video_frames} frames)",
             f"tasks: {counts(self.samples_per_task)}",
             f"languages: {counts(self.samples_per_language)}",
+            *self._warnings(),
         ])
+
+    def _warnings(self) -> list[str]:
+        from omni_train.data.pipeline import DataConfig
+
+        cap = DataConfig().max_member_mb
+        if self.largest_member_mb <= cap:
+            return []
+        return [f"warning: the largest media file is {self.largest_member_mb:.1f} MB; the loader skips members over "
+                f"data.max_member_mb={cap} (its default): raise it in the recipe to train on them"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,24 +116,49 @@ def read_manifest(path: Path) -> list[tuple[str, Any]]:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from None
     stripped = text.lstrip()
     if stripped.startswith("["):  # a JSON list (LLaMA-Factory); a JSONL file never starts with '['
-        try:
-            entries = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON on line {e.lineno}, column {e.colno} ({e.msg})") from None
+        entries = _loads(text, f"{path}")
+        if not isinstance(entries, list):
+            raise ValueError(f"{path}: a JSON manifest must be a list of entries")
         located = [(f"{path}: entry {i}", entry) for i, entry in enumerate(entries)]
     else:
         located = []
         for line_number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: invalid JSON on line {line_number} ({e.msg} at column {e.colno})") from None
+            entry = _loads(line, f"{path}", line_number)
             located.append((f"{path}: entry {len(located)} (line {line_number})", entry))
     if not located:
         raise ValueError(f"{path}: the manifest has no entries")
     return [(_with_id(where, entry), entry) for where, entry in located]
+
+
+def _loads(text: str, where: str, lineno: int | None = None) -> Any:
+    """json.loads with one-line errors; nesting deeper than MAX_JSON_DEPTH is refused (deeper still, Python's
+    parser itself would end in RecursionError, and writing the sample back out would too)."""
+    at = where if lineno is None else f"{where}: line {lineno}"
+    try:
+        value = json.loads(text)
+        too_deep = _nesting(value) > MAX_JSON_DEPTH
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON on line {lineno or e.lineno}, column {e.colno} ({e.msg})") from None
+    except RecursionError:
+        too_deep = True
+    if too_deep:
+        raise ValueError(f"{at}: JSON nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
+def _nesting(value: Any) -> int:
+    """How deeply lists and objects nest in `value` (iteratively: no recursion to exhaust)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, depth)
+            if depth > MAX_JSON_DEPTH:
+                return depth
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _with_id(where: str, entry: Any) -> str:
@@ -208,9 +252,48 @@ def probe_image(path: Path, where: str) -> None:
         raise _header_error("image", path, where, e) from None
 
 
-def prepare_entry(entry: Any, where: str, media_root: Path, *, task: str | None = None,
-                  language: str | None = None) -> PreparedSample:
-    """Validate one manifest entry and read its media headers; every error names `where`."""
+def media_path(relative: str, media_root: Path, where: str, label: str, *, allow_outside: bool = False) -> Path:
+    """A manifest's media path -> the file to read. Unless `allow_outside`, it must stay under `media_root` once
+    `..` and symbolic links are resolved: a manifest from elsewhere must not make the build copy other files
+    (keys, /etc/...) into shards."""
+    path = Path(relative) if os.path.isabs(relative) else media_root / relative
+    if not allow_outside:
+        real = path.resolve()
+        if not real.is_relative_to(media_root.resolve()):
+            raise ValueError(f"{where}: {label} {relative!r} is outside --media-root {media_root} (it resolves to "
+                             f"{real}); pass --allow-outside-media-root to read it")
+    return path
+
+
+def extract_audio(path: Path, spool: Path, where: str, label: str) -> Path:
+    """The audio track of a recording in any container (a video's first audio stream) as 16-bit mono FLAC at its
+    own rate, written into `spool`. ffmpeg streams it, so memory stays flat however long the recording is; the
+    bit-exact flags keep the bytes (and so the shards) the same from one build to the next."""
+    probe = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "a", "-show_entries", "stream=index",
+                            "-of", "csv=p=0", str(path)], capture_output=True, text=True)
+    if probe.returncode != 0:
+        reason = (probe.stderr.strip().splitlines() or ["ffprobe failed"])[-1]
+        raise ValueError(f"{where}: {label} {path} cannot be read ({reason})")
+    if not probe.stdout.strip():
+        raise ValueError(f"{where}: {label} {path} has no audio stream")
+    out = spool / f"{len(list(spool.iterdir())):06d}.flac"
+    result = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-vn", "-sn",
+                             "-dn", "-ac", "1", "-sample_fmt", "s16", "-c:a", "flac", "-map_metadata", "-1",
+                             "-fflags", "+bitexact", "-flags:a", "+bitexact", "-f", "flac", str(out)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        reason = (result.stderr.strip().splitlines() or [f"ffmpeg exited {result.returncode}"])[-1]
+        raise ValueError(f"{where}: {label} {path}: cannot extract its audio ({reason})")
+    return out
+
+
+def prepare_entry(entry: Any, where: str, media_root: Path, *, task: str | None = None, language: str | None = None,
+                  allow_outside_media_root: bool = False, spool: Path | None = None) -> PreparedSample:
+    """Validate one manifest entry and read its media headers; every error names `where`.
+
+    An `audios` item may be any recording FFmpeg reads (RECORDING_EXTENSIONS: the audio track of an .mp4 call,
+    an .m4a ...); one outside the shard format's audio extensions is re-encoded to FLAC into `spool` (required
+    then), so the shard holds only its audio."""
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: must be a JSON object")
     messages = _messages(entry, where)
@@ -240,15 +323,20 @@ def prepare_entry(entry: Any, where: str, media_root: Path, *, task: str | None 
     for modality in MODALITIES:
         members[modality] = []
         list_key = MEDIA_LIST_KEYS[modality]
+        allowed = RECORDING_EXTENSIONS if modality == "audio" else EXTENSIONS[modality]
         for index, relative in enumerate(paths[modality]):
-            path = Path(relative) if os.path.isabs(relative) else media_root / relative
+            label = f"{list_key}[{index}]"
+            path = media_path(relative, media_root, where, label, allow_outside=allow_outside_media_root)
             ext = path.suffix.lstrip(".").lower()
-            if ext not in EXTENSIONS[modality]:
-                raise ValueError(f"{where}: {list_key}[{index}] {relative!r} has an unsupported extension "
-                                 f"'.{ext}' (allowed for {modality}: {', '.join(EXTENSIONS[modality])})")
+            if ext not in allowed:
+                raise ValueError(f"{where}: {label} {relative!r} has an unsupported extension "
+                                 f"'.{ext}' (allowed for {modality}: {', '.join(allowed)})")
             if not path.is_file():
-                raise ValueError(f"{where}: {list_key}[{index}] {relative!r} does not exist (looked for {path})")
+                raise ValueError(f"{where}: {label} {relative!r} does not exist (looked for {path})")
             if modality == "audio":
+                if ext not in EXTENSIONS["audio"]:
+                    assert spool is not None, "re-encoded audio needs a spool folder"
+                    path, ext = extract_audio(path, spool, where, label), "flac"
                 sample.audio_duration_s += probe_audio(path, where)
             elif modality == "video":
                 num_frames, duration_s = probe_video(path, where)
@@ -354,9 +442,19 @@ def existing_shards(out: Path, prefix: str) -> list[Path]:
 
 def build_shards(manifest: str | Path, media_root: str | Path, out: str | Path, *, prefix: str = "train",
                  max_samples: int = 1000, max_bytes: float = 1e9, task: str | None = None,
-                 language: str | None = None, overwrite: bool = False) -> BuildSummary:
-    """Validate every entry of `manifest`, then write its samples as `<out>/<prefix>-NNNNNN.tar` shards."""
-    manifest, media_root, out = Path(manifest), Path(media_root), Path(out)
+                 language: str | None = None, overwrite: bool = False,
+                 allow_outside_media_root: bool = False) -> BuildSummary:
+    """Validate every entry of `manifest`, then write its samples as `<out>/<prefix>-NNNNNN.tar` shards.
+    Audio re-encoded from other containers is spooled in a temporary folder until its shard is written."""
+    with tempfile.TemporaryDirectory(prefix="omni_shards_") as spool:
+        return _build_shards(Path(manifest), Path(media_root), Path(out), prefix=prefix, max_samples=max_samples,
+                             max_bytes=max_bytes, task=task, language=language, overwrite=overwrite,
+                             allow_outside_media_root=allow_outside_media_root, spool=Path(spool))
+
+
+def _build_shards(manifest: Path, media_root: Path, out: Path, *, prefix: str, max_samples: int, max_bytes: float,
+                  task: str | None, language: str | None, overwrite: bool, allow_outside_media_root: bool,
+                  spool: Path) -> BuildSummary:
     if max_samples < 1:
         raise ValueError(f"--max-samples must be at least 1 (got {max_samples})")
     if max_bytes <= 0 or not math.isfinite(max_bytes):
@@ -374,7 +472,8 @@ def build_shards(manifest: str | Path, media_root: str | Path, out: str | Path, 
         raise ValueError(f"{old[0]} already exists ({len(old)} shard(s) named {prefix}-*.tar in {out}); "
                          f"pass --overwrite to replace them or choose another --prefix")
 
-    samples = [prepare_entry(entry, where, media_root, task=task, language=language)
+    samples = [prepare_entry(entry, where, media_root, task=task, language=language,
+                             allow_outside_media_root=allow_outside_media_root, spool=spool)
                for where, entry in read_manifest(manifest)]
 
     out.mkdir(parents=True, exist_ok=True)
@@ -401,6 +500,7 @@ def build_shards(manifest: str | Path, media_root: str | Path, out: str | Path, 
         num_bytes=sum(p.stat().st_size for p in sink.shards),
         samples_per_task=dict(Counter(str(s.meta.get("task", UNSET)) for s in samples)),
         samples_per_language=dict(Counter(str(s.meta.get("language", UNSET)) for s in samples)),
+        largest_member_mb=max((size for s in samples for _, _, size in s.media), default=0) / 2**20,
     )
 
 
@@ -409,6 +509,7 @@ def build_shards_cli(args: argparse.Namespace) -> int:
         raise ValueError("shards build: --manifest is required (or --audio-dir DIR for a folder of recordings)")
     summary = build_shards(args.manifest, args.media_root, args.out, prefix=args.prefix or "train",
                            max_samples=args.max_samples, max_bytes=args.max_bytes, task=args.task,
-                           language=args.language, overwrite=args.overwrite)
+                           language=args.language, overwrite=args.overwrite,
+                           allow_outside_media_root=args.allow_outside_media_root)
     print(summary.format())
     return 0

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -82,6 +84,13 @@ class TrainState:
     step: int = 0
     tokens_seen: int = 0     # real (non-padding) tokens, all ranks
     samples_seen: int = 0
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write beside `path`, then rename over it: a crash leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def every(step: int, n: int) -> bool:
@@ -166,27 +175,77 @@ def describe_parameters(model: torch.nn.Module) -> str:
     return line
 
 
+def check_run(cfg) -> tuple[Any, Path | None, dict | None]:
+    """What every rank checks before any work and before anything in the run directory changes: the
+    tokenizer, every train and eval shard pattern, each probe's shards and the sandbox a probe that runs
+    generated code needs, the resume target (and that this engine and world size can read it). Returns
+    (tokenizer, checkpoint folder or None, its trainer state)."""
+    from omni_train.data.pipeline import expand_shards
+    from omni_train.data.text import Tokenizer
+
+    output_dir = Path(cfg.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output_dir: {output_dir} exists and is not a directory")
+    if not cfg.data.train:
+        raise ValueError("data.train names no shards")
+    tokenizer = Tokenizer.from_path(cfg.data.tokenizer)
+    evaluated = cfg.data.eval if cfg.train.eval_every else []  # without held-out eval, data.eval is never read
+    for key, sources in (("data.train", cfg.data.train), ("data.eval", evaluated)):
+        for i, source in enumerate(sources):
+            try:
+                expand_shards(source.shards, allow_remote=cfg.data.allow_remote)
+            except (ValueError, OSError) as e:
+                raise ValueError(f"{key}[{i}].shards: {e}") from None
+    from omni_train.probes.runner import check_probe
+
+    for i, probe in enumerate(cfg.probes):
+        try:
+            check_probe(probe)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"probes[{i}] ({probe.name}): {e}") from None
+    checkpoint = resolve_resume(cfg.train.resume, output_dir / "checkpoints")
+    if checkpoint is None:
+        return tokenizer, None, None
+    state_file = checkpoint / "trainer_state.json"
+    try:
+        saved = json.loads(state_file.read_text())
+        saved_world_size = int(saved["world_size"])
+        for name in ("step", "tokens_seen", "samples_seen"):
+            int(saved[name])
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"train.resume: {state_file} is not a trainer state ({type(e).__name__}: {e})") from None
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if saved_world_size != world_size:
+        raise ValueError(f"train.resume: {checkpoint} was written by {saved_world_size} ranks, this run has {world_size}")
+    written_by_deepspeed = (checkpoint / "engine").is_dir()
+    if written_by_deepspeed != (cfg.train.engine == "deepspeed"):
+        raise ValueError(f"train.resume: {checkpoint} was written by "
+                         f"{'train.engine=deepspeed' if written_by_deepspeed else 'train.engine=single or ddp'}; "
+                         f"this run has train.engine={cfg.train.engine}")
+    return tokenizer, checkpoint, saved
+
+
 def train(cfg) -> TrainState:
     """Run (or resume) the recipe `cfg` in this process; torchrun starts one per rank."""
     from omni_train.config import to_yaml
     from omni_train.data.pipeline import DataPipeline
-    from omni_train.data.text import Tokenizer
+    from omni_train.errors import preflight
 
     tcfg = cfg.train
+    with preflight():  # the same on every rank, before any work: reported once
+        tokenizer, checkpoint, saved = check_run(cfg)
     dist = init_distributed(tcfg.engine)
     output_dir = Path(cfg.output_dir)
     config_yaml = to_yaml(cfg)
     if dist.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(config_yaml)
+        write_atomically(output_dir / "config.yaml", config_yaml)
 
-    tokenizer = Tokenizer.from_path(cfg.data.tokenizer)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     from omni_train.probes.runner import format_table, probes_due, run_probes
     from omni_train.train.runs import BASE_DIR, build_run_model
 
     # base weights, then LoRA adapters (a LoRA run keeps its frozen base in base/): before the engine wraps the model
-    checkpoint = resolve_resume(tcfg.resume, output_dir / "checkpoints")
     base_dir = output_dir / BASE_DIR if tcfg.lora is not None else None
     model = build_run_model(cfg, tokenizer, base_dir=base_dir, reuse_base=checkpoint is not None, write_base=dist.is_main)
     engine = Engine(model, tcfg, dist, micro_batch_size=cfg.data.batch_size)
@@ -197,11 +256,12 @@ def train(cfg) -> TrainState:
 
     if checkpoint is not None:
         engine.load(checkpoint)
-        saved = json.loads((checkpoint / "trainer_state.json").read_text())
-        if saved["world_size"] != dist.world_size:
-            raise ValueError(f"{checkpoint} was written by {saved['world_size']} ranks, this run has {dist.world_size}")
         state = TrainState(step=saved["step"], tokens_seen=saved["tokens_seen"], samples_seen=saved["samples_seen"])
-        data.load_state_dict(read_rank_state(checkpoint, dist.rank))
+        data_state = read_rank_state(checkpoint, dist.rank)  # names the file it cannot read
+        try:
+            data.load_state_dict(data_state)
+        except ValueError as e:
+            raise ValueError(f"{checkpoint / f'data_rank{dist.rank}.json'}: {e}") from None
 
     logger = MetricsLogger(output_dir, enabled=dist.is_main, total_steps=tcfg.steps, start_step=state.step,
                            tracker=tcfg.tracker, run_name=cfg.name, config=dataclasses.asdict(cfg), progress=tcfg.progress)
