@@ -77,10 +77,13 @@ def main(out: str) -> None:
         moved = {n: float((trained[n] - initial[n]).abs().max()) for n in trained if n.startswith("vision_encoder.")}
         assert min(moved.values()) > 0, "a vision encoder parameter did not move"
         # Adam moves each weight by about lr = 2e-3 a step; summing gradients in another order (ZeRO's
-        # flattened reduce-scatter vs one process) leaves differences of 1e-5 to 6e-5 (Adam divides tiny gradients
-        # by their own tiny second moments, which magnifies rounding), a wrong or missing gradient ~1e-3
-        assert max(worst.values()) < 2e-4, sorted(worst.items(), key=lambda kv: -kv[1])[:5]
-        print(f"consistent: max |zero3 - single| = {max(worst.values()):.2e} over {len(worst)} tensors; "
+        # flattened reduce-scatter vs one process) leaves differences (Adam divides tiny gradients by their own
+        # tiny second moments, which magnifies rounding) that depend on the CPU's float kernels: at most 4.6e-5
+        # with AVX-512, 6.2e-5 with ATEN_CPU_CAPABILITY=avx2, 7.8e-5 with =default. Leaving out rank 1's batch
+        # in the single-process step gives 8.0e-3 (every kernel set). The limit sits between them, 10x from each.
+        assert max(worst.values()) < 8e-4, sorted(worst.items(), key=lambda kv: -kv[1])[:5]
+        print(f"consistent ({torch.backends.cpu.get_cpu_capability()} kernels): max |zero3 - single| = "
+              f"{max(worst.values()):.2e} over {len(worst)} tensors; "
               f"vision encoder moved by up to {max(moved.values()):.2e}", flush=True)
     dist.barrier()
     shutdown(engine, d)

@@ -15,6 +15,15 @@ from distributed import REPO, torchrun
 pytestmark = pytest.mark.multiproc
 
 
+def show(capsys, name: str, losses: list[float], eval_losses: list[float] = ()) -> None:
+    """Print a run's measured losses beside the test's dots: `make test-cpus` compares them across CPU kernel sets."""
+    import torch
+
+    with capsys.disabled():
+        print(f"\n{name} ({torch.backends.cpu.get_cpu_capability()} kernels): loss {' '.join(f'{v:.3f}' for v in losses)}"
+              + (f"; eval loss {' '.join(f'{v:.4f}' for v in eval_losses)}" if eval_losses else ""))
+
+
 def read_metrics(run: Path) -> dict[int, dict]:
     return {row["step"]: row for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
 
@@ -28,15 +37,19 @@ def overrides(corpus, run: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
+@pytest.mark.outcome
 @pytest.mark.parametrize("engine,stage", [("ddp", 0), ("deepspeed", 2), ("deepspeed", 3)])
-def test_train_checkpoint_and_exact_resume(corpus, tmp_path, engine, stage):
+def test_train_checkpoint_and_exact_resume(corpus, tmp_path, engine, stage, capsys):
     full = tmp_path / f"full-{engine}{stage}"
     torchrun("launch/pretrain.py", "--recipe", "recipes/smoke.yaml",
              *overrides(corpus, full, **{"train.engine": engine, "train.zero_stage": stage}))
     metrics = read_metrics(full)
     assert sorted(metrics) == list(range(1, 9))
     losses = [metrics[s]["loss"] for s in range(1, 9)]
-    assert sum(losses[-2:]) / 2 < losses[0] - 0.5, losses  # it learns
+    show(capsys, f"{engine} zero{stage}", losses, [metrics[4]["eval_loss"], metrics[8]["eval_loss"]])
+    # it learns: from a random start (about ln 266 = 5.58 per byte) the loss falls fast; measured 5.576 -> 3.718
+    # (mean of steps 7-8) with every engine under AVX-512, AVX2 and default kernels alike (equal to 3 decimals)
+    assert sum(losses[-2:]) / 2 < losses[0] - 0.5, losses
     assert "eval_loss" in metrics[4] and "eval_loss" in metrics[8]
     assert all(0 < metrics[s]["real_token_fraction"] <= 1 and metrics[s]["tokens_per_s"] > 0 for s in metrics)
     checkpoints = sorted(p.name for p in (full / "checkpoints").iterdir())
@@ -59,9 +72,12 @@ def test_train_checkpoint_and_exact_resume(corpus, tmp_path, engine, stage):
         assert sorted(read_metrics(full)) == list(range(1, 11))
 
 
-def test_uneven_modalities_under_zero3_do_not_hang(tmp_path):
+@pytest.mark.outcome
+def test_uneven_modalities_under_zero3_do_not_hang(tmp_path, capsys):
     result = torchrun("tests/dist_uneven_modalities.py", str(tmp_path), timeout_s=240)
     assert "consistent" in result.stdout
+    with capsys.disabled():
+        print("\n" + next(line for line in result.stdout.splitlines() if line.startswith("consistent")))
 
 
 @pytest.mark.parametrize("override,key", [("train.stepz=3", "train.stepz"), ("train.zero_stage=7", "train.zero_stage"),
@@ -78,12 +94,15 @@ def test_bad_recipe_stops_before_any_work(override, key, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_bf16_deepspeed_with_activation_checkpointing(corpus, tmp_path):
+@pytest.mark.outcome
+def test_bf16_deepspeed_with_activation_checkpointing(corpus, tmp_path, capsys):
     run = tmp_path / "bf16"
     torchrun("launch/pretrain.py", "--recipe", "recipes/smoke.yaml",
              *overrides(corpus, run, **{"train.precision": "bf16", "model.activation_checkpointing": "true",
                                         "train.steps": 5, "train.checkpoint_every": 5, "train.eval_every": 0}))
     losses = [row["loss"] for _, row in sorted(read_metrics(run).items())]
+    show(capsys, "bf16 zero2", losses)
+    # measured 5.576 -> 4.202..4.204 over the three kernel sets: a fall of 1.37 against the 0.5 asked
     assert len(losses) == 5 and losses[-1] < losses[0] - 0.5, losses
 
 
