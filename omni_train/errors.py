@@ -13,7 +13,8 @@ its traceback; `OMNI_DEBUG=1` prints the traceback of a user's error as well.
 
 Under torchrun every rank runs the same checks before any collective (the recipe, the shards, the resume
 target: `preflight` errors), so only rank 0 prints those; an error a rank meets later is printed by that rank,
-prefixed with it. torchrun then adds its own failure summary, in which the root cause is this line (written
+prefixed with it; the ranks that lose their connection to it say so in one line of their own rather than
+with a traceback. torchrun then adds its own failure summary, in which the root cause is this line (written
 to the error file torchrun names in TORCHELASTIC_ERROR_FILE).
 """
 
@@ -62,10 +63,22 @@ def one_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+# What a collective raises (a plain RuntimeError) on a rank whose peer has exited: under torchrun that peer
+# printed its own error, so this rank's traceback would only bury it.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
 def run_entry_point(prog: str, main: Callable[[], int | None]) -> int:
     """Call `main`; a user's error becomes `prog: error: <one line>` on stderr and exit code 2."""
     try:
         return int(main() or 0)
+    except RuntimeError as e:
+        world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+        if world_size == 1 or not any(text in str(e) for text in PEER_LOST) or os.environ.get("OMNI_DEBUG") == "1":
+            raise
+        print(f"{prog}: error (rank {rank}): another rank stopped (see its error above): {one_line(e)[:160]}",
+              file=sys.stderr, flush=True)
+        return 2
     except user_error_types() as e:
         if os.environ.get("OMNI_DEBUG") == "1":
             traceback.print_exc()
