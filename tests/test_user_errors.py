@@ -22,11 +22,13 @@ from distributed import REPO, free_port
 ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 
 
-def pretrain(corpus, run: Path, *overrides: str, debug: bool = False) -> subprocess.CompletedProcess:
+def pretrain(corpus, run: Path, *overrides: str, debug: bool = False, path: str | None = None) -> subprocess.CompletedProcess:
     base = [f"name={run.name}", f"output_dir={run}", f"data.train.0.shards={corpus['pattern']}",
             f"data.eval.0.shards={corpus['shards'][-1]}", "train.engine=single", "train.steps=2", "train.eval_every=0",
             "train.precision=fp32", "train.tracker=none", "train.progress=false", "data.num_workers=1", "probes=[]"]
-    env = {**ENV, "OMNI_DEBUG": "1"} if debug else ENV
+    env = {**ENV, "OMNI_DEBUG": "1"} if debug else dict(ENV)
+    if path is not None:
+        env["PATH"] = path
     return subprocess.run([sys.executable, "launch/pretrain.py", "--recipe", "recipes/smoke.yaml", *base, *overrides],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
@@ -73,7 +75,7 @@ def bad_shards(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("case", ["nothing", "missing", "remote", "pipe", "resume-missing", "resume-corrupt",
-                                  "resume-engine", "bad-key"])
+                                  "resume-engine", "bad-key", "no-sandbox"])
 def test_launch_errors_are_one_line_and_leave_the_run_directory_alone(corpus, run_dir, tmp_path, case):
     shards = bad_shards(tmp_path)
     corrupt = tmp_path / "ckpt"
@@ -92,12 +94,16 @@ def test_launch_errors_are_one_line_and_leave_the_run_directory_alone(corpus, ru
         "resume-corrupt": (f"train.resume={corrupt}", ["train.resume", "trainer_state.json is not a trainer state"]),
         "resume-engine": (f"train.resume={engine_mismatch}", ["train.engine=deepspeed", "train.engine=single"]),
         "bad-key": ("train.stepz=3", ["train.stepz"]),
+        # a probe that would run generated code (text2code items) on a machine without bubblewrap
+        "no-sandbox": (f"probes=[{{name: code, shards: '{corpus['pattern']}'}}]",
+                       ["probes[0] (code): execution match needs bubblewrap", "refusing to run generated code unconfined"]),
     }[case]
+    path = str(Path(sys.executable).parent) if case == "no-sandbox" else None  # no bwrap on this PATH
     before = listing(run_dir)
-    assert_one_line(pretrain(corpus, run_dir, override), "pretrain", *expected)
+    assert_one_line(pretrain(corpus, run_dir, override, path=path), "pretrain", *expected)
     assert listing(run_dir) == before  # config.yaml is written only once everything is checked
 
-    debug = pretrain(corpus, run_dir, override, debug=True)
+    debug = pretrain(corpus, run_dir, override, debug=True, path=path)
     assert debug.returncode == 2 and "Traceback (most recent call last)" in debug.stderr
 
 
