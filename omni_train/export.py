@@ -169,6 +169,7 @@ def load_exported(directory: str | Path) -> tuple[nn.Module, Any, ExportConfig]:
     from omni_train.data.text import Tokenizer
     from omni_train.model.omni import build_model
     from omni_train.train.lora import load_adapter_state_dict
+    from omni_train.train.safe_load import read_safetensors
 
     directory = Path(directory)
     if not (directory / CONFIG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
@@ -183,18 +184,6 @@ def load_exported(directory: str | Path) -> tuple[nn.Module, Any, ExportConfig]:
         peft.inject_adapter_in_model(peft.LoraConfig.from_pretrained(str(directory)), model)
         load_adapter_state_dict(model, read_safetensors(directory / ADAPTER_WEIGHTS_FILE))
     return model.eval(), tokenizer, cfg
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors, or one line naming the file (a missing, truncated or foreign file)."""
-    from safetensors.torch import load_file
-
-    from omni_train.errors import one_line
-
-    try:
-        return load_file(str(path))
-    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError ...: the file is the user's to fix
-        raise ValueError(f"{path}: not a readable safetensors file ({one_line(e)})") from None
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:

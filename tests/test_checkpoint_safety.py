@@ -217,3 +217,25 @@ def test_single_engine_optimizer_and_scheduler_refuse_a_planted_pickle(tmp_path,
         make().load(tmp_path)
     assert str(refused.value).startswith(f"{tmp_path / name}: refused to unpickle 'posix.system'"), refused.value
     assert not marker.exists()
+
+
+def test_a_damaged_model_safetensors_is_one_line_naming_it(tmp_path):
+    """Resume (the engine) and probe/export (`load_checkpoint_weights`) read model.safetensors through one reader."""
+    from omni_train.config import load_recipe
+    from omni_train.data.text import Tokenizer
+    from omni_train.model.omni import build_model
+    from omni_train.train.checkpoint import load_checkpoint_weights
+    from omni_train.train.engine import Dist, Engine
+
+    cfg = load_recipe("recipes/smoke.yaml", ["train.engine=single"])
+    dist = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
+    model = lambda: build_model(cfg.model, vocab_size=Tokenizer.byte_level().vocab_size)  # noqa: E731
+    Engine(model(), cfg.train, dist, micro_batch_size=1).save(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    for load in (lambda: Engine(model(), cfg.train, dist, micro_batch_size=1).load(tmp_path),
+                 lambda: load_checkpoint_weights(model(), tmp_path)):
+        with pytest.raises(CheckpointFileError) as refused:
+            load()
+        message = str(refused.value)
+        assert message.startswith(f"{weights}: not a readable safetensors file (") and "\n" not in message, message

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from omni_train.train.safe_load import load_state, only_plain_state, read_json
+from omni_train.train.safe_load import load_state, only_plain_state, read_json, read_safetensors
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -110,9 +110,7 @@ def load_checkpoint_weights(model: torch.nn.Module, directory: Path, *, only: se
     """
     engine = directory / "engine"
     if (directory / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        state = load_file(str(directory / "model.safetensors"))
+        state = read_safetensors(directory / "model.safetensors")
     elif any(engine.glob("*zero_pp_rank_*_optim_states.pt")):  # bf16 runs write bf16_zero_pp_rank_*
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 import torch.distributed as torch_dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from omni_train.train.optim import build_scheduler, check_stage_modules, module_groups
-from omni_train.train.safe_load import load_state, only_plain_state
+from omni_train.train.safe_load import load_state, only_plain_state, read_safetensors
 
 ENGINES = ("single", "ddp", "deepspeed")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -237,7 +237,7 @@ class Engine:
             return
         if not (directory / "model.safetensors").is_file():
             raise ValueError(f"{directory}: no model.safetensors; was it written by train.engine=deepspeed?")
-        state = load_file(str(directory / "model.safetensors"), device=str(self.dist.device))
+        state = read_safetensors(directory / "model.safetensors", device=str(self.dist.device))
         if self.saved_parameters is not None and set(state) != self.saved_parameters:
             raise ValueError(f"{directory}: the checkpoint's parameters are not this run's trainable ones "
                              f"({len(state)} saved, {len(self.saved_parameters)} trainable)")

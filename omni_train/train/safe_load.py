@@ -1,6 +1,7 @@
 """Reading checkpoint files without running code from them, and one line naming the file when one is refused.
 
     state = load_state(path, map_location="cpu")    # one .pt file: optimizer.pt, rng_rank0.pt, ...
+    weights = read_safetensors(path)                 # model.safetensors, naming the file when it is damaged
     with only_plain_state(checkpoint):              # DeepSpeed's loads inside: resume, zero_to_fp32
         engine.load_checkpoint(...)
     data = read_json(path)                          # our .json state files
@@ -38,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from omni_train.errors import one_line
 
 FORCE_SAFE, FORCE_UNSAFE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 HINT = "only tensors and DeepSpeed's plain state types are loaded; was this checkpoint written by omni_train?"
@@ -85,6 +88,16 @@ def load_state(path: Path, map_location: Any = "cpu", *, deepspeed: bool = False
         raise
     except Exception as e:  # garbage can make the unpickler fail in any way; the file is what is wrong
         raise CheckpointFileError(f"{path}: {_describe(e)}") from None
+
+
+def read_safetensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; CheckpointFileError naming it when it is missing, truncated or foreign."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=device)
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError ...: the file is what is wrong
+        raise CheckpointFileError(f"{path}: not a readable safetensors file ({one_line(e)})") from None
 
 
 def read_json(path: Path) -> Any:
