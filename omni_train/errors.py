@@ -70,26 +70,24 @@ PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pi
 
 def run_entry_point(prog: str, main: Callable[[], int | None]) -> int:
     """Call `main`; a user's error becomes `prog: error: <one line>` on stderr and exit code 2."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    debug = os.environ.get("OMNI_DEBUG") == "1"
     try:
         return int(main() or 0)
     except RuntimeError as e:
-        world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-        if world_size == 1 or not any(text in str(e) for text in PEER_LOST) or os.environ.get("OMNI_DEBUG") == "1":
+        if world_size == 1 or debug or not any(text in str(e) for text in PEER_LOST):
             raise
         print(f"{prog}: error (rank {rank}): another rank stopped (see its error above): {one_line(e)[:160]}",
               file=sys.stderr, flush=True)
-        return 2
     except user_error_types() as e:
-        if os.environ.get("OMNI_DEBUG") == "1":
+        if debug:
             traceback.print_exc()
-        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        line = f"{prog}: error: {one_line(e)}"
-        if world_size > 1 and not isinstance(e, PreflightError):
-            line = f"{prog}: error (rank {rank}): {one_line(e)}"
-        if rank == 0 or not isinstance(e, PreflightError):
+        preflight_error = isinstance(e, PreflightError)
+        if rank == 0 or not preflight_error:  # a preflight error is every rank's: rank 0 says it
+            line = f"{prog}: error{'' if world_size == 1 or preflight_error else f' (rank {rank})'}: {one_line(e)}"
             print(line, file=sys.stderr, flush=True)
             _tell_torchrun(line)
-        return 2
+    return 2
 
 
 def _tell_torchrun(line: str) -> None:

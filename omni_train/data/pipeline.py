@@ -266,8 +266,13 @@ def _duplicate_key(key: str, *, earlier_read: bool = False) -> str:
     return f"duplicate key {key!r}: more than one sample in this shard has it; all of them are skipped"
 
 
+def _flat(e: BaseException) -> str:
+    """An exception's message on one line (tar and stream errors can span several)."""
+    return " ".join(str(e).split())
+
+
 def _unreadable(e: BaseException) -> str:
-    return f"shard cannot be read as a tar ({type(e).__name__}: {' '.join(str(e).split())})"
+    return f"shard cannot be read as a tar ({type(e).__name__}: {_flat(e)})"
 
 
 def index_tar(path: str, cfg: DataConfig | None = None) -> list[TarEntry]:
@@ -380,7 +385,7 @@ def iter_remote(url: str, cfg: DataConfig | None = None) -> Iterator[tuple[str, 
     except ShardFormatError:
         raise
     except Exception as e:  # noqa: BLE001 - a broken stream ends the shard; what is lost gets logged
-        reason = f"{type(e).__name__}: {' '.join(str(e).split())}"
+        reason = f"{type(e).__name__}: {_flat(e)}"
         if key is None:
             yield "<shard>", None, f"stream cannot be read as a tar ({reason})"
         else:  # as in a truncated local tar: the sample before the damage, then what the damage cost
@@ -391,7 +396,7 @@ def iter_remote(url: str, cfg: DataConfig | None = None) -> Iterator[tuple[str, 
         try:
             stream.close()
         except Exception as e:  # noqa: BLE001 - a command that exits non-zero (webdataset raises it at close)
-            log.warning("%s: %s", url, " ".join(str(e).split()))
+            log.warning("%s: %s", url, _flat(e))
     if key is not None:
         yield key, (None if error else members), error
 
@@ -658,7 +663,7 @@ class PackedStream(IterableDataset):
         except USER_ERRORS as e:
             # Raised in a DataLoader worker, it would reach the main process inside DataLoader's multi-line
             # "Caught ... in DataLoader worker process" text; as a marker, DataPipeline raises it there as itself.
-            yield {"_error": (type(e), " ".join(str(e).split()))}
+            yield {"_error": (type(e), _flat(e))}
 
     def _choose(self, stream: int, k: int, active: list[int]) -> int:
         if len(active) == 1:
@@ -673,7 +678,7 @@ class PackedStream(IterableDataset):
         try:
             members, error = fetch()
         except OSError as e:  # the shard became unreadable after it was indexed (moved, I/O error)
-            members, error = None, f"cannot read the sample ({type(e).__name__}: {' '.join(str(e).split())})"
+            members, error = None, f"cannot read the sample ({type(e).__name__}: {_flat(e)})"
         if error is None:
             try:
                 sample = decode_sample(members, f"{url}:{key}", self.cfg, self.tokenizer, max_tokens=self.cfg.seq_len)

@@ -39,7 +39,7 @@ PLACEHOLDER = re.compile(r"(<audio>|<image>|<video>)")
 # manifest's `audios` list, those outside the shard format's audio extensions are re-encoded to FLAC.
 RECORDING_EXTENSIONS = EXTENSIONS["audio"] + ("m4a", "aac", "wma", "aiff", "aif", "amr", "mka",
                                               "mp4", "m4v", "mkv", "webm", "mov", "avi", "3gp")
-# JSON nesting deeper than this is refused before parsing (Python's json recursion would end in RecursionError).
+# JSON nesting deeper than this is refused (deeper still, Python's json parser ends in RecursionError).
 MAX_JSON_DEPTH = 200
 MEDIA_LIST_KEYS = {"audio": "audios", "image": "images", "video": "videos"}
 # LLaMA-Factory's sharegpt tags; the OpenAI-style names are accepted under `from` as well.
@@ -276,8 +276,10 @@ def extract_audio(path: Path, spool: Path, where: str, label: str) -> Path:
         raise ValueError(f"{where}: {label} {path} cannot be read ({reason})")
     if not probe.stdout.strip():
         raise ValueError(f"{where}: {label} {path} has no audio stream")
-    out = spool / f"{len(list(spool.iterdir())):06d}.flac"
-    result = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-vn", "-sn",
+    handle, name = tempfile.mkstemp(suffix=".flac", dir=spool)
+    os.close(handle)
+    out = Path(name)
+    result = subprocess.run(["ffmpeg", "-nostdin", "-y", "-v", "error", "-i", str(path), "-map", "0:a:0", "-vn", "-sn",
                              "-dn", "-ac", "1", "-sample_fmt", "s16", "-c:a", "flac", "-map_metadata", "-1",
                              "-fflags", "+bitexact", "-flags:a", "+bitexact", "-f", "flac", str(out)],
                             capture_output=True, text=True)

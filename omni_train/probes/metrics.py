@@ -167,15 +167,10 @@ def _flushed_literal(code: str, node: ast.AST) -> bool:
 
 
 def _may_have_underflowed(op: ast.operator, left: int | float, right: int | float, value: int | float) -> bool:
-    """A float result FTZ/DAZ could have changed: from a subnormal operand, or a zero from nonzero operands that
-    is not an exact cancellation (x - x, x + -x)."""
-    if type(value) is not float:
-        return False
-    if _subnormal(left) or _subnormal(right):
-        return True
-    if value != 0.0 or left == 0 or right == 0:
-        return False
-    return not ((isinstance(op, ast.Add) and left == -right) or (isinstance(op, ast.Sub) and left == right))
+    """A float zero from nonzero operands that is not an exact cancellation (x - x, x + -x): FTZ may have made it.
+    (Operands are never subnormal: `_evaluate` refuses those where they are made.)"""
+    return (type(value) is float and value == 0.0 and left != 0 and right != 0
+            and not ((isinstance(op, ast.Add) and left == -right) or (isinstance(op, ast.Sub) and left == right)))
 
 
 def _evaluate(node: ast.AST) -> int | float:

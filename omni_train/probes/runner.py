@@ -336,14 +336,11 @@ RUNNERS: dict[str, Callable[[list[ProbeItem], ProbeConfig, _Context], list[dict]
 # --------------------------------------------------------------------------------------------- metrics
 
 
-def needs_sandbox(probe: ProbeConfig, items: list[ProbeItem]) -> bool:
-    """Whether the probe runs generated code (execution match on a code task)."""
-    return probe.kind != "retrieval" and "execution" in probe.metrics and any(_is_code_task(i.task) for i in items)
-
-
-def check_probe(probe: ProbeConfig) -> None:
-    """What `run_probe` would stop on, checked before a run trains: its shards, and the sandbox it needs."""
-    if needs_sandbox(probe, list_items(probe)):
+def check_probe(probe: ProbeConfig, items: list[ProbeItem] | None = None) -> None:
+    """What `run_probe` stops on, also checked before a run trains: its shards (`list_items` reads them when
+    `items` is not given), and the sandbox that execution match on a code task needs."""
+    items = list_items(probe) if items is None else items
+    if probe.kind != "retrieval" and "execution" in probe.metrics and any(_is_code_task(i.task) for i in items):
         require_sandbox()
 
 
@@ -479,8 +476,7 @@ def run_probe(model: nn.Module, probe: ProbeConfig, *, data_cfg: Any, tokenizer:
               ) -> tuple[list[dict], list[dict]]:
     """One probe on this rank's share of the items: (rows, examples) on rank 0, ([], []) elsewhere."""
     items = list_items(probe)
-    if needs_sandbox(probe, items):
-        require_sandbox()  # no sandbox: stop with its one line now, on every rank, rather than after generating
+    check_probe(probe, items)  # no sandbox: stop with its one line now, on every rank, rather than after generating
     # batches of similar length: without a KV cache every generated token reruns the whole (padded) batch,
     # so one long recording would make every prompt of its batch as costly as itself. Results do not depend
     # on the batching; they are put back in the fixed order below.
