@@ -26,7 +26,7 @@ from omni_train.errors import preflight, run_entry_point
 def starting_point(cfg) -> str | None:
     """What the fine-tune starts from, in words, or None when the recipe names nothing."""
     pretrained = [f"model.{f.name}" for f in dataclasses.fields(cfg.model)
-                  if f.name.startswith("pretrained_") and getattr(cfg.model, f.name)]
+                  if f.name.startswith("pretrained") and getattr(cfg.model, f.name)]
     if cfg.init.run is not None:
         pretrained.insert(0, f"{cfg.init.run} step {cfg.init.step}")
     return ", ".join(pretrained) or None
@@ -44,7 +44,7 @@ def _main(argv: list[str] | None) -> int:
         start = starting_point(cfg)
         if start is None:
             raise ValueError("init.run: nothing to fine-tune from; set init.run=runs/NAME (an omni_train run) "
-                             "or a model.pretrained_* directory")
+                             "or a model.pretrained / model.pretrained_* directory")
     from omni_train.train.loop import train
 
     if os.environ.get("RANK", "0") == "0":

@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--merge-lora", action="store_true", help="fold LoRA adapters into the weights (the default)")
     lora.add_argument("--keep-lora", action="store_true", help="write the base weights and the adapters apart (peft layout)")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    export.add_argument("--format", choices=("omni_train", "hf"), default="omni_train",
+                        help="omni_train (default): our layout, read by load_exported; hf: the pretrained model's release "
+                             "layout (Qwen2.5-Omni: transformers and vLLM load it), for runs from model.pretrained")
     export.set_defaults(func=_export)
 
     compare = commands.add_parser("compare", help="headline probe numbers of several runs side by side (naive vs mechanisms)")

@@ -49,17 +49,32 @@ class RecipeConfig:
             raise ValueError(f"name must be a non-empty run name without '/', got {self.name!r}")
         if self.output_dir is None:
             self.output_dir = str(Path("runs") / self.name)
+        if self.model.pretrained:
+            from omni_train.model.qwen2_5_omni import QWEN_OMNI_AUDIO_DATA
+
+            if self.data.tokenizer == "byte":
+                self.data.tokenizer = self.model.pretrained  # an Omni checkpoint's tokenizer and chat markers come with it
+            # the thinker's audio preprocessing (transformers' processor): the token count its encoder produces
+            self.data.audio = dataclasses.replace(self.data.audio, **QWEN_OMNI_AUDIO_DATA)
+        self.data.positions = self.model.positions  # the data layer renders the positions the model applies
         check_model_matches_data(self.model, self.data)
 
 
 def check_model_matches_data(model: OmniConfig, data: DataConfig) -> None:
     """The encoders must expect what the data layer produces; say which keys disagree."""
+    if data.video.use_audio_in_video and model.positions == "mrope":
+        raise ValueError("data.video.use_audio_in_video=true needs model.positions tmrope (or 1d), not mrope: "
+                         "audio in video shares TMRoPE's time axis with the frames")
+    if data.video.use_audio_in_video and model.transfer.kind != "none":
+        raise ValueError(f"data.video.use_audio_in_video=true is not supported with model.transfer.kind="
+                         f"{model.transfer.kind} (it replaces whole audio spans; audio in video is interleaved)")
     pairs = []
     if model.audio is not None:
         pairs += [("model.audio.num_mel_bins", model.audio.num_mel_bins, "data.audio.num_mel_bins", data.audio.num_mel_bins),
                   ("model.audio.window_frames", model.audio.window_frames, "data.audio.window_s / hop", data.audio.window_frames),
                   ("model.audio.conv1_stride * 2 * pool", model.audio.downsample, "data.audio.downsample",
-                   data.audio.downsample)]
+                   data.audio.downsample),
+                  ("model.audio.pool_tail", model.audio.pool_tail, "data.audio.pool_tail", data.audio.pool_tail)]
     if model.vision is not None:
         pairs += [("model.vision.patch_size", model.vision.patch_size, "data.image.patch_size", data.image.patch_size),
                   ("model.vision.merge_size", model.vision.merge_size, "data.image.merge_size", data.image.merge_size),

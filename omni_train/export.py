@@ -18,8 +18,13 @@ model. `--keep-lora` keeps base and adapters apart, for swapping adapters on one
 read the two adapter files. A run without LoRA exports its weights either way.
 
 The model config is the built model's (`model.cfg`: vocabulary and any pretrained component's
-shape filled in) with every `pretrained_*` path cleared, so loading never reads anything outside
+shape filled in) with every `pretrained*` path cleared, so loading never reads anything outside
 the directory.
+
+`--format hf` writes a run that started from `model.pretrained` (a Qwen2.5-Omni directory) back in
+that model's release layout, LoRA merged: transformers (`Qwen2_5OmniForConditionalGeneration`,
+`Qwen2_5OmniThinkerForConditionalGeneration`) and vLLM load it (`qwen2_5_omni.save_release` says
+what is written). `omni_train_export.json` beside it records the source run and step.
 """
 
 from __future__ import annotations
@@ -43,7 +48,9 @@ from omni_train.data.video import VideoConfig
 from omni_train.model.omni import OmniConfig
 
 FORMAT = "omni_train"
+FORMATS = (FORMAT, "hf")
 CONFIG_FILE = "config.json"
+HF_MARKER_FILE = "omni_train_export.json"  # beside an --format hf export: {"format": "hf", "source": {...}}
 WEIGHTS_FILE = "model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -73,20 +80,27 @@ def _model_config(model: nn.Module) -> dict:
     """The built model's config with the pretrained_* paths cleared (their weights are in the export)."""
     cfg = dataclasses.asdict(model.cfg)
     for name in cfg:
-        if name.startswith("pretrained_"):
+        if name.startswith("pretrained"):
             cfg[name] = None
     return cfg
 
 
 def export_run(run: str | Path, out: str | Path, *, step: int | None = None, merge_lora: bool = True,
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, format: str = FORMAT) -> Path:
     """Write the export directory `out` for `run`'s checkpoint (the latest unless `step`); see the module docstring."""
     from omni_train.train.lora import adapter_state_dict, has_lora, peft_config, remove_lora
     from omni_train.train.runs import load_run
 
     out = Path(out)
     check_export_target(out, run, overwrite=overwrite)
+    if format not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if format == "hf" and not merge_lora:
+        raise ValueError("--format hf merges LoRA into the weights: --keep-lora applies to the omni_train format only")
     model, cfg, tokenizer, checkpoint = load_run(run, step)
+    if format == "hf" and not cfg.model.pretrained:
+        raise ValueError(f"--format hf: {run} did not start from model.pretrained (a Qwen2.5-Omni directory), so there "
+                         f"is no release layout to write; export it in the omni_train format")
     lora = has_lora(model)
     adapters = None
     if lora and not merge_lora:
@@ -96,15 +110,27 @@ def export_run(run: str | Path, out: str | Path, *, step: int | None = None, mer
         remove_lora(model, merge=merge_lora)
     source = {"run": str(run), "step": int(checkpoint.name.removeprefix("step_")),
               "lora": ("merged" if merge_lora else "separate") if lora else "none"}
+    if format == "hf":
+        from omni_train.model.qwen2_5_omni import save_release
+
+        def write_hf(tmp: Path) -> None:
+            save_release(model.state_dict(), cfg.model.pretrained, tmp, backbone=model.cfg.backbone)
+            (tmp / HF_MARKER_FILE).write_text(json.dumps({"format": "hf", "source": {**source,
+                                                                                     "pretrained": cfg.model.pretrained}}))
+
+        return replace_atomically(out, write_hf)
     return write_export(model, tokenizer, cfg.data, out, source=source, adapters=adapters)
 
 
 def is_export(directory: Path) -> bool:
     """Whether `directory` holds an omni_train export (its config.json says so)."""
-    try:
-        return json.loads((directory / CONFIG_FILE).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    for name in (CONFIG_FILE, HF_MARKER_FILE):
+        try:
+            if json.loads((directory / name).read_text()).get("format") in FORMATS:
+                return True
+        except (OSError, ValueError, AttributeError):
+            pass
+    return False
 
 
 def check_export_target(out: Path, run: str | Path, *, overwrite: bool) -> None:
@@ -131,10 +157,16 @@ def write_export(model: nn.Module, tokenizer: Any, data_cfg: Any, out: Path, *, 
     """Write `model` (without LoRA layers), its tokenizer and media settings as an export directory, replacing `out`
     atomically (written into a fresh hidden folder beside it, then renamed); `adapters`: (peft LoraConfig, adapter
     state) kept apart. Callers decide whether `out` may be replaced (`check_export_target`)."""
+    return replace_atomically(out, lambda tmp: _write_export_files(model, tokenizer, data_cfg, tmp, source=source,
+                                                                   adapters=adapters))
+
+
+def replace_atomically(out: Path, write: Any) -> Path:
+    """Run `write(tmp)` on a fresh hidden folder beside `out`, then rename it into place (an old `out` renamed away first)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        _write_export_files(model, tokenizer, data_cfg, tmp, source=source, adapters=adapters)
+        write(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -198,8 +230,9 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -
 
 
 def export_cli(args: argparse.Namespace) -> int:
-    out = export_run(args.run, args.out, step=args.step, merge_lora=not args.keep_lora, overwrite=args.overwrite)
-    config = json.loads((out / CONFIG_FILE).read_text())
+    out = export_run(args.run, args.out, step=args.step, merge_lora=not args.keep_lora, overwrite=args.overwrite,
+                     format=args.format)
+    config = json.loads((out / (HF_MARKER_FILE if args.format == "hf" else CONFIG_FILE)).read_text())
     size_mb = sum(p.stat().st_size for p in out.iterdir()) / 2**20
     print(f"exported {config['source']['run']} step {config['source']['step']} (LoRA: {config['source']['lora']}) "
           f"to {out} ({size_mb:.1f} MiB)")

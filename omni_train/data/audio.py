@@ -2,7 +2,7 @@
 
     decode_audio(src, cfg)  -> (num_samples,) float32 mono at cfg.sample_rate_hz (torchcodec; also the
                                audio track of mp4/mkv/webm)
-    log_mel(waveform, cfg)  -> (num_mel_bins, num_samples // hop_length)
+    log_mel(waveform, cfg)  -> (num_mel_bins, num_mel_frames(num_samples, cfg))
     encode_audio(src, cfg)  -> EncodedMedia {"mel": ...} with the encoder's token count and timestamps
 
 Long audio is cut into independent `window_s` windows (30 s, Whisper's receptive field). Each
@@ -12,6 +12,18 @@ audio alone (its zero padding to 30 s, centered STFT, dropped last frame and per
 all its frames. The audio encoder sees each window independently; `num_audio_tokens`,
 `audio_token_timestamps` and `split_windows` are the single definition of that windowing, which
 the model reuses.
+
+Two options reproduce Qwen2-Audio's and Qwen2.5-Omni's processors (defaults: today's behaviour):
+- `valid_frames: ceil`: an audio of n samples has ceil(n / hop_length) valid frames, the count
+  of WhisperFeatureExtractor's attention mask (it samples the per-sample mask every hop_length
+  samples), which those processors pass to the encoder as `feature_attention_mask`. The extra
+  frame is the STFT frame centered on the audio's last partial hop. `floor` (default) keeps only
+  frames whose 10 ms lie wholly in the audio.
+- `pool_tail: drop`: the last factor 2 of `downsample` is an AvgPool1d(2) that drops an odd last
+  position (transformers' `_get_feat_extract_output_lengths`: (n - 2) // 2 + 1 for n positions),
+  where `keep` (default) averages it alone. Every window but an item's last is full and has an
+  even number of positions (window_frames is a multiple of downsample), so dropping per window
+  drops only at the end of the item, as transformers does for the whole item.
 """
 
 from __future__ import annotations
@@ -37,6 +49,8 @@ _SAMPLES_PER_BATCH = 1_000_000
 _MELS_PER_BLOCK = 16
 _LOG_FLOOR = 1e-10        # Whisper: log10(clamp(mel, 1e-10))
 _DYNAMIC_RANGE = 8.0      # Whisper: maximum(log_spec, log_spec.max() - 8.0)
+VALID_FRAMES = ("floor", "ceil")
+POOL_TAILS = ("keep", "drop")
 
 
 @dataclass(kw_only=True)
@@ -50,6 +64,8 @@ class AudioConfig:
     window_s: float = 30.0          # the encoder sees independent windows of this length; never truncated
     max_duration_s: float = 7200.0  # longer audio is refused (MediaError) before it is decoded
     downsample: int = 4             # frames per token: the encoder's stride-2 convs (kernel 3, padding 1)
+    valid_frames: str = "floor"     # VALID_FRAMES: floor(samples / hop) | ceil (WhisperFeatureExtractor's mask: Qwen2.5-Omni)
+    pool_tail: str = "keep"         # POOL_TAILS: the last factor 2 keeps an odd last position | drops it (AvgPool1d(2))
 
     def __post_init__(self):
         if not isinstance(self.sample_rate_hz, int) or self.sample_rate_hz <= 0:
@@ -71,6 +87,14 @@ class AudioConfig:
         if not isinstance(self.downsample, int) or self.downsample < 1 or self.downsample & (self.downsample - 1):
             raise ValueError(f"audio.downsample must be a power of 2 (1, 2, 4, 8, ...; one stride-2 conv per factor 2), "
                              f"got {self.downsample!r}")
+        if self.valid_frames not in VALID_FRAMES:
+            raise ValueError(f"audio.valid_frames must be one of {', '.join(VALID_FRAMES)}, got {self.valid_frames!r}")
+        if self.pool_tail not in POOL_TAILS:
+            raise ValueError(f"audio.pool_tail must be one of {', '.join(POOL_TAILS)}, got {self.pool_tail!r}")
+        # Dropping per window equals dropping per item only when full windows have an even number of positions.
+        if self.pool_tail == "drop" and (self.downsample < 2 or self.window_frames % self.downsample):
+            raise ValueError(f"audio.pool_tail drop needs audio.downsample >= 2 dividing the window's "
+                             f"{self.window_frames} frames, got downsample {self.downsample}")
 
     @property
     def window_samples(self) -> int:
@@ -239,8 +263,15 @@ def _log_mel_windows(windows: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
     return torch.maximum(log_spec, peak - _DYNAMIC_RANGE, out=log_spec).add_(4.0).div_(4.0)
 
 
+def num_mel_frames(num_samples: int, cfg: AudioConfig) -> int:
+    """Valid mel frames of `num_samples` samples: floor or ceil of num_samples / hop_length (cfg.valid_frames)."""
+    if cfg.valid_frames == "ceil":
+        return -(-num_samples // cfg.hop_length)
+    return num_samples // cfg.hop_length
+
+
 def log_mel(waveform: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
-    """(num_samples,) -> (num_mel_bins, num_samples // hop_length) float32 Whisper log-mel, window by window.
+    """(num_samples,) -> (num_mel_bins, num_mel_frames(num_samples)) float32 Whisper log-mel, window by window.
 
     Each window is zero-padded at its end (to at least n_fft samples, at most window_s) before
     the centered STFT: Whisper pads every input to 30 s with zeros, so its frames near the end of
@@ -249,7 +280,7 @@ def log_mel(waveform: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
     assert waveform.ndim == 1, waveform.shape
     waveform = waveform.to(torch.float32)
     num_samples = int(waveform.shape[0])
-    num_frames = num_samples // cfg.hop_length
+    num_frames = num_mel_frames(num_samples, cfg)
     window_samples = cfg.window_samples
     num_windows = max(1, math.ceil(num_samples / window_samples))
     # One window: pad only as far as Whisper's zeros are ever seen; several: all are full windows.
@@ -277,8 +308,13 @@ def _window_frame_counts(num_frames: int, cfg: AudioConfig) -> list[int]:
 
 
 def _tokens_in_window(frames: int, cfg: AudioConfig) -> int:
-    for _ in range(cfg.downsample.bit_length() - 1):  # one stride-2 conv (kernel 3, padding 1) per factor 2
-        frames = (frames - 1) // 2 + 1
+    """Positions after the encoder's factors 2 of `frames` valid frames of one window (ints or a tensor of them)."""
+    num_stages = cfg.downsample.bit_length() - 1
+    for stage in range(num_stages):
+        if stage == num_stages - 1 and cfg.pool_tail == "drop":
+            frames = frames // 2  # AvgPool1d(2): (n - 2) // 2 + 1, an odd last position is dropped
+        else:
+            frames = (frames - 1) // 2 + 1  # a stride-2 conv (kernel 3, padding 1), or a pool keeping the tail
     return frames
 
 
@@ -313,6 +349,7 @@ def encode_audio(src: bytes | str | Path, cfg: AudioConfig, *, where: str = "") 
     num_tokens = num_audio_tokens(num_frames, cfg)
     if num_tokens == 0:
         prefix = f"{where}: " if where else ""
-        raise MediaError(f"{prefix}audio is {waveform.shape[0]} samples long, shorter than one {cfg.hop_length}-sample frame")
+        raise MediaError(f"{prefix}audio is {waveform.shape[0]} samples long, {num_frames} {cfg.hop_length}-sample "
+                         f"frames: too short for one audio token")
     return EncodedMedia(modality="audio", num_tokens=num_tokens, token_timestamps_s=audio_token_timestamps(num_frames, cfg),
                         tensors={"mel": mel}, duration_s=waveform.shape[0] / cfg.sample_rate_hz)

@@ -5,6 +5,11 @@
     000123.image_0.jpg
     000123.video_0.mp4
 
+A video part may carry `"use_audio_in_video": true|false` (interleave the video's own audio track
+with its frames, Qwen2.5-Omni's audio in video; absent: the recipe's data.video.use_audio_in_video)
+and, with true, `"audio_member": "audio_1.flac"` to interleave that member's audio instead of the
+video's own track.
+
 Only the extensions below may appear in a shard; anything else (pickles, `.pth`, ...) is refused,
 because the pipeline never unpickles shard content.
 """
@@ -92,12 +97,30 @@ def parse_sample(raw: bytes | str, where: str) -> dict[str, Any]:
                 member = part.get("member")
                 if not isinstance(member, str) or EXTENSION_MODALITY.get(member_extension(member)) != kind:
                     raise ShardFormatError(f"{where}: messages[{i}].content[{j}] needs a {kind} 'member' such as '{kind}_0.{EXTENSIONS[kind][0]}'")
+                _check_audio_in_video(part, kind, f"{where}: messages[{i}].content[{j}]")
             else:
                 raise ShardFormatError(f"{where}: messages[{i}].content[{j}].type must be text, audio, image or video")
     meta = sample.setdefault("meta", {})
     if not isinstance(meta, dict):
         raise ShardFormatError(f"{where}: 'meta' must be an object")
     return sample
+
+
+def _check_audio_in_video(part: dict[str, Any], kind: str, where: str) -> None:
+    """A media part's audio-in-video keys: only on videos, a boolean, and an audio `audio_member` only with true."""
+    if "use_audio_in_video" not in part and "audio_member" not in part:
+        return
+    if kind != "video":
+        raise ShardFormatError(f"{where}: use_audio_in_video / audio_member belong to video parts, not {kind}")
+    flag = part.get("use_audio_in_video")
+    if "use_audio_in_video" in part and not isinstance(flag, bool):
+        raise ShardFormatError(f"{where}.use_audio_in_video must be true or false, got {flag!r}")
+    if "audio_member" in part:
+        member = part["audio_member"]
+        if flag is not True:
+            raise ShardFormatError(f"{where}.audio_member needs \"use_audio_in_video\": true beside it")
+        if not isinstance(member, str) or EXTENSION_MODALITY.get(member_extension(member)) != "audio":
+            raise ShardFormatError(f"{where}.audio_member must name an audio member such as 'audio_0.{EXTENSIONS['audio'][0]}'")
 
 
 def sample_text_chars(sample: dict[str, Any]) -> int:

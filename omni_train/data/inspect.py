@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from omni_train.data.audio import num_audio_tokens
+from omni_train.data.audio import num_audio_tokens, num_mel_frames
 from omni_train.data.format import ShardFormatError, media_parts, parse_sample
 from omni_train.data.image import smart_resize
 from omni_train.data.pipeline import DataConfig, check_text_length, decode_sample, expand_shards, index_tar, read_entry
@@ -35,7 +35,7 @@ def _header_media(part: dict, data: bytes, cfg: DataConfig) -> tuple[EncodedMedi
 
         meta = AudioDecoder(data).metadata
         duration_s = meta.duration_seconds_from_header or meta.duration_seconds or 0.0
-        num_tokens = num_audio_tokens(int(duration_s * cfg.audio.sample_rate_hz) // cfg.audio.hop_length, cfg.audio)
+        num_tokens = num_audio_tokens(num_mel_frames(int(duration_s * cfg.audio.sample_rate_hz), cfg.audio), cfg.audio)
         return _stand_in("audio", num_tokens), duration_s, 0
     if part["type"] == "image":
         from PIL import Image

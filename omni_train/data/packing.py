@@ -8,7 +8,9 @@ sample per sequence. Samples are never split: one longer than `seq_len` is the c
 
 `collate_packed` turns packed sequences into the batch the model consumes: token tensors with
 per-document positions and document ids (so attention can be restricted to each document), and
-the media tensors of every placeholder in sequence order.
+the media tensors of every placeholder in sequence order. Positions are each document's own: 1-D
+ones restart at 0, 3-D ones (model.positions mrope / tmrope) are the (3, n) ids stored with the
+sample when it was rendered (`positions.py`), so packing never changes them.
 """
 
 from __future__ import annotations
@@ -89,13 +91,18 @@ def collate_packed(sequences: list[list[TokenizedSample]], seq_len: int, pad_id:
 
     document_ids number documents across the whole batch (-1 on padding) and position_ids restart
     at 0 in each document, so `cu_seqlens` for varlen attention and a block-diagonal mask for SDPA
-    both follow from them. Media tensors are listed in the order their placeholders occur when the
-    batch is read row by row, which is the order fusion fills placeholder positions.
+    both follow from them. When any sample carries 3-D positions (`TokenizedSample.position_ids`),
+    position_ids is (3, B, L) holding them (0 on padding); a text-only sample without them gets its
+    token index on all three streams, which is what mrope and tmrope give text. Media tensors are
+    listed in the order their placeholders occur when the batch is read row by row, which is the
+    order fusion fills placeholder positions (a video's audio track, for audio in video, counts as the
+    audio item that follows the audio items before the video).
     """
     batch_size = len(sequences)
     input_ids = torch.full((batch_size, seq_len), pad_id, dtype=torch.long)
     labels = torch.full((batch_size, seq_len), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.zeros((batch_size, seq_len), dtype=torch.long)
+    three_d = any(sample.position_ids is not None for sequence in sequences for sample in sequence)
+    position_ids = torch.zeros((3, batch_size, seq_len) if three_d else (batch_size, seq_len), dtype=torch.long)
     document_ids = torch.full((batch_size, seq_len), -1, dtype=torch.long)
     modality_ids = torch.zeros((batch_size, seq_len), dtype=torch.int8)
     timestamps_s = torch.full((batch_size, seq_len), -1.0, dtype=torch.float32)
@@ -109,7 +116,13 @@ def collate_packed(sequences: list[list[TokenizedSample]], seq_len: int, pad_id:
             span = slice(offset, offset + n)
             input_ids[row, span] = sample.input_ids
             labels[row, span] = sample.labels
-            position_ids[row, span] = torch.arange(n)
+            if sample.position_ids is not None:
+                position_ids[:, row, span] = sample.position_ids
+            elif three_d and sample.media:
+                raise ValueError(f"{sample.shard}:{sample.key}: rendered without 3-D positions, packed with samples "
+                                 "that have them (render every sample with the same model.positions)")
+            else:
+                position_ids[..., row, span] = torch.arange(n)
             document_ids[row, span] = doc
             modality_ids[row, span] = sample.modality_ids
             timestamps_s[row, span] = sample.timestamps_s
@@ -119,6 +132,9 @@ def collate_packed(sequences: list[list[TokenizedSample]], seq_len: int, pad_id:
                     # a copy: the batch's tensors move to shared memory, a cached sample's stay where they are
                     transcripts.append(sample.audio_transcript_ids.clone() if sample.audio_transcript_ids is not None
                                        else torch.zeros(0, dtype=torch.long))
+                if item.audio is not None:  # audio in video: the track's tokens lie inside the video's span
+                    media["audio"].append(item.audio)
+                    transcripts.append(torch.zeros(0, dtype=torch.long))
             samples.append({"shard": sample.shard, "key": sample.key, "task": sample.meta.get("task"),
                             "language": sample.meta.get("language"), "num_tokens": n})
             seq_lens.append(n)

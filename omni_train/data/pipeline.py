@@ -16,6 +16,10 @@ as its batches arrive and rotates worker ids on restore so DataLoader's round ro
 where it stopped. Batches after a restore are identical to the batches an uninterrupted run
 would have produced.
 
+Decoding. Each sample is decoded (audio, images, video and, for audio in video, a video's audio
+track) and rendered by the chat template into a TokenizedSample, with its per-document 3-D positions
+when model.positions (copied to data.positions) is mrope or tmrope (`positions.py`).
+
 Failures. A sample whose JSON or media cannot be used is skipped and appended to
 `skipped.jsonl` with its shard, key and reason (a truncated tar logs where it ends, a shard that
 cannot be opened as a tar is one line); `data.max_consecutive_failures` failures in a row stop the
@@ -57,7 +61,8 @@ from omni_train.data.format import (DataError, ShardFormatError, check_member_su
                                     sample_text_chars, split_member_name)
 from omni_train.data.image import ImageConfig, encode_image
 from omni_train.data.packing import Packer, collate_packed
-from omni_train.data.sample import TokenizedSample
+from omni_train.data.positions import POSITION_KINDS
+from omni_train.data.sample import EncodedMedia, MediaError, TokenizedSample
 from omni_train.data.text import Tokenizer, render_chat
 from omni_train.data.video import VideoConfig, encode_video
 
@@ -112,6 +117,9 @@ class DataConfig:
     audio: AudioConfig = field(default_factory=AudioConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
+    # The positions samples are rendered with (positions.POSITION_KINDS). Recipes set model.positions, which the
+    # recipe loader copies here (config.RecipeConfig); set it directly only when building a DataConfig in code.
+    positions: str = "1d"
 
     def __post_init__(self):
         for name in ("seq_len", "batch_size", "pack_pool", "max_consecutive_failures", "max_member_mb", "max_sample_mb",
@@ -123,6 +131,8 @@ class DataConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.overlong not in OVERLONG_POLICIES:
             raise ValueError(f"overlong must be one of {', '.join(OVERLONG_POLICIES)}, got {self.overlong!r}")
+        if self.positions not in POSITION_KINDS:
+            raise ValueError(f"positions must be one of {', '.join(POSITION_KINDS)} (set model.positions), got {self.positions!r}")
 
     def member_limit(self, suffix: str) -> tuple[int, str]:
         """(bytes, setting name) a member with this suffix may hold."""
@@ -422,7 +432,11 @@ def decode_sample(raw: dict[str, bytes], where: str, cfg: DataConfig, tokenizer:
     """Raw members of one sample -> TokenizedSample, or an exception whose message says why not.
 
     With `max_tokens`, a sample over it raises OverlongSample, as soon as its media alone are over: a sample
-    that names one long recording many times never holds more than `max_tokens` of decoded media plus one."""
+    that names one long recording many times never holds more than `max_tokens` of decoded media plus one.
+
+    A video part with audio in video (its `use_audio_in_video`, else data.video.use_audio_in_video) gets its
+    audio track, decoded from the video's bytes (or from its `audio_member`), as `EncodedMedia.audio`; a video
+    without a usable audio track then raises MediaError (the sample is skipped, with that reason)."""
     if "json" not in raw:
         raise ShardFormatError(f"{where}: sample has no .json member (members: {', '.join(sorted(raw))})")
     sample = parse_sample(raw["json"], where)
@@ -430,19 +444,23 @@ def decode_sample(raw: dict[str, bytes], where: str, cfg: DataConfig, tokenizer:
     media = []
     for part in media_parts(sample):
         member = part["member"]
-        if member not in raw:
-            raise ShardFormatError(f"{where}: message references member {member!r}, which is not in the shard")
+        for name in (member, part.get("audio_member", member)):
+            if name not in raw:
+                raise ShardFormatError(f"{where}: message references member {name!r}, which is not in the shard")
         at = f"{where}.{member}"
         if part["type"] == "audio":
             media.append(encode_audio(raw[member], cfg.audio, where=at))
         elif part["type"] == "image":
             media.append(encode_image(raw[member], cfg.image, where=at))
         else:
-            media.append(encode_video(raw[member], cfg.video, cfg.image, where=at))
-        if max_tokens is not None and (num_tokens := sum(m.num_tokens for m in media)) > max_tokens:
+            video = encode_video(raw[member], cfg.video, cfg.image, where=at)
+            if part.get("use_audio_in_video", cfg.video.use_audio_in_video):
+                video.audio = _audio_in_video(raw, part, at, cfg)
+            media.append(video)
+        if max_tokens is not None and (num_tokens := sum(m.total_tokens for m in media)) > max_tokens:
             raise OverlongSample(f"{where}: sample's media alone have {num_tokens} tokens > "
                                  f"data.seq_len={max_tokens}; raise data.seq_len or set data.overlong=skip")
-    tokenized = render_chat(sample["messages"], media, tokenizer, where=where)
+    tokenized = render_chat(sample["messages"], media, tokenizer, where=where, positions=cfg.positions)
     if max_tokens is not None and len(tokenized) > max_tokens:
         raise OverlongSample(f"{where}: sample has {len(tokenized)} tokens > data.seq_len={max_tokens}; "
                              "raise data.seq_len or set data.overlong=skip")
@@ -454,9 +472,27 @@ def decode_sample(raw: dict[str, bytes], where: str, cfg: DataConfig, tokenizer:
     return tokenized
 
 
+def _audio_in_video(raw: dict[str, bytes], part: dict, at: str, cfg: DataConfig) -> EncodedMedia:
+    """The audio interleaved with a video part's frames: the video's own track, or its `audio_member`."""
+    if cfg.positions == "mrope":
+        raise MediaError(f"{at}: audio in video needs model.positions tmrope (or 1d), not mrope; set the part's "
+                         "use_audio_in_video to false or data.video.use_audio_in_video: false")
+    if "audio_member" in part:
+        return encode_audio(raw[part["audio_member"]], cfg.audio, where=f"{at} ({part['audio_member']}, audio in video)")
+    try:
+        return encode_audio(raw[part["member"]], cfg.audio, where=at)
+    except MediaError as e:
+        reason = str(e).removeprefix(f"{at}: ")
+        raise MediaError(f"{at}: use_audio_in_video needs the video's audio track, and it has none that decodes "
+                         f"({reason})") from None
+
+
 def sample_nbytes(sample: TokenizedSample) -> int:
     tensors = [sample.input_ids, sample.labels, sample.modality_ids, sample.timestamps_s]
-    tensors += [t for m in sample.media for t in (m.token_timestamps_s, *m.tensors.values())]
+    if sample.position_ids is not None:
+        tensors.append(sample.position_ids)
+    items = [*sample.media, *(m.audio for m in sample.media if m.audio is not None)]
+    tensors += [t for m in items for t in (m.token_timestamps_s, *m.tensors.values())]
     if sample.audio_transcript_ids is not None:
         tensors.append(sample.audio_transcript_ids)
     return sum(t.numel() * t.element_size() for t in tensors)

@@ -1,8 +1,11 @@
 """In-memory forms of one sample on its way to a batch: decoded media, then tokenized text.
 
 `EncodedMedia` is what a per-modality decoder returns: the tensors its encoder consumes and the
-exact number of positions that encoder will produce, so the chat template can reserve them.
-`TokenizedSample` is one rendered conversation; `packing` packs several into a sequence.
+exact number of positions that encoder will produce, so the chat template can reserve them. A
+video whose sample asks for audio in video carries its audio track as a nested audio item
+(`EncodedMedia.audio`), which the template interleaves with the frames (`positions.py`).
+`TokenizedSample` is one rendered conversation, with its 3-D positions when `model.positions` is
+mrope or tmrope; `packing` packs several into a sequence.
 """
 
 from __future__ import annotations
@@ -21,9 +24,20 @@ class EncodedMedia:
     token_timestamps_s: torch.Tensor  # (num_tokens,) float32: time of each position; 0 for images
     tensors: dict[str, torch.Tensor]  # encoder inputs, see the modality module for the keys
     duration_s: float = 0.0           # audio/video duration after capping; 0 for images
+    # video: nominal seconds one temporal patch spans (video.temporal_patch_size / video.fps): TMRoPE's time step
+    seconds_per_grid: float = 0.0
+    # video: its audio track when the sample uses audio in video (interleaved with the frames in 2 s chunks);
+    # it is an audio item of the batch like any other, listed right after the audio items before this video
+    audio: EncodedMedia | None = None
 
     def __post_init__(self):
         assert self.token_timestamps_s.shape == (self.num_tokens,), (self.token_timestamps_s.shape, self.num_tokens)
+        assert self.audio is None or (self.modality == "video" and self.audio.modality == "audio"), "audio in video only"
+
+    @property
+    def total_tokens(self) -> int:
+        """Positions the item takes in the sequence: its own tokens and its audio track's."""
+        return self.num_tokens + (self.audio.num_tokens if self.audio is not None else 0)
 
 
 @dataclass(kw_only=True)
@@ -32,6 +46,9 @@ class TokenizedSample:
     labels: torch.Tensor        # (L,) int64; -100 where no loss (everything but assistant turns)
     modality_ids: torch.Tensor  # (L,) int8; MODALITY_IDS
     timestamps_s: torch.Tensor  # (L,) float32; media positions' timestamps, -1 for text
+    # (3, L) int64 (time, height, width) positions of this document for model.positions mrope / tmrope
+    # (data/positions.py); None for 1d, where collate_packed numbers the tokens 0..L-1
+    position_ids: torch.Tensor | None = None
     media: list[EncodedMedia] = field(default_factory=list)  # in placeholder order
     # token ids of meta.transcript for a sample with exactly one audio item (transfer mechanisms use it)
     audio_transcript_ids: torch.Tensor | None = None

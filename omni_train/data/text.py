@@ -11,6 +11,9 @@ The chat template (Qwen-style ChatML) turns a validated conversation plus its de
     <|im_start|>assistant\\nThree plus five.<|im_end|>\\n<|endoftext|>
 Special ids are only ever inserted by the template: `Tokenizer.encode` never returns one, even for
 text that spells `<|im_end|>` literally, so user text cannot inject control tokens.
+A video with audio in video is laid out as Qwen2.5-Omni does (`<|video_start|><|audio_start|>`, frame
+and audio pads in 2 s chunks, `<|audio_end|><|video_end|>`); with `model.positions` mrope or tmrope the
+rendered sample carries its 3-D positions, computed from the rendered structure (`positions.py`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 import sentencepiece as spm
 import torch
 
+from omni_train.data import positions as positions_lib
 from omni_train.data.format import MODALITIES, parse_sample, split_member_name
 from omni_train.data.sample import MODALITY_IDS, EncodedMedia, TokenizedSample
 
@@ -34,6 +38,14 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     "<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>",
     *(f"<|{modality}_{marker}|>" for modality in MODALITIES for marker in ("start", "pad", "end")),
 )
+# Qwen2.5-Omni's own tokens for our template's roles (its processor's placeholders): one <|vision_bos|> /
+# <|vision_eos|> pair opens and closes images and videos alike, and <|endoftext|> pads.
+QWEN_OMNI_TOKENS: dict[str, str] = {
+    "<|pad|>": "<|endoftext|>",
+    "<|audio_start|>": "<|audio_bos|>", "<|audio_pad|>": "<|AUDIO|>", "<|audio_end|>": "<|audio_eos|>",
+    "<|image_start|>": "<|vision_bos|>", "<|image_pad|>": "<|IMAGE|>", "<|image_end|>": "<|vision_eos|>",
+    "<|video_start|>": "<|vision_bos|>", "<|video_pad|>": "<|VIDEO|>", "<|video_end|>": "<|vision_eos|>",
+}
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
 NUM_BYTES = 256
 BYTE_TOKENIZER_FILE = "omni_tokenizer.json"  # what `Tokenizer.save` writes for the byte-level backend
@@ -134,20 +146,23 @@ class Tokenizer:
     backbone knows how far to resize its embeddings.
     """
 
-    def __init__(self, backend: _ByteBackend | _SentencePieceBackend | _HFBackend, *, source: str, num_added: int = 0):
+    def __init__(self, backend: _ByteBackend | _SentencePieceBackend | _HFBackend, *, source: str, num_added: int = 0,
+                 native: dict[str, str] | None = None):
         self._backend = backend
         self.kind = backend.kind
         self.source = source
         self.num_added = num_added
         self.vocab_size = backend.vocab_size
-        special_ids = {token: backend.id_of(token) for token in SPECIAL_TOKENS}
-        missing = [token for token, i in special_ids.items() if i is None]
+        self.native = dict(native or {})  # our special token -> the pretrained model's own token that plays its role
+        special_ids = {token: backend.id_of(self.native.get(token, token)) for token in SPECIAL_TOKENS}
+        missing = [self.native.get(token, token) for token, i in special_ids.items() if i is None]
         if missing:
             raise ValueError(f"tokenizer '{source}' lacks the special tokens {', '.join(missing)}; "
                              "train one with `omni-train tokenizer train`")
         self._special_ids: dict[str, int] = special_ids  # type: ignore[assignment]
         self._special_id_set = frozenset(self._special_ids.values())
-        assert len(self._special_id_set) == len(SPECIAL_TOKENS), special_ids
+        # only native roles may share an id (Qwen2.5-Omni opens images and videos with one <|vision_bos|>)
+        assert len(self._special_id_set) == len({self.native.get(t, t) for t in SPECIAL_TOKENS}), special_ids
         self.pad_id = self._special_ids["<|pad|>"]
         self.endoftext_id = self._special_ids["<|endoftext|>"]
         self.im_start_id = self._special_ids["<|im_start|>"]
@@ -188,6 +203,10 @@ class Tokenizer:
         reused: their pretrained meaning belongs to Qwen's own vision encoder, and one shared
         `<|vision_start|>` would make image and video spans indistinguishable, so our per-modality
         markers are added as new tokens instead (`num_added` of them, plus `<|pad|>`).
+
+        A Qwen2.5-Omni tokenizer (it holds every token of QWEN_OMNI_TOKENS) is the exception: its
+        markers were trained with the thinker's own encoders, which are ours when the model is loaded
+        from `model.pretrained`, so the template uses them and nothing is added.
         """
         from transformers import AddedToken, AutoTokenizer  # heavy import, only for this backend
 
@@ -199,6 +218,8 @@ class Tokenizer:
         except (OSError, ValueError, TypeError) as e:
             raise ValueError(f"'{path}' holds no loadable HF tokenizer ({str(e).strip().splitlines()[0]})") from None
         vocab = hf.get_vocab()
+        if all(token in vocab for token in QWEN_OMNI_TOKENS.values()):
+            return cls(_HFBackend(hf), source=str(path), native=QWEN_OMNI_TOKENS)
         missing = [token for token in SPECIAL_TOKENS if token not in vocab]
         num_added = hf.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
         return cls(_HFBackend(hf), source=str(path), num_added=num_added)
@@ -352,12 +373,17 @@ def train_tokenizer_cli(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ chat template
 
 
-def render_chat(messages: list[dict], media: Sequence[EncodedMedia], tokenizer: Tokenizer, *, where: str = "") -> TokenizedSample:
+def render_chat(messages: list[dict], media: Sequence[EncodedMedia], tokenizer: Tokenizer, *, where: str = "",
+                positions: str = "1d") -> TokenizedSample:
     """One training conversation -> ids with labels on assistant content, `<|im_end|>` and a final `<|endoftext|>`.
 
     Media parts become `<|m_start|>` + `<|m_pad|>` x num_tokens + `<|m_end|>`; the pads carry the media's
-    modality id and token timestamps. Media spans never carry loss, not even in an assistant turn: their
-    positions are replaced by encoder features, so there is no token to predict.
+    modality id and token timestamps. A video with its audio track (`EncodedMedia.audio`, audio in video)
+    becomes `<|video_start|><|audio_start|>`, its video and audio pads interleaved in 2 s chunks, then
+    `<|audio_end|><|video_end|>` (Qwen2.5-Omni's layout, `positions.audio_in_video_chunks`). Media spans
+    never carry loss, not even in an assistant turn: their positions are replaced by encoder features, so
+    there is no token to predict. `positions` (model.positions) other than 1d stores the document's 3-D
+    positions with the sample (`positions.document_positions`).
     """
     _check_media(messages, media, where)
     if not any(m["role"] == "assistant" and _has_content(m) for m in messages):
@@ -366,14 +392,15 @@ def render_chat(messages: list[dict], media: Sequence[EncodedMedia], tokenizer: 
     for message in messages:
         _render_message(seq, message, media, tokenizer)
     seq.add([tokenizer.endoftext_id], train=messages[-1]["role"] == "assistant")
-    return seq.build(media)
+    return seq.build(media, positions)
 
 
-def render_prompt(messages: list[dict], media: Sequence[EncodedMedia], tokenizer: Tokenizer, *, where: str = "") -> TokenizedSample:
+def render_prompt(messages: list[dict], media: Sequence[EncodedMedia], tokenizer: Tokenizer, *, where: str = "",
+                  positions: str = "1d") -> TokenizedSample:
     """The conversation up to the final assistant turn, ending with `<|im_start|>assistant\\n` (for generation).
 
     `media` are those of all of `messages` (as the pipeline decodes a sample); a final assistant turn and
-    any media in it are dropped. No labels.
+    any media in it are dropped. No labels. `positions` as in `render_chat`.
     """
     _check_media(messages, media, where)
     if messages and messages[-1]["role"] == "assistant":
@@ -383,31 +410,77 @@ def render_prompt(messages: list[dict], media: Sequence[EncodedMedia], tokenizer
     for message in messages:
         _render_message(seq, message, media, tokenizer, train=False)
     seq.add([tokenizer.im_start_id, *tokenizer.encode("assistant\n")], train=False)
-    return seq.build(media)
+    return seq.build(media, positions)
 
 
 class _Sequence:
-    """Chunks of ids, labels, modality ids and timestamps, concatenated once (a long meeting has 10^5 pads)."""
+    """Chunks of ids, labels, modality ids and timestamps, concatenated once (a long meeting has 10^5 pads),
+    and the document's structure as `positions` spans (text runs, media grids), from which its positions follow."""
 
     def __init__(self):
         self.ids: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
         self.modality_ids: list[torch.Tensor] = []
         self.timestamps_s: list[torch.Tensor] = []
+        self.spans: list[positions_lib.Span | EncodedMedia] = []
         self.next_media = 0
 
-    def add(self, ids: list[int] | torch.Tensor, *, train: bool, modality: str = "text", timestamps_s: torch.Tensor | None = None) -> None:
+    def add(self, ids: list[int] | torch.Tensor, *, train: bool) -> None:
+        """Append text tokens (the template's own, markers, message text): one text run of `spans`."""
+        ids = self._append(ids, train=train)
+        if self.spans and isinstance(self.spans[-1], positions_lib.TextSpan):
+            self.spans[-1] = positions_lib.TextSpan(self.spans[-1].num_tokens + len(ids))
+        else:
+            self.spans.append(positions_lib.TextSpan(len(ids)))
+
+    def add_media(self, item: EncodedMedia, tokenizer: Tokenizer) -> None:
+        """A media item's markers and pads, or for a video with its audio track the interleaved layout."""
+        if item.audio is not None:
+            self._add_audio_in_video(item, tokenizer)
+            return
+        start_id, pad_id, end_id = tokenizer.media_ids[item.modality]
+        self.add([start_id], train=False)
+        self._append(torch.full((item.num_tokens,), pad_id), modality=item.modality, timestamps_s=item.token_timestamps_s)
+        # an image or video becomes its VisionSpan in `build`, only where positions need its grid (shard inspection
+        # renders stand-ins that have no pixels)
+        self.spans.append(positions_lib.AudioSpan(item.num_tokens) if item.modality == "audio" else item)
+        self.add([end_id], train=False)
+
+    def _add_audio_in_video(self, video: EncodedMedia, tokenizer: Tokenizer) -> None:
+        audio = video.audio
+        video_start, video_pad, video_end = tokenizer.media_ids["video"]
+        audio_start, audio_pad, audio_end = tokenizer.media_ids["audio"]
+        span = positions_lib.AudioInVideoSpan(video=positions_lib.vision_span(video), num_audio_tokens=audio.num_tokens)
+        self._append([video_start, audio_start])
+        for video_chunk, audio_chunk in positions_lib.audio_in_video_chunks(span):
+            for item, pad_id, chunk in ((video, video_pad, video_chunk), (audio, audio_pad, audio_chunk)):
+                if chunk is not None:
+                    first, end = chunk
+                    self._append(torch.full((end - first,), pad_id), modality=item.modality,
+                                 timestamps_s=item.token_timestamps_s[first:end])
+        self._append([audio_end, video_end])
+        self.spans.append(span)  # markers included: the two start and the two end markers share a position each
+
+    def _append(self, ids: list[int] | torch.Tensor, *, train: bool = False, modality: str = "text",
+                timestamps_s: torch.Tensor | None = None) -> torch.Tensor:
         ids = torch.as_tensor(ids, dtype=torch.int64)
         self.ids.append(ids)
         self.labels.append(ids if train else torch.full_like(ids, IGNORE_INDEX))
         self.modality_ids.append(torch.full(ids.shape, MODALITY_IDS[modality], dtype=torch.int8))
         self.timestamps_s.append(timestamps_s.to(torch.float32) if timestamps_s is not None else torch.full(ids.shape, -1.0))
+        return ids
 
-    def build(self, media: Sequence[EncodedMedia]) -> TokenizedSample:
+    def build(self, media: Sequence[EncodedMedia], positions: str = "1d") -> TokenizedSample:
         assert self.next_media == len(media), (self.next_media, len(media))
-        return TokenizedSample(input_ids=torch.cat(self.ids), labels=torch.cat(self.labels),
-                               modality_ids=torch.cat(self.modality_ids), timestamps_s=torch.cat(self.timestamps_s),
-                               media=list(media))
+        sample = TokenizedSample(input_ids=torch.cat(self.ids), labels=torch.cat(self.labels),
+                                 modality_ids=torch.cat(self.modality_ids), timestamps_s=torch.cat(self.timestamps_s),
+                                 media=list(media))
+        if positions != "1d":
+            spans = [positions_lib.vision_span(s) if isinstance(s, EncodedMedia) else s for s in self.spans]
+            sample.position_ids = positions_lib.document_positions(spans, positions)
+        assert sample.position_ids is None or sample.position_ids.shape == (3, len(sample)), \
+            (None if sample.position_ids is None else sample.position_ids.shape, len(sample))
+        return sample
 
 
 def _render_message(seq: _Sequence, message: dict, media: Sequence[EncodedMedia], tokenizer: Tokenizer, *, train: bool = True) -> None:
@@ -417,12 +490,8 @@ def _render_message(seq: _Sequence, message: dict, media: Sequence[EncodedMedia]
         if part["type"] == "text":
             seq.add(tokenizer.encode(part["text"]), train=trained)
             continue
-        item = media[seq.next_media]
+        seq.add_media(media[seq.next_media], tokenizer)
         seq.next_media += 1
-        start_id, pad_id, end_id = tokenizer.media_ids[item.modality]
-        seq.add([start_id], train=False)
-        seq.add(torch.full((item.num_tokens,), pad_id), train=False, modality=item.modality, timestamps_s=item.token_timestamps_s)
-        seq.add([end_id], train=False)
     seq.add([tokenizer.im_end_id], train=trained)
     seq.add(tokenizer.encode("\n"), train=False)
 

@@ -4,8 +4,10 @@ Frames are taken every 1/fps seconds (at most `max_frames`, then spread over the
 decoded with torchcodec (or decord), resized to a shared `smart_resize` size within the video's
 per-frame pixel bounds, normalized, and cut into patches of `temporal_patch_size` frames x
 `patch_size`^2 pixels by `image.image_to_patches`. Each merged token carries the timestamp of the
-first frame of its temporal patch (the source's real presentation time), which TMRoPE-style
-fusion turns into time positions.
+first frame of its temporal patch (the source's real presentation time). TMRoPE's time ids
+(`positions.py`) follow the nominal rate instead, `seconds_per_grid` = temporal_patch_size / fps,
+as Qwen2.5-Omni's processor does, also for clips sampled more sparsely than fps (over max_frames).
+A video's audio track (audio in video) is decoded by `audio.encode_audio` from the same bytes.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ class VideoConfig:
     max_pixels: int = 224 * 224
     max_duration_s: float = 1200.0   # longer videos are refused (MediaError), not truncated
     backend: str = "torchcodec"      # torchcodec | decord (optional extra)
+    # Default for video parts that do not say: interleave the video's own audio track with its frames (Qwen2.5-Omni's
+    # audio in video; a part's "use_audio_in_video" decides for itself). A video without an audio track is skipped.
+    use_audio_in_video: bool = False
 
     def __post_init__(self):
         if not self.fps > 0:
@@ -53,6 +58,8 @@ class VideoConfig:
             raise ValueError(f"video.min_pixels ({self.min_pixels}) must be <= video.max_pixels ({self.max_pixels})")
         if not self.max_duration_s > 0:
             raise ValueError(f"video.max_duration_s must be > 0, got {self.max_duration_s!r}")
+        if not isinstance(self.use_audio_in_video, bool):
+            raise ValueError(f"video.use_audio_in_video must be true or false, got {self.use_audio_in_video!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"video.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         # A missing optional backend stops the run here instead of turning every video into a skipped sample.
@@ -190,4 +197,4 @@ def encode_video(src: bytes | str | Path, cfg: VideoConfig, image_cfg: ImageConf
     token_timestamps_s = timestamps_s[::cfg.temporal_patch_size].repeat_interleave(tokens_per_step)
     return EncodedMedia(modality="video", num_tokens=num_tokens, token_timestamps_s=token_timestamps_s,
                         tensors={"patches": patches, "grid_thw": grid_thw, "frame_timestamps_s": timestamps_s},
-                        duration_s=duration_s)
+                        duration_s=duration_s, seconds_per_grid=cfg.temporal_patch_size / cfg.fps)

@@ -10,6 +10,12 @@ The manifest is a JSON list or JSONL file in the form LLaMA-Factory and ms-swift
 entry becomes one sample of the shard format in `format.py`: content strings are split at their
 placeholders into text and media parts, and the media files are copied into the tar byte for byte.
 
+Audio in video is chosen per entry, with the key ms-swift and LLaMA-Factory use for the whole run:
+`"use_audio_in_video": true` (every video of the entry), or a list with one true/false per video.
+It is written into each video part; an entry without it leaves the choice to the recipe
+(data.video.use_audio_in_video). A video that should bring its audio but has no audio stream is
+refused while the manifest is validated.
+
 Building runs in two passes. The first validates every entry and reads its media headers
 (durations, frame counts); only when the whole manifest is usable does the second write shards,
 so a bad manifest leaves nothing behind. Each shard is written under a temporary name and renamed
@@ -265,17 +271,22 @@ def media_path(relative: str, media_root: Path, where: str, label: str, *, allow
     return path
 
 
-def extract_audio(path: Path, spool: Path, where: str, label: str) -> Path:
-    """The audio track of a recording in any container (a video's first audio stream) as 16-bit mono FLAC at its
-    own rate, written into `spool`. ffmpeg streams it, so memory stays flat however long the recording is; the
-    bit-exact flags keep the bytes (and so the shards) the same from one build to the next."""
+def check_audio_stream(path: Path, where: str, label: str, *, why: str = "") -> None:
+    """ValueError (one line) unless ffprobe finds an audio stream in `path`."""
     probe = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "a", "-show_entries", "stream=index",
                             "-of", "csv=p=0", str(path)], capture_output=True, text=True)
     if probe.returncode != 0:
         reason = (probe.stderr.strip().splitlines() or ["ffprobe failed"])[-1]
         raise ValueError(f"{where}: {label} {path} cannot be read ({reason})")
     if not probe.stdout.strip():
-        raise ValueError(f"{where}: {label} {path} has no audio stream")
+        raise ValueError(f"{where}: {label} {path} has no audio stream{why}")
+
+
+def extract_audio(path: Path, spool: Path, where: str, label: str) -> Path:
+    """The audio track of a recording in any container (a video's first audio stream) as 16-bit mono FLAC at its
+    own rate, written into `spool`. ffmpeg streams it, so memory stays flat however long the recording is; the
+    bit-exact flags keep the bytes (and so the shards) the same from one build to the next."""
+    check_audio_stream(path, where, label)
     handle, name = tempfile.mkstemp(suffix=".flac", dir=spool)
     os.close(handle)
     out = Path(name)
@@ -307,6 +318,8 @@ def prepare_entry(entry: Any, where: str, media_root: Path, *, task: str | None 
         if counts[modality] != len(paths[modality]):
             raise ValueError(f"{where}: {counts[modality]} <{modality}> placeholder(s) in the messages but "
                              f"{len(paths[modality])} path(s) in '{MEDIA_LIST_KEYS[modality]}'")
+
+    audio_in_video = _audio_in_video_flags(entry, len(paths["video"]), where)
 
     meta = entry.get("meta", {})
     if not isinstance(meta, dict):
@@ -342,6 +355,8 @@ def prepare_entry(entry: Any, where: str, media_root: Path, *, task: str | None 
                 sample.audio_duration_s += probe_audio(path, where)
             elif modality == "video":
                 num_frames, duration_s = probe_video(path, where)
+                if audio_in_video[index]:
+                    check_audio_stream(path, where, label, why=" (use_audio_in_video needs one)")
                 sample.num_video_frames += num_frames
                 video_duration_s += duration_s
             else:
@@ -364,11 +379,24 @@ def prepare_entry(entry: Any, where: str, media_root: Path, *, task: str | None 
             if piece in ("<audio>", "<image>", "<video>"):
                 modality = piece[1:-1]
                 parts.append({"type": modality, "member": members[modality][next_index[modality]]})
+                if modality == "video" and audio_in_video[next_index[modality]] is not None:
+                    parts[-1]["use_audio_in_video"] = audio_in_video[next_index[modality]]
                 next_index[modality] += 1
             elif piece:
                 parts.append({"type": "text", "text": piece})
         sample.messages.append({"role": role, "content": parts})
     return sample
+
+
+def _audio_in_video_flags(entry: dict[str, Any], num_videos: int, where: str) -> list[bool | None]:
+    """Per video of the entry: its `use_audio_in_video` (None: not said, the recipe's default applies)."""
+    flags = entry.get("use_audio_in_video")
+    if flags is None or isinstance(flags, bool):
+        return [flags] * num_videos
+    if isinstance(flags, list) and len(flags) == num_videos and all(isinstance(f, bool) for f in flags):
+        return flags
+    raise ValueError(f"{where}: 'use_audio_in_video' must be true, false or a list of {num_videos} true/false "
+                     f"(one per video), got {json.dumps(flags)[:100]}")
 
 
 # ----------------------------------------------------------------------------------------------

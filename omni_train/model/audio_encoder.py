@@ -1,10 +1,12 @@
 """The audio encoder: Whisper-style conv subsampling + bidirectional transformer over independent 30 s windows.
 
     mel (W, num_mel_bins, T) + valid frames (W,)
+      [-> cut into chunks of chunk_frames               (W * T / chunk_frames, num_mel_bins, chunk_frames)]
       -> conv1 (kernel 3, stride conv1_stride), conv2 (kernel 3, stride 2), padding 1, GELU
                                                     (W, T / (2 * conv1_stride), dim)
-      -> + embed_positions (sinusoidal init, trainable)
-      -> pre-norm layers, attention within the valid positions of each window
+      -> + positions: embed_positions (learned, sinusoidal init) | fixed sinusoids
+      -> pre-norm layers, attention within the valid positions of each window (or chunk)
+      [-> chunks back in order into their windows       (W, T / (2 * conv1_stride), dim)]
       -> average pool by `pool` (optional, Qwen2-Audio), layer_norm
       -> the valid positions of every window in order   (num_audio_tokens_total, dim)
 
@@ -28,7 +30,27 @@ full 30 s window with pool 1 the outputs equal transformers' `WhisperEncoder`):
   zero-padded 30 s window, so its outputs for a short clip differ from ours.
 - Audio longer than 30 s is cut into independent windows (data.audio.split_windows), never
   truncated: 70 s are 3 windows and 750 + 750 + 250 tokens.
-- The pool keeps an odd last position (averaged alone); Qwen2-Audio's AvgPool1d(2) drops it.
+- The pool keeps an odd last position (averaged alone); Qwen2-Audio's AvgPool1d(2) drops it
+  (`pool_tail: drop` does too).
+
+Qwen2.5-Omni's audio tower (transformers' `Qwen2_5OmniAudioEncoder`; the mapping is in
+`qwen2_5_omni.py`) is Whisper's layout with three options set:
+- `chunk_frames: 200` (its `n_window * 2`, 2 s): the convs, the positions and attention run
+  within chunks of 200 frames, each a separate sequence; a chunk's convs see zeros past its
+  edges, and its positions restart at 0.
+- `positions: sinusoid`: Whisper's sinusoids, fixed. They are not a parameter or a buffer but
+  computed in float32 on the CPU (cached) and moved to the input's device and dtype per
+  forward, like the backbone's rotary frequencies: a buffer would stay uninitialized after
+  meta-device construction (`hf_adapters.build_loaded`, ZeRO-3) and could never enter a state
+  dict by mistake. transformers keeps them in a non-persistent buffer, cast to the hidden
+  states' dtype before the sum, as here.
+- `pool_tail: drop`: AvgPool1d(2) over the item's positions drops an odd last one.
+Then its `ln_post` is our `layer_norm` and its `proj` the audio projector of kind `linear`
+without input norm. transformers encodes each item whole, chunk after chunk; we encode 30 s
+windows independently and the result is the same: window_frames is a multiple of chunk_frames,
+so the chunks of a window are the item's chunks, and a full window has an even number of
+positions (window_frames is a multiple of downsample), so the pool's pairs never straddle two
+windows and only the item's last window can have an odd tail to drop.
 
 Parameter names follow transformers' `WhisperEncoder` (`conv1`, `conv2`, `embed_positions`,
 `layers.N.self_attn.{q,k,v,out}_proj`, `self_attn_layer_norm`, `fc1`, `fc2`,
@@ -39,6 +61,7 @@ Parameter names follow transformers' `WhisperEncoder` (`conv1`, `conv2`, `embed_
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -47,8 +70,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from omni_train.data.audio import AudioConfig, _tokens_in_window
+from omni_train.data.audio import POOL_TAILS, AudioConfig, _tokens_in_window
 from omni_train.model.attention import attention, attention_backend, check_backend, document_ids_to_cu_seqlens
+from omni_train.model.backbone import RMSNorm
 from omni_train.model.rope import apply_rotary
 
 # Activation names -> F.gelu's `approximate`: Whisper uses exact gelu, SigLIP the tanh approximation.
@@ -58,6 +82,9 @@ ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
 def check_activation(activation: str, key: str) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"{key} must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+
+
+AUDIO_POSITIONS = ("learned", "sinusoid")
 
 
 @dataclass(kw_only=True)
@@ -70,6 +97,9 @@ class AudioEncoderConfig:
     window_frames: int = 3000      # mel frames per window (data.audio.window_s / 10 ms): sizes embed_positions
     conv1_stride: int = 2          # 2: 25 positions per second; 1: Whisper's 50
     pool: int = 1                  # average pool after the layers (Qwen2-Audio: 2 behind a Whisper encoder)
+    pool_tail: str = "keep"        # POOL_TAILS: keep an odd last position (averaged alone) | drop it; = data.audio.pool_tail
+    chunk_frames: int | None = None  # None: one sequence per window; 200: convs, positions, attention per 2 s (Qwen2.5-Omni)
+    positions: str = "learned"     # AUDIO_POSITIONS: learned (embed_positions, sinusoid init) | sinusoid (fixed)
     layer_norm_eps: float = 1e-5   # Whisper's
     init_std: float = 0.02
 
@@ -86,6 +116,22 @@ class AudioEncoderConfig:
             raise ValueError(f"model.audio.conv1_stride must be 1 (Whisper) or 2, got {self.conv1_stride!r}")
         if self.pool & (self.pool - 1):
             raise ValueError(f"model.audio.pool must be a power of 2 (1, 2, 4, ...), got {self.pool}")
+        if self.pool_tail not in POOL_TAILS:
+            raise ValueError(f"model.audio.pool_tail must be one of {', '.join(POOL_TAILS)}, got {self.pool_tail!r}")
+        # Dropping per window is dropping per item only when a full window has an even number of positions.
+        if self.pool_tail == "drop" and (self.pool != 2 or self.window_frames % self.downsample):
+            raise ValueError(f"model.audio.pool_tail drop is AvgPool1d(2): it needs model.audio.pool 2 and "
+                             f"model.audio.window_frames a multiple of {self.downsample}, got pool {self.pool} and "
+                             f"window_frames {self.window_frames}")
+        if self.chunk_frames is not None:
+            conv_stride = self.conv1_stride * 2
+            if (not isinstance(self.chunk_frames, int) or isinstance(self.chunk_frames, bool) or self.chunk_frames <= 0
+                    or self.window_frames % self.chunk_frames or self.chunk_frames % conv_stride):
+                raise ValueError(f"model.audio.chunk_frames must be null or a positive integer that divides "
+                                 f"model.audio.window_frames ({self.window_frames}) and is a multiple of the convs' "
+                                 f"stride {conv_stride}, got {self.chunk_frames!r}")
+        if self.positions not in AUDIO_POSITIONS:
+            raise ValueError(f"model.audio.positions must be one of {', '.join(AUDIO_POSITIONS)}, got {self.positions!r}")
         if self.layer_norm_eps <= 0 or self.init_std <= 0:
             raise ValueError(f"model.audio.layer_norm_eps and model.audio.init_std must be > 0, "
                              f"got {self.layer_norm_eps} and {self.init_std}")
@@ -97,13 +143,20 @@ class AudioEncoderConfig:
 
     @property
     def num_positions(self) -> int:
-        """Positions of a full window after the convs, the size of embed_positions (750, or Whisper's 1500)."""
-        return int(_tokens_in_window(self.window_frames, _token_layout(self.num_mel_bins, self.conv1_stride * 2)))
+        """Positions of a full window (or chunk) after the convs, the size of embed_positions (750, Whisper's 1500, 100)."""
+        span = self.window_frames if self.chunk_frames is None else self.chunk_frames
+        return int(_tokens_in_window(span, _token_layout(self.num_mel_bins, self.conv1_stride * 2)))
 
 
-def _token_layout(num_mel_bins: int, downsample: int) -> AudioConfig:
+def _token_layout(num_mel_bins: int, downsample: int, pool_tail: str = "keep") -> AudioConfig:
     """The data layer's AudioConfig whose token arithmetic is that of the stages down to `downsample` frames per position."""
-    return AudioConfig(num_mel_bins=num_mel_bins, downsample=downsample)
+    return AudioConfig(num_mel_bins=num_mel_bins, downsample=downsample, pool_tail=pool_tail)
+
+
+@functools.lru_cache(maxsize=8)
+def _fixed_sinusoids(num_positions: int, dim: int) -> torch.Tensor:
+    """`sinusoids` computed once on the CPU, as transformers' buffer is: shared, treat as read-only."""
+    return sinusoids(num_positions, dim)
 
 
 def sinusoids(num_positions: int, dim: int, max_timescale: float = 10000.0) -> torch.Tensor:
@@ -117,12 +170,14 @@ def sinusoids(num_positions: int, dim: int, max_timescale: float = 10000.0) -> t
 class EncoderAttention(nn.Module):
     """Bidirectional multi-head attention within documents; optional rotary positions (vision)."""
 
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, *, key_bias: bool = False):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.q_proj = nn.Linear(dim, dim)
-        # No key bias (Whisper): it adds q.b to every score of a query row, which softmax cancels.
-        self.k_proj = nn.Linear(dim, dim, bias=False)
+        # No key bias by default (Whisper): without rotary positions it adds q.b to every score of a query
+        # row, which softmax cancels. Under rotary positions the rotated bias differs per key, so it
+        # matters there (Qwen2.5-VL's vision tower has one): `key_bias`.
+        self.k_proj = nn.Linear(dim, dim, bias=key_bias)
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
@@ -139,33 +194,66 @@ class EncoderAttention(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """Pre-norm block (Whisper / SigLIP): x + attn(ln(x)), then x + fc2(gelu(fc1(ln(x))))."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
 
-    def __init__(self, dim: int, num_heads: int, ffn_dim: int, eps: float, activation: str = "gelu"):
+    norm "layer" (Whisper / SigLIP) | "rms" (Qwen2.5-VL's vision tower, `backbone.RMSNorm`);
+    mlp "gelu": fc2(gelu(fc1(x))), `activation` picking exact or tanh GELU | "swiglu":
+    down_proj(silu(gate_proj(x)) * up_proj(x)), all three with biases (Qwen2.5-VL's vision tower).
+    The norms keep Whisper's names (`self_attn_layer_norm`, `final_layer_norm`) whatever their kind.
+    """
+
+    NORMS = ("layer", "rms")
+    MLPS = ("gelu", "swiglu")
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, eps: float, activation: str = "gelu", *,
+                 norm: str = "layer", mlp: str = "gelu", key_bias: bool = False):
         super().__init__()
+        assert norm in self.NORMS and mlp in self.MLPS, (norm, mlp)
         self.approximate = ACTIVATIONS[activation]
-        self.self_attn_layer_norm = nn.LayerNorm(dim, eps=eps)
-        self.self_attn = EncoderAttention(dim, num_heads)
-        self.final_layer_norm = nn.LayerNorm(dim, eps=eps)
-        self.fc1 = nn.Linear(dim, ffn_dim)
-        self.fc2 = nn.Linear(ffn_dim, dim)
+        self.mlp = mlp
+        norm_cls = nn.LayerNorm if norm == "layer" else RMSNorm
+        self.self_attn_layer_norm = norm_cls(dim, eps=eps)
+        self.self_attn = EncoderAttention(dim, num_heads, key_bias=key_bias)
+        self.final_layer_norm = norm_cls(dim, eps=eps)
+        if mlp == "gelu":
+            self.fc1 = nn.Linear(dim, ffn_dim)
+            self.fc2 = nn.Linear(ffn_dim, dim)
+        else:
+            self.gate_proj = nn.Linear(dim, ffn_dim)
+            self.up_proj = nn.Linear(dim, ffn_dim)
+            self.down_proj = nn.Linear(ffn_dim, dim)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None, *,
                 document_ids: torch.Tensor, backend: str, cu_seqlens: torch.Tensor | None,
                 max_seqlen: int | None) -> torch.Tensor:
         x = x + self.self_attn(self.self_attn_layer_norm(x), document_ids=document_ids, rotary=rotary, backend=backend,
                                cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x)), approximate=self.approximate))
+        h = self.final_layer_norm(x)
+        if self.mlp == "gelu":
+            return x + self.fc2(F.gelu(self.fc1(h), approximate=self.approximate))
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 
 
 def run_layers(layers: nn.ModuleList, x: torch.Tensor, document_ids: torch.Tensor, *, backend: str,
-               rotary: tuple[torch.Tensor, torch.Tensor] | None = None, activation_checkpointing: bool = False) -> torch.Tensor:
-    """Apply encoder layers to x (B, L, D) with attention inside each document of document_ids (B, L), -1 = padding."""
+               rotary: tuple[torch.Tensor, torch.Tensor] | None = None, activation_checkpointing: bool = False,
+               window_ids: torch.Tensor | None = None, full_attention_layers: tuple[int, ...] = ()) -> torch.Tensor:
+    """Apply encoder layers to x (B, L, D) with attention inside each document of document_ids (B, L), -1 = padding.
+
+    With window_ids (B, L) (-1 = padding; a window is a run of one id, nested in a document), the
+    layers whose index is not in full_attention_layers attend inside each window instead
+    (Qwen2.5-VL's window attention). The varlen kernels' cu_seqlens are computed once per mask.
+    """
     if backend == "auto":
         backend = attention_backend(x.device, x.dtype)
-    cu_seqlens, max_seqlen = document_ids_to_cu_seqlens(document_ids) if backend != "sdpa" else (None, None)
-    kwargs = dict(document_ids=document_ids, backend=backend, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-    for layer in layers:
+
+    def layer_kwargs(ids: torch.Tensor) -> dict:
+        cu_seqlens, max_seqlen = document_ids_to_cu_seqlens(ids) if backend != "sdpa" else (None, None)
+        return dict(document_ids=ids, backend=backend, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+
+    full = layer_kwargs(document_ids)
+    windowed = full if window_ids is None else layer_kwargs(window_ids)
+    for index, layer in enumerate(layers):
+        kwargs = full if index in full_attention_layers else windowed
         if activation_checkpointing and torch.is_grad_enabled():
             x = checkpoint(layer, x, rotary, use_reentrant=False, **kwargs)
         else:
@@ -175,7 +263,7 @@ def run_layers(layers: nn.ModuleList, x: torch.Tensor, document_ids: torch.Tenso
 
 @torch.no_grad()
 def init_encoder_weights(module: nn.Module, std: float) -> None:
-    """Normal(0, std) linear and conv weights, zero biases, unit LayerNorms: the backbone's initializer."""
+    """Normal(0, std) linear and conv weights, zero biases, unit LayerNorms and RMSNorms: the backbone's initializer."""
     for sub in module.modules():
         if isinstance(sub, (nn.Linear, nn.Conv1d)):
             sub.weight.normal_(0.0, std)
@@ -184,6 +272,8 @@ def init_encoder_weights(module: nn.Module, std: float) -> None:
         elif isinstance(sub, nn.LayerNorm):
             sub.weight.fill_(1.0)
             sub.bias.zero_()
+        elif isinstance(sub, RMSNorm):
+            sub.weight.fill_(1.0)
 
 
 class AudioEncoder(nn.Module):
@@ -195,10 +285,12 @@ class AudioEncoder(nn.Module):
         self.activation_checkpointing = activation_checkpointing
         self.attn_backend = check_backend(attn_backend)
         # The data layer's token arithmetic after conv1, conv2 and the pool: one definition of the counts.
-        self._layouts = [_token_layout(cfg.num_mel_bins, d) for d in (cfg.conv1_stride, cfg.conv1_stride * 2, cfg.downsample)]
+        self._layouts = [_token_layout(cfg.num_mel_bins, cfg.conv1_stride),
+                         _token_layout(cfg.num_mel_bins, cfg.conv1_stride * 2),
+                         _token_layout(cfg.num_mel_bins, cfg.downsample, cfg.pool_tail)]
         self.conv1 = nn.Conv1d(cfg.num_mel_bins, cfg.dim, kernel_size=3, stride=cfg.conv1_stride, padding=1)
         self.conv2 = nn.Conv1d(cfg.dim, cfg.dim, kernel_size=3, stride=2, padding=1)
-        self.embed_positions = nn.Embedding(cfg.num_positions, cfg.dim)
+        self.embed_positions = nn.Embedding(cfg.num_positions, cfg.dim) if cfg.positions == "learned" else None
         self.layers = nn.ModuleList(EncoderLayer(cfg.dim, cfg.num_heads, cfg.ffn_dim, cfg.layer_norm_eps)
                                     for _ in range(cfg.num_layers))
         self.layer_norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
@@ -211,7 +303,8 @@ class AudioEncoder(nn.Module):
         # than the sinusoidal positions (std 0.016 vs 0.66 on the demo's speech), which LayerNorm then hides.
         for conv in (self.conv1, self.conv2):
             nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
-        self.embed_positions.weight.copy_(sinusoids(self.cfg.num_positions, self.cfg.dim))
+        if self.embed_positions is not None:
+            self.embed_positions.weight.copy_(sinusoids(self.cfg.num_positions, self.cfg.dim))
 
     def num_tokens(self, window_frames: torch.Tensor) -> torch.Tensor:
         """(W,) valid frames -> (W,) encoder positions per window: `data.audio._tokens_in_window`."""
@@ -234,19 +327,50 @@ class AudioEncoder(nn.Module):
         window_frames = window_frames.to(mel.device)
         # Frames past the longest valid window are zeros in every window; dropping them changes no valid output.
         mel = mel[..., : max(int(window_frames.max()), 1)].to(self.conv1.weight.dtype)  # (W, M, T)
-        x = F.gelu(self.conv1(mel))                                                       # (W, D, T / conv1_stride)
-        x = x * _prefix_mask(x.shape[-1], _tokens_in_window(window_frames, self._layouts[0]))[:, None].to(x.dtype)
-        x = F.gelu(self.conv2(x)).transpose(1, 2)                            # (W, L, D), L = T / (2 * conv1_stride)
-        x = x + self.embed_positions.weight[: x.shape[1]]
+        if self.cfg.chunk_frames is None:
+            x = self._encode_sequences(mel, window_frames)                   # (W, L, D), L = T / (2 * conv1_stride)
+        else:
+            x = self._encode_chunks(mel, window_frames)                                   # (W, L, D)
         is_valid = _prefix_mask(x.shape[1], _tokens_in_window(window_frames, self._layouts[1]))  # (W, L)
-        document_ids = torch.where(is_valid, 0, -1)  # one document per row: each window attends only to itself
-        x = run_layers(self.layers, x, document_ids, backend=self.attn_backend,
-                       activation_checkpointing=self.activation_checkpointing)
         if self.cfg.pool > 1:
             # Qwen2-Audio's order: pool, then layer_norm
             x = average_pool(x, is_valid, self.cfg.pool)                                  # (W, L / pool, D)
             is_valid = _prefix_mask(x.shape[1], self.num_tokens(window_frames))
         return self.layer_norm(x)[is_valid]                                               # (num_tokens, D)
+
+    def _encode_sequences(self, mel: torch.Tensor, num_frames: torch.Tensor) -> torch.Tensor:
+        """(S, M, T) mel sequences + (S,) valid frames -> (S, T / (2 * conv1_stride), D): convs, positions, layers."""
+        x = F.gelu(self.conv1(mel))                                                       # (S, D, T / conv1_stride)
+        x = x * _prefix_mask(x.shape[-1], _tokens_in_window(num_frames, self._layouts[0]))[:, None].to(x.dtype)
+        x = F.gelu(self.conv2(x)).transpose(1, 2)                            # (S, L, D), L = T / (2 * conv1_stride)
+        if self.embed_positions is not None:
+            x = x + self.embed_positions.weight[: x.shape[1]]
+        else:
+            x = x + _fixed_sinusoids(self.cfg.num_positions, self.cfg.dim)[: x.shape[1]].to(x.device, x.dtype)
+        is_valid = _prefix_mask(x.shape[1], _tokens_in_window(num_frames, self._layouts[1]))  # (S, L)
+        document_ids = torch.where(is_valid, 0, -1)  # one document per row: each sequence attends only to itself
+        return run_layers(self.layers, x, document_ids, backend=self.attn_backend,
+                          activation_checkpointing=self.activation_checkpointing)
+
+    def _encode_chunks(self, mel: torch.Tensor, window_frames: torch.Tensor) -> torch.Tensor:
+        """(W, M, T) windows -> (W, L, D), each chunk of chunk_frames encoded as its own sequence (Qwen2.5-Omni).
+
+        Chunks without a valid frame are skipped and their positions left zero (past every window's
+        valid positions). A full chunk gives exactly chunk_frames / (2 * conv1_stride) positions, so
+        the chunks' outputs laid end to end are the window's positions, its valid ones first.
+        """
+        num_windows, num_mels, num_frames = mel.shape
+        chunk = self.cfg.chunk_frames
+        num_chunks = -(-num_frames // chunk)
+        mel = F.pad(mel, (0, num_chunks * chunk - num_frames))                            # (W, M, n * c)
+        chunks = mel.reshape(num_windows, num_mels, num_chunks, chunk).transpose(1, 2)    # (W, n, M, c)
+        chunks = chunks.reshape(num_windows * num_chunks, num_mels, chunk)                # (W * n, M, c)
+        starts = torch.arange(num_chunks, device=mel.device) * chunk                      # (n,)
+        chunk_frames = (window_frames[:, None] - starts).clamp(0, chunk).flatten()        # (W * n,)
+        has_frames = chunk_frames > 0
+        y = self._encode_sequences(chunks[has_frames], chunk_frames[has_frames])          # (K, c / (2 * conv1_stride), D)
+        x = y.new_zeros(num_windows * num_chunks, y.shape[1], y.shape[2]).index_put((has_frames,), y)  # (W * n, P, D)
+        return x.view(num_windows, num_chunks * y.shape[1], y.shape[2])                   # (W, L, D)
 
 
 def _prefix_mask(length: int, num_valid: torch.Tensor) -> torch.Tensor:

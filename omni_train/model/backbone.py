@@ -226,4 +226,7 @@ class Backbone(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) hidden states -> (..., vocab_size) logits, in the hidden states' dtype."""
-        return F.linear(hidden, self.output_weight())
+        if self.lm_head is not None:
+            # through the module, not its weight: ZeRO-3 gathers a partitioned lm_head for its forward and backward
+            return self.lm_head(hidden)
+        return F.linear(hidden, self.embed_tokens.weight)

@@ -37,10 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni_train.data.audio import AudioConfig
+from omni_train.data.positions import check_model_positions
 from omni_train.data.sample import MODALITY_IDS
 from omni_train.model.audio_encoder import AudioEncoder, AudioEncoderConfig
 from omni_train.model.backbone import Backbone, BackboneConfig
-from omni_train.model.projectors import build_projector, check_projector_kind
+from omni_train.model.projectors import ProjectorOptions, build_projector, check_projector_kind
 from omni_train.model.transfer import TransferConfig, build_transfer
 from omni_train.model.vision_encoder import VisionEncoder, VisionEncoderConfig
 
@@ -61,13 +62,22 @@ class OmniConfig:
     pretrained_backbone: str | None = None     # local HF Qwen2/Qwen3 directory; its config replaces `backbone`
     pretrained_audio: str | None = None        # local HF Whisper directory: replaces `audio`, keeping its downsample
     pretrained_vision: str | None = None       # local HF SigLIP directory: replaces `vision`, keeping its patch layout
+    # A local Qwen2.5-Omni directory (release layout or a saved thinker): its thinker replaces backbone, encoders,
+    # projectors and positions; build_model loads its weights (qwen2_5_omni.py)
+    pretrained: str | None = None
+    audio_projector: ProjectorOptions = field(default_factory=ProjectorOptions)   # None fields: `projector`'s defaults
+    vision_projector: ProjectorOptions = field(default_factory=ProjectorOptions)
     transfer: TransferConfig = field(default_factory=TransferConfig)  # cross-modal transfer mechanism (transfer.py)
+    # 1d | mrope | tmrope (data/positions.py): rendered per document by the data layer, applied by the backbone
+    # (3-D ones need backbone.mrope_section); the recipe loader hands it to the data layer (data.positions)
+    positions: str = "1d"
 
     def __post_init__(self):
         check_projector_kind(self.projector)
         if self.fusion not in FUSIONS:
             raise ValueError(f"model.fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
         self._pretrained_encoder_configs()
+        check_model_positions(self.positions, self.backbone.mrope_section, self.transfer.kind)
         if self.transfer.kind != "none" and self.audio is None:
             raise ValueError(f"model.transfer.kind={self.transfer.kind} needs an audio encoder, but model.audio is not set")
 
@@ -78,7 +88,17 @@ class OmniConfig:
         and merge size), the rest comes from the checkpoint. Weights are loaded by build_model.
         """
         from omni_train.model.hf_adapters import siglip_vision_config, whisper_encoder_config
+        from omni_train.model.qwen2_5_omni import read_omni_checkpoint, thinker_model_fields
 
+        if self.pretrained:
+            if self.pretrained_backbone or self.pretrained_audio or self.pretrained_vision:
+                raise ValueError("model.pretrained (a whole Omni thinker) excludes model.pretrained_backbone, "
+                                 "pretrained_audio and pretrained_vision")
+            try:
+                for name, value in thinker_model_fields(read_omni_checkpoint(self.pretrained)).items():
+                    setattr(self, name, value)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"model.pretrained: {e}") from None
         try:
             if self.pretrained_audio:
                 downsample = self.audio.downsample if self.audio is not None else AudioConfig().downsample
@@ -124,10 +144,11 @@ class OmniModel(nn.Module):
         self.audio_encoder = self.audio_projector = self.vision_encoder = self.vision_projector = None
         if cfg.audio is not None:
             self.audio_encoder = AudioEncoder(cfg.audio, activation_checkpointing=checkpointing)
-            self.audio_projector = build_projector(cfg.projector, cfg.audio.dim, dim)
+            self.audio_projector = build_projector(cfg.projector, cfg.audio.dim, dim, options=cfg.audio_projector)
         if cfg.vision is not None:
             self.vision_encoder = VisionEncoder(cfg.vision, activation_checkpointing=checkpointing)
-            self.vision_projector = build_projector(cfg.projector, cfg.vision.out_dim, dim, input_norm=True)
+            self.vision_projector = build_projector(cfg.projector, cfg.vision.out_dim, dim, input_norm=True,
+                                                    options=cfg.vision_projector)
         self.backbone = Backbone(cfg.backbone, activation_checkpointing=checkpointing)
         # built last, so that kind none draws the same random initialization as before the option existed
         self.transfer = build_transfer(cfg.transfer, dim=dim, vocab_size=cfg.backbone.vocab_size,
@@ -156,18 +177,30 @@ class OmniModel(nn.Module):
             fused = self.transfer.compress(fused, batch, features.get("audio"), self.backbone.embed_tokens)
         return fused
 
+    # > 0: the loss computes the logits of at most this many target positions at a time (model/loss.py);
+    # a plain attribute the training engine sets from train.loss_chunk_tokens: it changes memory, not the model
+    loss_chunk_tokens: int = 0
+
     def next_token_loss(self, hidden: torch.Tensor, labels: torch.Tensor,
                         document_ids: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
         """Cross-entropy of predicting labels[t + 1] at t, never across a document: (mean, count, (B, L) per label position).
 
         Logits are computed only where there is a target: assistant tokens are a small part of a
-        multimodal batch, and (B, L, vocab) fp32 logits would dominate the memory.
+        multimodal batch, and (B, L, vocab) fp32 logits would dominate the memory. With
+        `loss_chunk_tokens` > 0 not even the (N, vocab) logits of those positions exist at once
+        (`loss.linear_cross_entropy`): the same loss and gradients, chunk by chunk.
         """
         same_document = (document_ids[:, 1:] == document_ids[:, :-1]) & (document_ids[:, :-1] >= 0)
         targets = torch.where(same_document, labels[:, 1:], IGNORE_INDEX)        # (B, L - 1), at the predicting position
         rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-        logits = self.backbone.logits(hidden[rows, cols])                         # (N, vocab)
-        token_loss = F.cross_entropy(logits.float(), targets[rows, cols], reduction="none")  # (N,)
+        if self.loss_chunk_tokens:
+            from omni_train.model.loss import linear_cross_entropy
+
+            token_loss = linear_cross_entropy(hidden[rows, cols], self.backbone.output_weight(), targets[rows, cols],
+                                              chunk_tokens=self.loss_chunk_tokens)  # (N,), as Backbone.logits + CE
+        else:
+            logits = self.backbone.logits(hidden[rows, cols])                     # (N, vocab)
+            token_loss = F.cross_entropy(logits.float(), targets[rows, cols], reduction="none")  # (N,)
         per_token_loss = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
         per_token_loss = per_token_loss.index_put((rows, cols + 1), token_loss)   # (B, L), at the label's position
         num_loss_tokens = int(rows.numel())
@@ -240,7 +273,7 @@ def fuse_interleave(embeds: torch.Tensor, modality_ids: torch.Tensor, features: 
     return embeds
 
 
-def build_model(cfg: OmniConfig, *, vocab_size: int) -> OmniModel:
+def build_model(cfg: OmniConfig, *, vocab_size: int, load_weights: bool = True) -> OmniModel:
     """The model of a recipe for a tokenizer of `vocab_size` ids, with the pretrained weights the recipe names.
 
     `model.backbone.vocab_size: 0` takes the tokenizer's size; a pretrained backbone whose
@@ -250,6 +283,16 @@ def build_model(cfg: OmniConfig, *, vocab_size: int) -> OmniModel:
     """
     import dataclasses
 
+    if cfg.pretrained:
+        from omni_train.model.qwen2_5_omni import load_thinker
+
+        if vocab_size > cfg.backbone.vocab_size:
+            raise ValueError(f"model.pretrained: the tokenizer has {vocab_size} ids but the thinker's vocabulary "
+                             f"{cfg.backbone.vocab_size}: use the checkpoint's own tokenizer (data.tokenizer)")
+        model = OmniModel(cfg)
+        if load_weights:  # False: the caller streams them in (train.zero3.load_state_partitioned)
+            load_thinker(model, cfg.pretrained)
+        return model
     if cfg.pretrained_backbone:
         from omni_train.model.hf_adapters import load_qwen_backbone
 

@@ -53,6 +53,28 @@ class Projector(nn.Sequential):
         self.cfg = cfg
 
 
-def build_projector(kind: str, in_dim: int, out_dim: int, *, input_norm: bool = False) -> Projector:
-    """A projector of `kind` (PROJECTOR_KINDS); ValueError naming model.projector for any other kind."""
-    return Projector(ProjectorConfig(kind=kind, in_dim=in_dim, out_dim=out_dim, input_norm=input_norm))
+@dataclass(kw_only=True)
+class ProjectorOptions:
+    """One modality's projector (`model.audio_projector`, `model.vision_projector`); None keeps the model's default.
+
+    The defaults are `model.projector`'s kind, hidden width = output width, and an input LayerNorm for
+    vision only. Qwen2.5-Omni's thinker: audio `linear` without norm (its `proj`), vision `mlp` with
+    hidden width m^2 D and no input norm (its merger, whose per-patch RMSNorm is the vision encoder's).
+    """
+    kind: str | None = None
+    hidden_dim: int | None = None
+    input_norm: bool | None = None
+
+    def __post_init__(self):
+        if self.kind is not None:
+            check_projector_kind(self.kind)
+        if self.hidden_dim is not None and (not isinstance(self.hidden_dim, int) or self.hidden_dim <= 0):
+            raise ValueError(f"hidden_dim must be a positive integer or null, got {self.hidden_dim!r}")
+
+
+def build_projector(kind: str, in_dim: int, out_dim: int, *, input_norm: bool = False,
+                    options: ProjectorOptions | None = None) -> Projector:
+    """A projector of `kind` (PROJECTOR_KINDS), or of what `options` sets; ValueError naming model.projector for any other kind."""
+    options = options or ProjectorOptions()
+    return Projector(ProjectorConfig(kind=options.kind or kind, in_dim=in_dim, out_dim=out_dim, hidden_dim=options.hidden_dim,
+                                     input_norm=input_norm if options.input_norm is None else options.input_norm))

@@ -409,7 +409,9 @@ def audio_item_spans(modality_ids: torch.Tensor, num_frames: list[int]) -> list[
     out, offset = [], 0
     for n in num_frames:
         row, start, end = rows[offset], cols[offset], cols[offset + n - 1] + 1
-        assert rows[offset + n - 1] == row and end - start == n, "an audio item's placeholders are not contiguous"
+        if rows[offset + n - 1] != row or end - start != n:  # a video's audio track, interleaved with its frames
+            raise ValueError("model.transfer replaces whole audio spans, but an audio item's placeholders are not "
+                             "contiguous (audio in video); set use_audio_in_video to false for its samples")
         out.append((row, start, end))
         offset += n
     return out

@@ -6,9 +6,12 @@
 One prompt per row, right-padded with room for the new tokens; `model.fuse(batch)` runs once
 (encoders, projectors, fusion and any transfer mechanism), then each step runs the backbone over
 the input embeddings, takes the argmax at each row's last real position and writes that token's
-embedding at the next position (position id + 1, same document). No KV cache: the probe models
-are small, and a step only attends over the rows' current lengths. A row stops at `<|im_end|>`
-or `<|endoftext|>`.
+embedding at the next position, in the same document. The new tokens' position ids continue from
+the prompt's largest id over all streams + 1, one per token, the same on all three streams with 3-D
+positions (transformers' `mrope_position_deltas`: after an interleaved audio-in-video span the last
+token's id can be below the maximum); with 1-D positions that is the last id + 1. No KV cache: the
+probe models are small, and a step only attends over the rows' current lengths. A row stops at
+`<|im_end|>` or `<|endoftext|>`.
 
 Row lengths come from the fused `document_ids` (>= 0 on real positions), never from the batch:
 a fusion or transfer mechanism may replace a media span by fewer vectors.
@@ -42,11 +45,11 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def _fuse_prompts(model: nn.Module, prompts: Sequence[TokenizedSample], tokenizer: Tokenizer, *, room: int,
-                  audio_cfg: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  audio_cfg: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Collate one prompt per row, fuse, and leave `room` free positions after each row's end.
 
-    Returns embeds (B, L, D), position_ids (B, L) or (3, B, L), document_ids (B, L) and the index of
-    each row's last real position (B,).
+    Returns embeds (B, L, D), position_ids (B, L) or (3, B, L), document_ids (B, L), the index of
+    each row's last real position (B,) and the position id of each row's next token (B,).
     """
     assert prompts, "no prompts"
     batch = collate_packed([[p] for p in prompts], max(len(p) for p in prompts) + room, tokenizer.pad_id, audio_cfg)
@@ -63,18 +66,26 @@ def _fuse_prompts(model: nn.Module, prompts: Sequence[TokenizedSample], tokenize
     positions[..., :min(fused_len, length)] = fused.position_ids[..., :length]
     documents = fused.document_ids.new_full((num_rows, length), -1)
     documents[:, :min(fused_len, length)] = fused.document_ids[:, :length]
-    return embeds, positions, documents, last
+    streams_max = fused.position_ids if fused.position_ids.dim() == 2 else fused.position_ids.amax(dim=0)  # (B, L)
+    next_position = torch.where(real, streams_max, -1).amax(dim=1) + 1                                      # (B,)
+    return embeds, positions, documents, last, next_position
 
 
 @torch.no_grad()
 def generate_ids(model: nn.Module, prompts: Sequence[TokenizedSample], tokenizer: Tokenizer, *, max_new_tokens: int,
-                 audio_cfg: Any = None, stop_early: bool = False) -> list[list[int]]:
-    """Greedy continuations of `prompts` (token ids, without the stop token), one list per prompt."""
-    embeds, positions, documents, last = _fuse_prompts(model, prompts, tokenizer, room=max_new_tokens, audio_cfg=audio_cfg)
+                 audio_cfg: Any = None, stop_early: bool = False, stop_ids: Sequence[int] | None = None) -> list[list[int]]:
+    """Greedy continuations of `prompts` (token ids, without the stop token), one list per prompt.
+
+    `stop_ids`: the tokens that end a row (default `<|im_end|>` and `<|endoftext|>`; [] for exactly
+    `max_new_tokens` tokens, as when comparing with another implementation's greedy decoding).
+    """
+    embeds, positions, documents, last, next_position = _fuse_prompts(model, prompts, tokenizer, room=max_new_tokens,
+                                                                       audio_cfg=audio_cfg)
     backbone = model.backbone
     num_rows = len(prompts)
     rows = torch.arange(num_rows, device=embeds.device)
-    stop_ids = torch.tensor([tokenizer.im_end_id, tokenizer.endoftext_id], device=embeds.device)
+    stop_ids = torch.tensor([tokenizer.im_end_id, tokenizer.endoftext_id] if stop_ids is None else list(stop_ids),
+                            dtype=torch.long, device=embeds.device)
     done = torch.zeros(num_rows, dtype=torch.bool, device=embeds.device)
     generated: list[list[int]] = [[] for _ in range(num_rows)]
     for _ in range(max_new_tokens):
@@ -91,9 +102,10 @@ def generate_ids(model: nn.Module, prompts: Sequence[TokenizedSample], tokenizer
         new_embeds = backbone.embed(next_ids)  # every step, for every row: the same calls on every rank
         at, to = rows[write], last[write] + 1
         embeds[at, to] = new_embeds[write].to(embeds.dtype)
-        positions[..., at, to] = positions[..., at, last[write]] + 1
+        positions[..., at, to] = next_position[write]  # on every stream of 3-D positions
         documents[at, to] = documents[at, last[write]]
         last = torch.where(write, last + 1, last)
+        next_position = torch.where(write, next_position + 1, next_position)
         done |= stops
     return generated
 
@@ -131,7 +143,7 @@ def mean_hidden(model: nn.Module, prompts: Sequence[TokenizedSample], tokenizer:
     the end of the turn), which fusion leaves as they are; a media span in between may be shortened,
     and its markers dropped, so those are found by their embedding rather than by position.
     """
-    embeds, positions, documents, last = _fuse_prompts(model, prompts, tokenizer, room=0, audio_cfg=audio_cfg)
+    embeds, positions, documents, last, _ = _fuse_prompts(model, prompts, tokenizer, room=0, audio_cfg=audio_cfg)
     hidden = model.backbone(inputs_embeds=embeds, position_ids=positions, document_ids=documents)  # (B, L, D)
     columns = torch.arange(hidden.shape[1], device=hidden.device)
     start = torch.tensor([t[0] for t in trims], device=hidden.device)

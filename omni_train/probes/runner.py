@@ -289,7 +289,8 @@ def _padded(prompts: list, ctx: _Context) -> list:
 def _run_generative(items: list[ProbeItem], probe: ProbeConfig, ctx: _Context) -> list[dict]:
     decoded = [(item, ctx.decode(item)) for item in items]
     decoded = [(item, media) for item, media in decoded if media is not None]
-    prompts = [render_prompt(item.sample["messages"], media, ctx.tokenizer, where=item.id) for item, media in decoded]
+    prompts = [render_prompt(item.sample["messages"], media, ctx.tokenizer, where=item.id, positions=ctx.data_cfg.positions)
+               for item, media in decoded]
     outputs = ctx.generate(_padded(prompts, ctx), probe.max_new_tokens)
     return [{"index": item.index, "prediction": out} for (item, _), out in zip(decoded, outputs)]
 
@@ -300,7 +301,7 @@ def _run_pipeline(items: list[ProbeItem], probe: ProbeConfig, ctx: _Context) -> 
     prompts, separators = [], []
     for item, media in decoded:
         messages, separator = _with_instruction(item.sample["messages"], probe.transcribe_instruction)
-        prompts.append(render_prompt(messages, media, ctx.tokenizer, where=item.id))
+        prompts.append(render_prompt(messages, media, ctx.tokenizer, where=item.id, positions=ctx.data_cfg.positions))
         separators.append(separator)
     transcripts = ctx.generate(_padded(prompts, ctx), probe.max_new_tokens)[:len(decoded)]
     # step 2: the transcript as the text input, then the code instruction as its own part (text -> code's layout)
@@ -315,7 +316,8 @@ def _run_retrieval(items: list[ProbeItem], probe: ProbeConfig, ctx: _Context) ->
     decoded = [(item, ctx.decode(item)) for item in items]
     decoded = [(item, media) for item, media in decoded if media is not None]
     speech = [render_prompt([{"role": "user", "content": [{"type": "audio", "member": "audio"}]}],
-                            [next(m for m in media if m.modality == "audio")], ctx.tokenizer) for _, media in decoded]
+                            [next(m for m in media if m.modality == "audio")], ctx.tokenizer,
+                            positions=ctx.data_cfg.positions) for _, media in decoded]
     text = [render_prompt(text_messages(item.transcript), [], ctx.tokenizer) for item, _ in decoded]
     # the user turn's content: between the role header and the end of the turn; <|audio_start|> and
     # <|audio_end|> are left out by their embedding (a transfer mechanism may have dropped them)

@@ -1,10 +1,14 @@
 """The one place where the single-device model is wrapped for training: single process, DDP or DeepSpeed ZeRO.
 
     dist = init_distributed(train_cfg.engine)            # torchrun env -> process group (gloo on CPU, NCCL on GPU)
-    engine = build_engine(model, train_cfg, dist)
+    engine = Engine(model, train_cfg, dist, micro_batch_size=...)
     out = engine.train_step(micro_batches)               # forward + backward per micro-batch, then one optimizer step
     engine.save(dir) / engine.load(dir)
     shutdown(engine, dist)
+
+Under ZeRO-3 the model is also born partitioned (`zero3.build_partitioned`, around the build in
+`loop.train`), and pretrained weights are written into it one parameter at a time
+(`zero3.load_state_partitioned`). `train.loss_chunk_tokens` is handed to the model here.
 
 Model code never sees any of this. Gradient accumulation, clipping, bf16 and the optimizer step
 differ per engine and live here; the loop calls the same three methods whatever the engine.
@@ -124,6 +128,7 @@ class Engine:
     def __init__(self, model: nn.Module, cfg, dist: Dist, micro_batch_size: int):
         self.cfg, self.dist = cfg, dist
         self.model = model
+        model.loss_chunk_tokens = cfg.loss_chunk_tokens  # OmniModel.next_token_loss: memory only, same loss
         check_stage_modules(model, cfg.stages)
         groups = module_groups(model, cfg.modules, cfg.weight_decay)
         # LoRA: what checkpoints hold (None: every parameter)
@@ -212,6 +217,7 @@ class Engine:
             state = {k: v.detach().float().clone() for k, v in self.module.state_dict().items()}
         copy = build()
         copy.load_state_dict(state)
+        copy.loss_chunk_tokens = self.cfg.loss_chunk_tokens
         return copy.to(self.dist.device)
 
     # -- checkpoints: `directory` is a fresh per-checkpoint folder that every rank writes into

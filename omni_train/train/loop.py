@@ -4,10 +4,10 @@
     torchrun --nproc_per_node=2 launch/finetune.py --recipe recipes/meeting-finetune.yaml init.run=runs/demo
 
 `train(cfg)` builds the model (single-device code; base weights and LoRA adapters by
-`runs.build_run_model`), wraps it once in `engine.Engine`, streams packed batches from
-`data.pipeline.DataPipeline`, and writes the run directory: config.yaml, metrics.jsonl (with
-each rank's peak resident memory, `max_rss_mb`, the largest over ranks), skipped.jsonl,
-probes.jsonl, checkpoints/step_XXXXXXXX/.
+`runs.build_run_model`; under ZeRO-3 born partitioned, `zero3.build_partitioned`), wraps it
+once in `engine.Engine`, streams packed batches from `data.pipeline.DataPipeline`, and writes
+the run directory: config.yaml, metrics.jsonl (with each rank's peak resident memory,
+`max_rss_mb`, the largest over ranks), skipped.jsonl, probes.jsonl, checkpoints/step_XXXXXXXX/.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from omni_train.train.engine import ENGINES, Engine, all_reduce, barrier, init_d
 from omni_train.train.lora import LoraConfig, parameter_counts
 from omni_train.train.metrics import TRACKERS, MetricsLogger, max_rss_mb
 from omni_train.train.optim import ModuleOptimConfig, StageConfig
+from omni_train.train.zero3 import build_partitioned, load_state_partitioned
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -59,6 +60,7 @@ class TrainConfig:
     stages: list[StageConfig] = field(default_factory=list)
     lora: LoraConfig | None = None      # LoRA adapters (lora.py); None: every parameter of the unfrozen modules trains
     probes_at_start: bool = False       # run the probes once before the first step (the base model's numbers)
+    loss_chunk_tokens: int = 0          # > 0: logits + loss of at most this many target positions at a time (model/loss.py)
 
     def __post_init__(self):
         if self.engine not in ENGINES:
@@ -75,6 +77,14 @@ class TrainConfig:
         for name in ("warmup_steps", "decay_steps", "eval_every", "eval_batches", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.loss_chunk_tokens < 0:
+            raise ValueError(f"train.loss_chunk_tokens must be >= 0 (0: the whole loss at once), got {self.loss_chunk_tokens}")
+        trains_output = self.lora is None or "backbone" in self.lora.full_modules
+        if self.loss_chunk_tokens and self.engine == "deepspeed" and self.zero_stage == 3 and trains_output:
+            # the chunked loss gathers the partitioned output projection itself, and would hand back its gradient
+            # after DeepSpeed partitioned it again; under ZeRO-3 it serves frozen output projections (LoRA)
+            raise ValueError("train.loss_chunk_tokens under ZeRO-3 needs a frozen output projection (train.lora without "
+                             "backbone in full_modules); set train.loss_chunk_tokens=0 to train it")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"lr must be > 0 and min_lr_ratio in [0, 1], got lr={self.lr}, min_lr_ratio={self.min_lr_ratio}")
 
@@ -160,7 +170,7 @@ def adapter_summary(engine: Engine, cfg) -> dict:
 
     from omni_train.train.runs import BASE_DIR
 
-    pretrained = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(cfg.model) if f.name.startswith("pretrained_")}
+    pretrained = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(cfg.model) if f.name.startswith("pretrained")}
     return {"lora": dataclasses.asdict(cfg.train.lora), "base": f"../../{BASE_DIR}", "init": dataclasses.asdict(cfg.init),
             "pretrained": pretrained,
             "adapted_layers": [name for name, m in engine.module.named_modules() if isinstance(m, LoraLayer)],
@@ -244,10 +254,26 @@ def train(cfg) -> TrainState:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     from omni_train.probes.runner import format_table, probes_due, run_probes
     from omni_train.train.runs import BASE_DIR, build_run_model
+    from omni_train.model.hf_adapters import weights_label
+    from omni_train.model.omni import build_model
+    from omni_train.model.qwen2_5_omni import iter_thinker_state
 
     # base weights, then LoRA adapters (a LoRA run keeps its frozen base in base/): before the engine wraps the model
     base_dir = output_dir / BASE_DIR if tcfg.lora is not None else None
-    model = build_run_model(cfg, tokenizer, base_dir=base_dir, reuse_base=checkpoint is not None, write_base=dist.is_main)
+    # ZeRO-3: born partitioned, no whole fp32 copy per rank; a model that reads whole weights while it is built
+    # (pretrained components, init.run, a LoRA base) is built whole and partitioned by the engine, as before
+    reads_weights = cfg.init.run is not None or tcfg.lora is not None or any(
+        getattr(cfg.model, f.name) for f in dataclasses.fields(cfg.model) if f.name.startswith("pretrained"))
+    if cfg.model.pretrained and cfg.init.run is None and tcfg.lora is None and checkpoint is None:
+        # a whole Omni thinker, fully fine-tuned: under ZeRO-3 born partitioned and loaded tensor by tensor
+        model = build_partitioned(lambda: build_model(cfg.model, vocab_size=tokenizer.vocab_size, load_weights=False),
+                                  tcfg, micro_batch_size=cfg.data.batch_size, random_init=False)
+        load_state_partitioned(model, iter_thinker_state(cfg.model.pretrained, model.cfg.backbone),
+                               where=weights_label(cfg.model.pretrained))
+    else:
+        model = build_partitioned(lambda: build_run_model(cfg, tokenizer, base_dir=base_dir,
+                                                          reuse_base=checkpoint is not None, write_base=dist.is_main),
+                                  tcfg, micro_batch_size=cfg.data.batch_size, enabled=not reads_weights)
     engine = Engine(model, tcfg, dist, micro_batch_size=cfg.data.batch_size)
     data = DataPipeline(cfg.data, tokenizer=tokenizer, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed,
                         skip_log=output_dir / "skipped.jsonl")

@@ -36,7 +36,7 @@ TARGET_GROUPS: dict[str, str] = {
     "audio_projector": r"audio_projector\..+",
     "vision_projector": r"vision_projector\..+",
     "audio_encoder": r"audio_encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|fc1|fc2)",
-    "vision_encoder": r"vision_encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|fc1|fc2)",
+    "vision_encoder": r"vision_encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|fc1|fc2|(gate|up|down)_proj)",
 }
 TOP_LEVEL_MODULES = ("audio_encoder", "audio_projector", "vision_encoder", "vision_projector", "backbone", "transfer")
 

@@ -54,8 +54,9 @@ def module_groups(model: nn.Module, modules: dict[str, ModuleOptimConfig], weigh
         if options.freeze:
             child.requires_grad_(False)
             continue
-        decay = [p for p in child.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in child.parameters() if p.requires_grad and p.ndim < 2]  # norms and biases
+        ndim = lambda p: len(getattr(p, "ds_shape", p.shape))  # noqa: E731 - born partitioned (ZeRO-3): p itself is empty
+        decay = [p for p in child.parameters() if p.requires_grad and ndim(p) >= 2]
+        no_decay = [p for p in child.parameters() if p.requires_grad and ndim(p) < 2]  # norms and biases
         for params, wd, suffix in ((decay, weight_decay, ""), (no_decay, 0.0, ".no_decay")):
             if params:
                 groups.append({"params": params, "weight_decay": wd, "name": name + suffix, "module": name,

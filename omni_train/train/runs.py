@@ -97,7 +97,7 @@ def build_run_model(cfg: Any, tokenizer: Any, *, base_dir: Path | None = None, r
                 raise ValueError(f"init.run: {checkpoint} does not fit model.* (missing {missing[:3]}, unexpected {unexpected[:3]})")
             del base
         if base_dir is not None and write_base:
-            pretrained = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(cfg.model) if f.name.startswith("pretrained_")}
+            pretrained = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(cfg.model) if f.name.startswith("pretrained")}
             write_export(model, tokenizer, cfg.data, base_dir,
                          source={"init": dataclasses.asdict(cfg.init), "pretrained": pretrained, "lora": "none"})
     if cfg.train.lora is not None:
