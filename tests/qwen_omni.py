@@ -90,8 +90,12 @@ def tiny_thinker(tokenizer_dir: str | Path, *, seed: int = 0, tie_word_embedding
 
 
 def save_thinker(model, out_dir: str | Path, tokenizer_dir: str | Path, *, layout: str = "thinker",
-                 max_shard_size: str = "200KB") -> Path:
-    """Write `model` as the thinker's own save_pretrained output, or as the release layout ("release")."""
+                 max_shard_size: str = "200KB", talker: bool = True) -> Path:
+    """Write `model` as the thinker's own save_pretrained output, or as the release layout ("release").
+
+    A release gets two stand-in talker / token2wav tensors (a loader of the thinker must ignore them),
+    or with `talker=False` none and `enable_audio_output: false`, which transformers' whole-model class loads.
+    """
     import shutil
 
     from safetensors.torch import save_file
@@ -113,11 +117,13 @@ def save_thinker(model, out_dir: str | Path, tokenizer_dir: str | Path, *, layou
     thinker_config = json.loads((tmp / "config.json").read_text())
     shutil.rmtree(tmp)
     thinker_config.pop("architectures", None)
-    state["talker.codec_head.weight"] = torch.randn(8, 4)       # a loader of the thinker must ignore these
-    state["token2wav.code_embed.weight"] = torch.randn(8, 4)
-    config = {"architectures": ["Qwen2_5OmniModel"], "model_type": "qwen2_5_omni", "enable_audio_output": True,
-              "thinker_config": thinker_config, "talker_config": {"model_type": "qwen2_5_omni_talker"},
-              "token2wav_config": {"model_type": "qwen2_5_omni_token2wav"}, "transformers_version": "4.52.0.dev0"}
+    config = {"architectures": ["Qwen2_5OmniModel"], "model_type": "qwen2_5_omni", "enable_audio_output": talker,
+              "thinker_config": thinker_config, "transformers_version": "4.52.0.dev0"}
+    if talker:
+        state["talker.codec_head.weight"] = torch.randn(8, 4)       # a loader of the thinker must ignore these
+        state["token2wav.code_embed.weight"] = torch.randn(8, 4)
+        config.update(talker_config={"model_type": "qwen2_5_omni_talker"},
+                      token2wav_config={"model_type": "qwen2_5_omni_token2wav"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     keys = sorted(state)
     shards = [keys[: len(keys) // 2], keys[len(keys) // 2:]]

@@ -24,7 +24,7 @@ import torch
 
 from omni_train.train.checkpoint import finalize, read_rank_state, resolve_resume, step_dir, write_rank_state
 from omni_train.train.engine import ENGINES, Engine, all_reduce, barrier, init_distributed, shutdown
-from omni_train.train.lora import LoraConfig, parameter_counts
+from omni_train.train.lora import LoraConfig, apply_lora, parameter_counts
 from omni_train.train.metrics import TRACKERS, MetricsLogger, max_rss_mb
 from omni_train.train.optim import ModuleOptimConfig, StageConfig
 from omni_train.train.zero3 import build_partitioned, load_state_partitioned
@@ -165,13 +165,15 @@ def save_checkpoint(engine: Engine, state: TrainState, data, cfg, dist, config_y
 
 def adapter_summary(engine: Engine, cfg) -> dict:
     """What a LoRA checkpoint's adapters apply to: the run's base/ (made from the init run and step or the
-    pretrained components named here) and the adapted layers."""
+    pretrained components named here), or the Omni checkpoint of model.pretrained, and the adapted layers."""
     from peft.tuners.lora import LoraLayer
 
     from omni_train.train.runs import BASE_DIR
 
     pretrained = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(cfg.model) if f.name.startswith("pretrained")}
-    return {"lora": dataclasses.asdict(cfg.train.lora), "base": f"../../{BASE_DIR}", "init": dataclasses.asdict(cfg.init),
+    # a whole Omni thinker is its own base (never copied to base/): its directory
+    base = cfg.model.pretrained if cfg.model.pretrained and cfg.init.run is None else f"../../{BASE_DIR}"
+    return {"lora": dataclasses.asdict(cfg.train.lora), "base": base, "init": dataclasses.asdict(cfg.init),
             "pretrained": pretrained,
             "adapted_layers": [name for name, m in engine.module.named_modules() if isinstance(m, LoraLayer)],
             "saved_parameters": sorted(engine.saved_parameters or [])}
@@ -264,12 +266,16 @@ def train(cfg) -> TrainState:
     # (pretrained components, init.run, a LoRA base) is built whole and partitioned by the engine, as before
     reads_weights = cfg.init.run is not None or tcfg.lora is not None or any(
         getattr(cfg.model, f.name) for f in dataclasses.fields(cfg.model) if f.name.startswith("pretrained"))
-    if cfg.model.pretrained and cfg.init.run is None and tcfg.lora is None and checkpoint is None:
-        # a whole Omni thinker, fully fine-tuned: under ZeRO-3 born partitioned and loaded tensor by tensor
+    if cfg.model.pretrained and cfg.init.run is None:
+        # a whole Omni thinker: under ZeRO-3 born partitioned and loaded tensor by tensor. A LoRA run's frozen base is
+        # the pretrained directory itself (resume, probe and export read it again), so no base/ copy is written.
         model = build_partitioned(lambda: build_model(cfg.model, vocab_size=tokenizer.vocab_size, load_weights=False),
                                   tcfg, micro_batch_size=cfg.data.batch_size, random_init=False)
         load_state_partitioned(model, iter_thinker_state(cfg.model.pretrained, model.cfg.backbone),
                                where=weights_label(cfg.model.pretrained))
+        if tcfg.lora is not None:
+            torch.manual_seed(cfg.seed)  # the same adapter initialization on every rank (runs.build_run_model)
+            apply_lora(model, tcfg.lora)
     else:
         model = build_partitioned(lambda: build_run_model(cfg, tokenizer, base_dir=base_dir,
                                                           reuse_base=checkpoint is not None, write_base=dist.is_main),
