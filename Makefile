@@ -50,7 +50,7 @@ demo-compare: install
 
 # The default suite excludes tests marked slow; it must collect tests (pytest exits 5 otherwise).
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider --timeout=900
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 --durations=15
 
 test-all: install
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=1800 -m ''

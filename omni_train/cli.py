@@ -53,6 +53,11 @@ def _plot(args: argparse.Namespace) -> int:
     return plot_cli(args)
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from omni_train.sweep import sweep_cli
+    return sweep_cli(args)
+
+
 def _probe(args: argparse.Namespace) -> int:
     from omni_train.probes.runner import probe_cli
     return probe_cli(args)
@@ -147,13 +152,40 @@ def build_parser() -> argparse.ArgumentParser:
                              "layout (Qwen2.5-Omni: transformers and vLLM load it), for runs from model.pretrained")
     export.set_defaults(func=_export)
 
-    compare = commands.add_parser("compare", help="headline probe numbers of several runs side by side (naive vs mechanisms)")
-    compare.add_argument("runs", nargs="+", help="run directories (runs/NAME) with probes.jsonl")
+    sweep = commands.add_parser("sweep", help="a grid of overrides x seeds, run one after another (or printed for a cluster)",
+                                description="Each (variant, seed) is `torchrun --standalone --nproc_per_node=N "
+                                            "launch/pretrain.py --recipe R ... seed=S name=<variant>-s<S> "
+                                            "output_dir=runs/<sweep>/<variant>-s<S>`; finished runs are skipped, "
+                                            "half-done ones resume. Exit 1 when a run failed (see omni_train/sweep.py).")
+    sweep.add_argument("--recipe", required=True, help="recipes/*.yaml")
+    sweep.add_argument("--grid", action="append", metavar="KEY=A,B,...",
+                       help="a dotted key and its values (repeatable: the cartesian product); a variant is named by "
+                            "its values joined with '_', e.g. model.fusion=interleave,cross_attn")
+    sweep.add_argument("--seeds", default="0", help="comma-separated seeds, each variant runs once per seed (default 0)")
+    sweep.add_argument("--name", default=None, help="sweep name (default: <recipe stem>-<last part of each grid key>)")
+    sweep.add_argument("--out", default=None, help="sweep directory (default: runs/<name>)")
+    sweep.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun --nproc_per_node; default 1)")
+    sweep.add_argument("--print", action="store_true", help="print the commands, one per line, and run nothing")
+    sweep.add_argument("--slurm", action="store_true", help="with --print: an sbatch array script instead")
+    sweep.add_argument("--fail-fast", action="store_true", help="stop at the first failed run (default: run the rest)")
+    sweep.add_argument("overrides", nargs="*", help="after --: dotted overrides for every run, e.g. -- train.steps=400")
+    sweep.set_defaults(func=_sweep)
+
+    compare = commands.add_parser("compare", help="probe numbers of runs side by side, or per variant over seeds "
+                                                  "(mean, interval, paired difference, cost)")
+    compare.add_argument("runs", nargs="+", help="run directories (runs/NAME) with probes.jsonl, or a sweep directory "
+                                                 "(runs/SWEEP with sweep.json); runs whose configs differ only in "
+                                                 "seed, name and output_dir are one variant")
+    compare.add_argument("--baseline", default=None, help="variant the paired differences are taken against (default: the first)")
+    compare.add_argument("--out", default=None, help="also write the markdown table to this file (and the figure beside it, .png)")
+    compare.add_argument("--png", default=None, help="write the sweep figure to this PNG")
+    compare.add_argument("--languages", default=None, help="comma-separated languages whose rows to show, e.g. all "
+                         "(default: every language); aggregates even single runs")
     compare.set_defaults(func=_compare)
 
-    plot = commands.add_parser("plot", help="PNG loss and probe curves of one or more runs, side by side")
-    plot.add_argument("runs", nargs="+", help="run directories (runs/NAME)")
-    plot.add_argument("--out", default=None, help="PNG path (default: <first run>/plots/curves.png)")
+    plot = commands.add_parser("plot", help="PNG curves of one or more runs side by side, or a sweep's figure")
+    plot.add_argument("runs", nargs="+", help="run directories (runs/NAME), or one sweep directory (runs/SWEEP)")
+    plot.add_argument("--out", default=None, help="PNG path (default: <first run>/plots/curves.png, <sweep>/plots/sweep.png)")
     plot.set_defaults(func=_plot)
     return parser
 

@@ -24,6 +24,7 @@ from omni_train.data.pipeline import DataConfig
 from omni_train.model.omni import OmniConfig
 from omni_train.probes.runner import ProbeConfig
 from omni_train.train.loop import TrainConfig
+from omni_train.train.lora import check_lora_fusion
 from omni_train.train.runs import InitConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +58,16 @@ class RecipeConfig:
             # the thinker's audio preprocessing (transformers' processor): the token count its encoder produces
             self.data.audio = dataclasses.replace(self.data.audio, **QWEN_OMNI_AUDIO_DATA)
         self.data.positions = self.model.positions  # the data layer renders the positions the model applies
+        if self.model.fusion == "resampler" and self.model.resampler.span_s is not None:
+            from omni_train.model.resampler import span_tokens_of
+
+            audio = self.data.audio
+            self.model.resampler.span_tokens = span_tokens_of(
+                self.model.resampler.span_s, audio.sample_rate_hz / (audio.hop_length * audio.downsample))
+        # the data layer reserves as many placeholders per media item as the model's fusion makes of it
+        self.data.sequence_tokens = self.model.sequence_tokens()
         check_model_matches_data(self.model, self.data)
+        check_lora_fusion(self.train.lora, self.model.fusion, self.train.modules)  # a fusion trains whole (lora.py)
 
 
 def check_model_matches_data(model: OmniConfig, data: DataConfig) -> None:
@@ -65,6 +75,10 @@ def check_model_matches_data(model: OmniConfig, data: DataConfig) -> None:
     if data.video.use_audio_in_video and model.positions == "mrope":
         raise ValueError("data.video.use_audio_in_video=true needs model.positions tmrope (or 1d), not mrope: "
                          "audio in video shares TMRoPE's time axis with the frames")
+    if data.video.use_audio_in_video and data.sequence_tokens.kind != "encoder":
+        what = f"model.fusion={model.fusion}" if model.fusion != "interleave" else "model.projector pool"
+        raise ValueError(f"data.video.use_audio_in_video=true is not supported with {what} (audio in video "
+                         "interleaves the encoders' tokens; it needs model.fusion interleave with an mlp or linear projector)")
     if data.video.use_audio_in_video and model.transfer.kind != "none":
         raise ValueError(f"data.video.use_audio_in_video=true is not supported with model.transfer.kind="
                          f"{model.transfer.kind} (it replaces whole audio spans; audio in video is interleaved)")

@@ -1,7 +1,21 @@
-"""`omni-train plot runs/A [runs/B ...]`: loss and probe curves of one or more runs, side by side, as PNG.
+"""`omni-train plot`: curves of one or more runs side by side, a sweep's figure, and the transfer view, as PNG.
 
-Writes `<first run>/plots/curves.png` (or `--out`): training loss, held-out loss and each
-(probe, metric) overall value against step, one line per run, so recipes can be compared.
+    omni-train plot runs/A [runs/B ...] [--out FILE.png]   # -> runs/A/plots/curves.png (+ transfer-<run>.png)
+    omni-train plot runs/<sweep> [--out FILE.png]          # -> runs/<sweep>/plots/sweep.png
+
+**Runs** (`plot_runs`): a curve panel for the loss (training and held-out), one for every numeric
+metrics.jsonl key logged at two or more steps (keys sharing the part before their first "/" share a panel:
+`grad_norm` with `grad_norm/backbone`, every `loss_share/<task>`, `reliance/<modality>`, `cka/...`, so new
+diagnostics are drawn without new code; counters such as tokens_seen and the `probe/...` copies are left
+out), and one for every (probe, metric) overall value scored at two or more steps; one line per run. What was
+measured at one step only (a probe run at the end) goes into one compact table under the panels (metric by
+run) instead of a panel holding a single dot. A run whose probes score the zero-shot task (`speech2code`)
+also gets its transfer figure beside the curves (`transfer-<run>.png`, `transfer_figure` below).
+
+**A sweep directory** (`omni-train sweep`; see probes/compare.py): `sweep_figure` draws the training loss of
+each variant over steps (mean over seeds, band from the lowest to the highest seed), then one panel per
+probe metric (all tasks, all languages) with each variant's mean and its 95% t-interval (n >= 4 seeds) or
++- std (n < 4), and each seed's value as a dot.
 
 The transfer view of one run (notebooks/transfer.ipynb): `load_run` reads its metrics, probe
 rows and the probes' kinds; `transfer_table` lays the probe rows out per language (zero-shot
@@ -13,8 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
+
+COUNTERS = ("step", "tokens_seen", "samples_seen")  # monotone counters: a straight line says nothing
+LOSS_KEYS = ("loss", "eval_loss")                    # share the first panel
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -27,9 +45,40 @@ def probe_series(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
     """{'probe/metric': [(step, value)]} for the overall rows (task and language 'all')."""
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for row in rows:
-        if row.get("language", "all") == "all" and row.get("task", "all") in ("all", None):
+        if row.get("language", "all") == "all" and row.get("task", "all") in ("all", None) and "group_by" not in row:
             series[f"{row['probe']}/{row['metric']}"].append((row["step"], row["value"]))
     return {k: sorted(v) for k, v in sorted(series.items())}
+
+
+def metric_series(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """{key: [(step, value)]} for every numeric metrics.jsonl key except COUNTERS, LOSS_KEYS and probe/* (drawn
+    from probes.jsonl)."""
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for row in rows:
+        for key, value in row.items():
+            if (key in COUNTERS or key in LOSS_KEYS or key.startswith("probe/") or isinstance(value, bool)
+                    or not isinstance(value, (int, float)) or not math.isfinite(value)):
+                continue
+            series[key].append((row["step"], value))
+    return dict(series)
+
+
+def _panel(key: str) -> str:
+    return key.split("/", 1)[0]
+
+
+def curve_panels(series_by_run: dict[str, dict[str, list]]) -> tuple[dict[str, list[str]], list[str]]:
+    """({panel: [keys]}, [keys measured at one step only in every run]) over runs' {key: [(step, value)]}."""
+    keys = sorted({k for series in series_by_run.values() for k in series})
+    curves = [k for k in keys if any(len({s for s, _ in series.get(k, [])}) > 1 for series in series_by_run.values())]
+    panels: dict[str, list[str]] = {}
+    for key in curves:
+        panels.setdefault(_panel(key), []).append(key)
+    return panels, [k for k in keys if k not in curves]
+
+
+def _format_value(value: float) -> str:
+    return f"{value:.4g}"
 
 
 def plot_runs(runs: list[Path], out: Path) -> Path:
@@ -39,32 +88,47 @@ def plot_runs(runs: list[Path], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     metrics = {run: read_jsonl(run / "metrics.jsonl") for run in runs}
-    probes = {run: probe_series(read_jsonl(run / "probes.jsonl")) for run in runs}
     missing = [str(run) for run in runs if not metrics[run]]
     if missing:
         raise FileNotFoundError(f"no metrics.jsonl in {', '.join(missing)}")
-    probe_keys = sorted({key for series in probes.values() for key in series})
-    panels = ["loss", *probe_keys]
-    cols = min(3, len(panels))
-    rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
-    for ax in axes.flat[len(panels):]:
-        ax.axis("off")
-    ax = axes.flat[0]
+    series = {run: {**metric_series(metrics[run]), **probe_series(read_jsonl(run / "probes.jsonl"))} for run in runs}
+    panels, once = curve_panels({str(run): s for run, s in series.items()})
+    names = ["loss", *panels]
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    table_h = 0.5 + 0.28 * len(once) if once else 0.0
+    fig = plt.figure(figsize=(max(5.2 * cols, 4.0 + 2.2 * len(runs)), 3.6 * rows + table_h))
+    grid = fig.add_gridspec(rows + bool(once), cols, height_ratios=[3.6] * rows + ([table_h] if once else []))
+    axes = [fig.add_subplot(grid[i // cols, i % cols]) for i in range(len(names))]
+    ax = axes[0]
     for run in runs:
-        steps = [r["step"] for r in metrics[run]]
-        ax.plot(steps, [r["loss"] for r in metrics[run]], label=f"{run.name} train")
+        steps = [r["step"] for r in metrics[run] if r.get("loss") is not None]
+        line, = ax.plot(steps, [r["loss"] for r in metrics[run] if r.get("loss") is not None], label=f"{run.name} train")
         evals = [(r["step"], r["eval_loss"]) for r in metrics[run] if r.get("eval_loss") is not None]
         if evals:
-            ax.plot(*zip(*evals), "o--", label=f"{run.name} held-out")
+            ax.plot(*zip(*evals), "o--", color=line.get_color(), label=f"{run.name} held-out")
     ax.set(title="loss", xlabel="step", yscale="log")
     ax.legend(fontsize=7)
-    for ax, key in zip(axes.flat[1:], probe_keys):
+    for ax, name in zip(axes[1:], panels):
         for run in runs:
-            if key in probes[run]:
-                ax.plot(*zip(*probes[run][key]), "o-", label=run.name)
-        ax.set(title=key, xlabel="step")
+            for key in panels[name]:
+                if key in series[run]:
+                    points = sorted(series[run][key])
+                    label = run.name if len(panels[name]) == 1 else f"{run.name} {key}" if len(runs) > 1 else key
+                    ax.plot(*zip(*points), "o-" if len(points) <= 20 else "-", label=label, markersize=3)
+        ax.set(title=name if len(panels[name]) > 1 else panels[name][0], xlabel="step")
         ax.legend(fontsize=7)
+    if once:  # one compact table instead of a panel per single dot
+        table_ax = fig.add_subplot(grid[rows, :])
+        table_ax.axis("off")
+        cells = [[("-" if key not in series[run] else
+                   f"{_format_value(series[run][key][-1][1])} (step {series[run][key][-1][0]})") for run in runs]
+                 for key in once]
+        table = table_ax.table(cellText=cells, rowLabels=once, colLabels=[run.name for run in runs], loc="center",
+                               cellLoc="center")
+        table.auto_set_font_size(False)
+        table.set_fontsize(8)
+        table_ax.set_title("measured once", fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -72,10 +136,39 @@ def plot_runs(runs: list[Path], out: Path) -> Path:
     return out
 
 
+def plot_transfer(run: Path, out: Path) -> Path | None:
+    """The run's transfer figure at `out`, when its probes score the zero-shot task; else None."""
+    data = load_run(run)
+    if not any(r["task"] == ZERO_SHOT_TASK for r in data["probes"]):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = transfer_figure(data["metrics"], data["probes"], kinds=data["kinds"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def plot_cli(args: argparse.Namespace) -> int:
+    from omni_train.probes.compare import aggregate, is_collection
+
     runs = [Path(r) for r in args.runs]
+    if any(is_collection(run) for run in runs):
+        if len(runs) > 1:
+            raise ValueError(f"plot: {next(r for r in runs if is_collection(r))} is a sweep directory; give it alone")
+        out = Path(args.out) if args.out else runs[0] / "plots" / "sweep.png"
+        print(f"wrote {save_sweep_figure(aggregate(runs, with_parameters=False), out)}")
+        return 0
     out = Path(args.out) if args.out else runs[0] / "plots" / "curves.png"
     print(f"wrote {plot_runs(runs, out)}")
+    for run in runs:
+        transfer = plot_transfer(run, out.parent / f"transfer-{run.name}.png")
+        if transfer is not None:
+            print(f"wrote {transfer}")
     return 0
 
 
@@ -219,3 +312,79 @@ def transfer_figure(metrics: list[dict], rows: list[dict], *, kinds: dict[str, s
             ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep figure (probes/compare.py aggregates)
+
+
+def sweep_figure(agg):
+    """The loss of each variant over steps (mean over seeds, band min-max), then one panel per probe metric over
+    all tasks and languages: each variant's mean with its interval (n >= 4) or +- std (n < 4) as error bar, and
+    each seed's value as a dot. Returns the matplotlib Figure."""
+    import matplotlib.pyplot as plt
+
+    from omni_train.probes.compare import TRAIN, is_rate
+
+    headline = [row for row in agg.rows if row["key"][0] != TRAIN and row["key"][1] in ("all", "")
+                and row["key"][2] in ("all", "")]
+    train_rows = [row for row in agg.rows if row["key"][0] == TRAIN]
+    panels = [None, *train_rows, *headline]  # None: the loss curves
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    ax = axes.flat[0]
+    for v in agg.variants:
+        by_step: dict[int, list[float]] = defaultdict(list)
+        for points in agg.curves.get(v, {}).values():
+            for step, loss in points:
+                by_step[step].append(loss)
+        if by_step:
+            steps = sorted(by_step)
+            line, = ax.plot(steps, [sum(by_step[s]) / len(by_step[s]) for s in steps], label=v)
+            ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
+                            color=line.get_color(), alpha=0.2)
+    ax.set(title="training loss (mean over seeds, band: min-max)", xlabel="step", yscale="log")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    x = list(range(len(agg.variants)))
+    for ax, row in zip(axes.flat[1:], panels[1:]):
+        probe, _, _, metric = row["key"]
+        scale = 100.0 if is_rate(row["key"]) else 1.0
+        for i, v in enumerate(agg.variants):
+            stat = row["stats"].get(v)
+            if stat is None:
+                continue
+            if stat.has_interval:
+                err = [[scale * (stat.mean - stat.lo)], [scale * (stat.hi - stat.mean)]]
+            else:
+                err = [[scale * (stat.std or 0.0)], [scale * (stat.std or 0.0)]]
+            ax.errorbar([i], [scale * stat.mean], yerr=err, fmt="o", capsize=5, markersize=7, color=f"C{i}")
+            seeds = list(row["values"][v].values())
+            offsets = [0.12 * (j - (len(seeds) - 1) / 2) / max(1, len(seeds) - 1) for j in range(len(seeds))]
+            ax.plot([i + 0.18 + o for o in offsets], [scale * s for s in seeds], ".", color="0.45", markersize=5)
+        ax.set(title=f"final {metric}" if probe == TRAIN else f"{probe} {metric}", xticks=x,
+               ylabel="%" if scale == 100.0 else "")
+        ax.set_xticklabels(agg.variants, rotation=20 if len(agg.variants) > 3 else 0, fontsize=8)
+        ax.set_xlim(-0.5, len(agg.variants) - 0.5)
+    ns = {s.n for row in agg.rows for s in row["stats"].values()}
+    rule = ("bars: 95% t-interval" if ns and min(ns) >= 4 else "bars: ± std (n < 4)" if ns and max(ns) < 4
+            else "bars: 95% t-interval where n >= 4, ± std where n < 4")
+    fig.suptitle(f"{agg.title}: mean per variant, {rule}; dots: seeds", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.98))  # room for the title above the top row
+    return fig
+
+
+def save_sweep_figure(agg, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = sweep_figure(agg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -148,14 +148,8 @@ def test_packed_and_one_sample_per_row_give_the_same_per_sample_losses(samples):
     separate = collate([[samples[name]] for name in separate_order])
     assert separate["input_ids"].shape[0] == 5 and packed["input_ids"].shape[0] == 2
 
-    def per_document(batch, order):
-        with torch.no_grad():
-            per_token = model(batch).per_token_loss
-        real = batch["document_ids"] >= 0
-        sums = torch.zeros(len(order)).index_add_(0, batch["document_ids"][real], per_token[real])
-        return dict(zip(order, sums.tolist()))
-
-    packed_losses, separate_losses = per_document(packed, packed_order), per_document(separate, separate_order)
+    packed_losses = document_losses(model, packed, packed_order)
+    separate_losses = document_losses(model, separate, separate_order)
     assert all(loss > 0 for loss in packed_losses.values())
     for name in separate_order:
         assert packed_losses[name] == pytest.approx(separate_losses[name], rel=1e-5, abs=1e-5), name
@@ -235,18 +229,33 @@ def test_vision_positions_follow_the_patch_layout():
     assert not torch.equal(cos[same_row, 4:8], cos[:1, 4:8].expand(int(same_row.sum()), -1))
 
 
-@pytest.mark.outcome
-def test_a_few_steps_reduce_the_loss(samples, capsys):
-    model = tiny_model()
-    batch = collate([[samples["short_audio"], samples["image"]], [samples["video"], samples["text"]]])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+def document_losses(model: OmniModel, batch, order: list[str]) -> dict[str, float]:
+    """Each document's summed per-token loss, by name (`order`: the names in document-id order)."""
+    with torch.no_grad():
+        per_token = model(batch).per_token_loss
+    real = batch["document_ids"] >= 0
+    sums = torch.zeros(len(order)).index_add_(0, batch["document_ids"][real], per_token[real])
+    return dict(zip(order, sums.tolist()))
+
+
+def train_steps(model: OmniModel, batch, steps: int, lr: float) -> list[float]:
+    """`steps` AdamW steps on one batch; the loss before each."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     losses = []
-    for _ in range(8):
+    for _ in range(steps):
         loss = model(batch).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.outcome
+def test_a_few_steps_reduce_the_loss(samples, capsys):
+    model = tiny_model()
+    batch = collate([[samples["short_audio"], samples["image"]], [samples["video"], samples["text"]]])
+    losses = train_steps(model, batch, 8, lr=1e-3)
     # one batch, small steps: each falls by 0.1 or more (5.5615 -> 4.6378, equal to 4 decimals under AVX-512, AVX2
     # and default kernels), far above rounding, so even the step-by-step fall holds on any CPU
     with capsys.disabled():
@@ -272,11 +281,11 @@ def test_loss_never_crosses_a_document_boundary():
 
 
 def test_config_errors_name_the_field():
-    with pytest.raises(ValueError, match=r"model\.projector must be one of mlp, linear, got 'qformer'"):
+    with pytest.raises(ValueError, match=r"model\.projector must be one of mlp, linear, pool, got 'qformer'"):
         tiny_config(projector="qformer")
-    with pytest.raises(ValueError, match=r"model\.projector must be one of mlp, linear"):
+    with pytest.raises(ValueError, match=r"model\.projector must be one of mlp, linear, pool"):
         build_projector("conv", 8, 8)
-    with pytest.raises(ValueError, match=r"model\.fusion must be one of interleave, got 'concat'"):
+    with pytest.raises(ValueError, match=r"model\.fusion must be one of interleave, cross_attn, resampler, got 'concat'"):
         tiny_config(fusion="concat")
     with pytest.raises(ValueError, match=r"model\.vision\.dim"):
         VisionEncoderConfig(dim=30, num_layers=1, num_heads=3, ffn_dim=8)

@@ -1,8 +1,10 @@
-"""notebooks/transfer.ipynb on a tiny training run, and the transfer table it prints (omni_train.plot).
+"""notebooks/transfer.ipynb on a tiny training run, and the transfer table it prints (omni_train.plot);
+notebooks/ablation.ipynb on a tiny sweep.
 
 The run: the demo recipe on a `--size tiny` demo corpus, one process, 4 steps, with a zero-shot
 speech -> code probe and the held-out transcripts every 2 steps and the pipeline at the end.
-The notebook is executed by nbclient with OMNI_RUN pointing at it.
+The notebook is executed by nbclient with OMNI_RUN pointing at it. The sweep: tests/sweeps.py's
+(2 learning rates x 2 seeds through `omni-train sweep`, built once per session), with OMNI_SWEEP.
 """
 
 from __future__ import annotations
@@ -19,6 +21,16 @@ from omni_train.plot import format_transfer_table, language_series, probe_kinds,
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "transfer.ipynb"
+ABLATION = REPO / "notebooks" / "ablation.ipynb"
+
+
+def execute(path: Path):
+    import nbclient
+    import nbformat
+
+    notebook = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    return notebook
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +62,10 @@ def tiny_run(tmp_path_factory) -> tuple[Path, list[str]]:
 
 
 def test_notebook_shows_the_per_language_transfer_table(tiny_run, monkeypatch):
-    import nbclient
-    import nbformat
-
     run, languages = tiny_run
     assert len(languages) >= 3, languages
     monkeypatch.setenv("OMNI_RUN", str(run))
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    notebook = execute(NOTEBOOK)
     text = "".join(out.get("text", "") for cell in notebook.cells for out in cell.get("outputs", [])
                    if out["output_type"] == "stream")
     assert "zero-shot exact" in text and "pipeline exact" in text and "transcript exact" in text, text
@@ -111,3 +119,22 @@ def test_transfer_table_values_latest_step_and_gaps():
     de_line = next(line for line in text.splitlines() if line.startswith("de "))
     assert de_line.split() == ["de", "10", "50.0", "60.0", "70.0", "-", "+20.0", "80.0", "2.0", "5.0"]
     assert format_transfer_table([]).startswith("(no ")
+
+
+def test_ablation_notebook_shows_the_sweep_table_and_figure(corpus, tmp_path_factory, monkeypatch):
+    from omni_train.probes.compare import aggregate, format_markdown
+    from sweeps import SEEDS, VARIANTS, tiny_sweep
+
+    sweep, _ = tiny_sweep(corpus, tmp_path_factory)
+    monkeypatch.setenv("OMNI_SWEEP", str(sweep))
+    notebook = execute(ABLATION)
+    outputs = [out for cell in notebook.cells for out in cell.get("outputs", [])]
+    assert not [out for out in outputs if out["output_type"] == "error"]
+    tables = [out["data"]["text/markdown"] for out in outputs if "text/markdown" in out.get("data", {})]
+    assert tables == [format_markdown(aggregate([sweep]))]  # what `omni-train compare runs/<sweep>` prints
+    assert "| probe | task | language | metric | 1e-3 | 2e-3 | Δ 2e-3 |" in tables[0]
+    assert any("image/png" in out.get("data", {}) for out in outputs), "no sweep figure"
+    text = "".join(out.get("text", "") for out in outputs if out["output_type"] == "stream")
+    assert f"variants {', '.join(VARIANTS)} (baseline {VARIANTS[0]})" in text, text
+    per_seed = [line.split() for line in text.splitlines() if line.startswith("  ")]
+    assert per_seed and all(line[0] in VARIANTS and line[1::2] == [f"s{s}" for s in SEEDS] for line in per_seed), text

@@ -37,18 +37,26 @@ def overrides(corpus, run: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
+# each engine with another fusion / projector (issue 13 point 2: resume is exact for every fusion), without more
+# launches; plain interleave + mlp is what most other tests run
 @pytest.mark.outcome
-@pytest.mark.parametrize("engine,stage", [("ddp", 0), ("deepspeed", 2), ("deepspeed", 3)])
-def test_train_checkpoint_and_exact_resume(corpus, tmp_path, engine, stage, capsys):
+@pytest.mark.parametrize("engine,stage,model", [
+    ("ddp", 0, {"model.projector": "pool"}),
+    ("deepspeed", 2, {"model.fusion": "cross_attn", "model.projector": "linear"}),
+    ("deepspeed", 3, {"model.fusion": "resampler"}),
+], ids=["ddp-pool", "zero2-cross_attn-linear", "zero3-resampler"])
+def test_train_checkpoint_and_exact_resume(corpus, tmp_path, engine, stage, model, capsys):
     full = tmp_path / f"full-{engine}{stage}"
     torchrun("launch/pretrain.py", "--recipe", "recipes/smoke.yaml",
-             *overrides(corpus, full, **{"train.engine": engine, "train.zero_stage": stage}))
+             *overrides(corpus, full, **{"train.engine": engine, "train.zero_stage": stage, **model}))
     metrics = read_metrics(full)
     assert sorted(metrics) == list(range(1, 9))
     losses = [metrics[s]["loss"] for s in range(1, 9)]
-    show(capsys, f"{engine} zero{stage}", losses, [metrics[4]["eval_loss"], metrics[8]["eval_loss"]])
-    # it learns: from a random start (about ln 266 = 5.58 per byte) the loss falls fast; measured 5.576 -> 3.718
-    # (mean of steps 7-8) with every engine under AVX-512, AVX2 and default kernels alike (equal to 3 decimals)
+    show(capsys, f"{engine} zero{stage} {' '.join(f'{k}={v}' for k, v in model.items())}", losses,
+         [metrics[4]["eval_loss"], metrics[8]["eval_loss"]])
+    # it learns: from a random start (about ln 266 = 5.58 per byte) the loss falls fast; interleave + mlp measured
+    # 5.576 -> 3.718 (mean of steps 7-8) with every engine under AVX-512, AVX2 and default kernels alike (equal to 3
+    # decimals); with AVX-512: pool 5.569 -> 3.676, cross_attn + linear 5.575 -> 3.971, resampler 5.567 -> 3.773
     assert sum(losses[-2:]) / 2 < losses[0] - 0.5, losses
     assert "eval_loss" in metrics[4] and "eval_loss" in metrics[8]
     assert all(0 < metrics[s]["real_token_fraction"] <= 1 and metrics[s]["tokens_per_s"] > 0 for s in metrics)
@@ -58,26 +66,32 @@ def test_train_checkpoint_and_exact_resume(corpus, tmp_path, engine, stage, caps
 
     resumed = tmp_path / f"resumed-{engine}{stage}"
     torchrun("launch/pretrain.py", "--recipe", "recipes/smoke.yaml",
-             *overrides(corpus, resumed, **{"train.engine": engine, "train.zero_stage": stage,
+             *overrides(corpus, resumed, **{"train.engine": engine, "train.zero_stage": stage, **model,
                                             "train.resume": str(full / "checkpoints" / "step_00000004")}))
     again = read_metrics(resumed)
     assert sorted(again) == [5, 6, 7, 8]  # continues at the saved step
     for step in again:
         assert abs(again[step]["loss"] - metrics[step]["loss"]) < 1e-6, (step, again[step]["loss"], metrics[step]["loss"])
+    with capsys.disabled():
+        print(f"resumed at step 4: max |loss - uninterrupted| = "
+              f"{max(abs(again[s]['loss'] - metrics[s]['loss']) for s in again):.1e} over steps 5-8")
 
     if engine == "ddp":  # resume=auto: the same run directory, a longer schedule, continues from step 8
         result = torchrun("launch/pretrain.py", "--recipe", "recipes/smoke.yaml",
-                          *overrides(corpus, full, **{"train.engine": engine, "train.steps": 10}))
+                          *overrides(corpus, full, **{"train.engine": engine, "train.steps": 10, **model}))
         assert "resumed from" in result.stdout + result.stderr
         assert sorted(read_metrics(full)) == list(range(1, 11))
 
 
 @pytest.mark.outcome
 def test_uneven_modalities_under_zero3_do_not_hang(tmp_path, capsys):
-    result = torchrun("tests/dist_uneven_modalities.py", str(tmp_path), timeout_s=240)
-    assert "consistent" in result.stdout
+    """Every fusion and projector (issue 13 point 2), in one launch: dist_uneven_modalities.VARIANTS."""
+    result = torchrun("tests/dist_uneven_modalities.py", str(tmp_path), timeout_s=300)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("consistent ")]
+    assert [line.split()[1] for line in lines] == ["interleave+mlp", "interleave+linear", "interleave+pool",
+                                                    "cross_attn", "resampler"], result.stdout[-3000:]
     with capsys.disabled():
-        print("\n" + next(line for line in result.stdout.splitlines() if line.startswith("consistent")))
+        print("\n" + "\n".join(lines))
 
 
 @pytest.mark.parametrize("override,key", [("train.stepz=3", "train.stepz"), ("train.zero_stage=7", "train.zero_stage"),
@@ -90,7 +104,9 @@ def test_bad_recipe_stops_before_any_work(override, key, tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and key in lines[0], result.stderr
-    assert elapsed < 5.0, elapsed
+    # the error comes before train() starts: it would create the run directory first. The time is imports only
+    # (about 3 s on a quiet machine, 9-11 s measured on a loaded one); the limit catches a run that trains first
+    assert elapsed < 30.0, elapsed
     assert not (tmp_path / "run").exists()
 
 

@@ -2,7 +2,8 @@
 
 Without `--decode` it reads each sample's JSON and its media headers (durations, sizes, frame
 rates; no full decode) and computes the token count of the rendered sample (exact but for compressed-audio header durations) from the same
-placeholder arithmetic the training pipeline uses. With `--decode`, every sample goes through the
+placeholder arithmetic the training pipeline uses (the media's positions as the recipe's fusion makes
+them, data.sequence_tokens). With `--decode`, every sample goes through the
 pipeline's real decoding and tokenization and each unusable one is listed with its reason. Either way,
 samples the pipeline skips before reading them (a member over `data.max_member_mb` / `max_json_mb` /
 `max_sample_mb`, a key two samples share, text over `data.max_text_chars`) are listed as unusable too.
@@ -23,6 +24,7 @@ from omni_train.data.format import ShardFormatError, media_parts, parse_sample
 from omni_train.data.image import smart_resize
 from omni_train.data.pipeline import DataConfig, check_text_length, decode_sample, expand_shards, index_tar, read_entry
 from omni_train.data.sample import EncodedMedia
+from omni_train.data.sequence_tokens import apply_sequence_tokens
 from omni_train.data.text import Tokenizer, render_chat
 from omni_train.data.video import sample_frame_times
 
@@ -93,7 +95,7 @@ def inspect_shards(pattern: str, *, decode: bool = False, cfg: DataConfig | None
                         if part["member"] not in raw:
                             raise ShardFormatError(f"member {part['member']!r} is not in the shard")
                         stand_in, seconds, frames = _header_media(part, raw[part["member"]], cfg)
-                        media.append(stand_in)
+                        media.append(apply_sequence_tokens(stand_in, cfg.sequence_tokens))  # the fusion's positions
                         stats.append((seconds, frames))
                         kinds.append(part["type"])
                     tokenized = render_chat(sample["messages"], media, tokenizer, where=where)

@@ -11,6 +11,13 @@ per-document positions and document ids (so attention can be restricted to each 
 the media tensors of every placeholder in sequence order. Positions are each document's own: 1-D
 ones restart at 0, 3-D ones (model.positions mrope / tmrope) are the (3, n) ids stored with the
 sample when it was rendered (`positions.py`), so packing never changes them.
+
+Per media item, in placeholder order, the batch lists two counts (int64, one entry per item):
+`{m}_num_tokens`, the tokens its encoder produces (what splits the encoder's output into items), and
+`{m}_seq_tokens`, the placeholder positions it takes in the sequence: equal to num_tokens with
+interleave and an mlp / linear projector, ceil(n / factor) with the pool projector, queries per item
+or audio span with the resampler, 1 (an anchor) with cross_attn (`sequence_tokens.py`). Both are
+always present when the modality is.
 """
 
 from __future__ import annotations
@@ -169,16 +176,18 @@ def _collate_media(media: dict[str, list], audio_cfg) -> dict[str, torch.Tensor]
         out["audio_window_frames"] = torch.cat(frames)          # (num_windows,) valid frames per window
         out["audio_windows_per_item"] = torch.tensor(windows_per_item)
         out["audio_num_tokens"] = torch.tensor([item.num_tokens for item in media["audio"]])
+        out["audio_seq_tokens"] = torch.tensor([item.num_seq_tokens for item in media["audio"]])
     for modality in ("image", "video"):
         if media[modality]:
             out[f"{modality}_patches"] = torch.cat([item.tensors["patches"] for item in media[modality]])  # (num_patches, D)
             out[f"{modality}_grid_thw"] = torch.stack([item.tensors["grid_thw"] for item in media[modality]])  # (N, 3)
             out[f"{modality}_num_tokens"] = torch.tensor([item.num_tokens for item in media[modality]])
+            out[f"{modality}_seq_tokens"] = torch.tensor([item.num_seq_tokens for item in media[modality]])
     if media["video"]:
         out["video_frame_timestamps_s"] = torch.cat([item.tensors["frame_timestamps_s"] for item in media["video"]])
     return out
 
 
 def modality_token_counts(batch: dict[str, Any]) -> dict[str, int]:
-    """Placeholder positions per modality in a batch (checked against the media's num_tokens)."""
+    """Placeholder positions per modality in a batch (checked against the media's seq_tokens)."""
     return {name: int((batch["modality_ids"] == idx).sum()) for name, idx in MODALITY_IDS.items() if name != "text"}

@@ -18,7 +18,9 @@ would have produced.
 
 Decoding. Each sample is decoded (audio, images, video and, for audio in video, a video's audio
 track) and rendered by the chat template into a TokenizedSample, with its per-document 3-D positions
-when model.positions (copied to data.positions) is mrope or tmrope (`positions.py`).
+when model.positions (copied to data.positions) is mrope or tmrope (`positions.py`), and each media
+item taking the backbone positions the model's fusion makes of it (data.sequence_tokens, derived
+from model.fusion / model.projector: `sequence_tokens.py`).
 
 Failures. A sample whose JSON or media cannot be used is skipped and appended to
 `skipped.jsonl` with its shard, key and reason (a truncated tar logs where it ends, a shard that
@@ -63,6 +65,7 @@ from omni_train.data.image import ImageConfig, encode_image
 from omni_train.data.packing import Packer, collate_packed
 from omni_train.data.positions import POSITION_KINDS
 from omni_train.data.sample import EncodedMedia, MediaError, TokenizedSample
+from omni_train.data.sequence_tokens import SequenceTokens, apply_sequence_tokens
 from omni_train.data.text import Tokenizer, render_chat
 from omni_train.data.video import VideoConfig, encode_video
 
@@ -120,6 +123,9 @@ class DataConfig:
     # The positions samples are rendered with (positions.POSITION_KINDS). Recipes set model.positions, which the
     # recipe loader copies here (config.RecipeConfig); set it directly only when building a DataConfig in code.
     positions: str = "1d"
+    # The backbone positions each media item takes (sequence_tokens.py): the encoder's tokens by default; the recipe
+    # loader derives it from model.fusion / model.projector (config.RecipeConfig), like positions
+    sequence_tokens: SequenceTokens = field(default_factory=SequenceTokens)
 
     def __post_init__(self):
         for name in ("seq_len", "batch_size", "pack_pool", "max_consecutive_failures", "max_member_mb", "max_sample_mb",
@@ -457,6 +463,7 @@ def decode_sample(raw: dict[str, bytes], where: str, cfg: DataConfig, tokenizer:
             if part.get("use_audio_in_video", cfg.video.use_audio_in_video):
                 video.audio = _audio_in_video(raw, part, at, cfg)
             media.append(video)
+        media[-1] = apply_sequence_tokens(media[-1], cfg.sequence_tokens)  # the positions the fusion makes of its tokens
         if max_tokens is not None and (num_tokens := sum(m.total_tokens for m in media)) > max_tokens:
             raise OverlongSample(f"{where}: sample's media alone have {num_tokens} tokens > "
                                  f"data.seq_len={max_tokens}; raise data.seq_len or set data.overlong=skip")
@@ -477,6 +484,10 @@ def _audio_in_video(raw: dict[str, bytes], part: dict, at: str, cfg: DataConfig)
     if cfg.positions == "mrope":
         raise MediaError(f"{at}: audio in video needs model.positions tmrope (or 1d), not mrope; set the part's "
                          "use_audio_in_video to false or data.video.use_audio_in_video: false")
+    if cfg.sequence_tokens.kind != "encoder":
+        raise MediaError(f"{at}: audio in video interleaves encoder tokens, not data.sequence_tokens.kind="
+                         f"{cfg.sequence_tokens.kind} (model.fusion / model.projector); set the part's use_audio_in_video "
+                         "to false")
     if "audio_member" in part:
         return encode_audio(raw[part["audio_member"]], cfg.audio, where=f"{at} ({part['audio_member']}, audio in video)")
     try:

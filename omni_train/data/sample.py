@@ -1,7 +1,9 @@
 """In-memory forms of one sample on its way to a batch: decoded media, then tokenized text.
 
 `EncodedMedia` is what a per-modality decoder returns: the tensors its encoder consumes and the
-exact number of positions that encoder will produce, so the chat template can reserve them. A
+exact number of tokens that encoder will produce; the fusion may turn them into another number of
+backbone positions (`seq_tokens`, set by `sequence_tokens.apply_sequence_tokens`), which is what the
+chat template reserves. A
 video whose sample asks for audio in video carries its audio track as a nested audio item
 (`EncodedMedia.audio`), which the template interleaves with the frames (`positions.py`).
 `TokenizedSample` is one rendered conversation, with its 3-D positions when `model.positions` is
@@ -20,7 +22,7 @@ MODALITY_IDS = {"text": 0, "audio": 1, "image": 2, "video": 3}
 @dataclass(kw_only=True)
 class EncodedMedia:
     modality: str                     # "audio" | "image" | "video"
-    num_tokens: int                   # positions the encoder + projector produce for this item
+    num_tokens: int                   # tokens the encoder produces for this item (what batch["{m}_num_tokens"] lists)
     token_timestamps_s: torch.Tensor  # (num_tokens,) float32: time of each position; 0 for images
     tensors: dict[str, torch.Tensor]  # encoder inputs, see the modality module for the keys
     duration_s: float = 0.0           # audio/video duration after capping; 0 for images
@@ -29,15 +31,29 @@ class EncodedMedia:
     # video: its audio track when the sample uses audio in video (interleaved with the frames in 2 s chunks);
     # it is an audio item of the batch like any other, listed right after the audio items before this video
     audio: EncodedMedia | None = None
+    # backbone positions the item takes when the fusion changes the count (data/sequence_tokens.py: pool, resampler,
+    # anchor) and their timestamps; None: num_tokens positions with token_timestamps_s (interleave, the default)
+    seq_tokens: int | None = None
+    seq_timestamps_s: torch.Tensor | None = None
 
     def __post_init__(self):
         assert self.token_timestamps_s.shape == (self.num_tokens,), (self.token_timestamps_s.shape, self.num_tokens)
         assert self.audio is None or (self.modality == "video" and self.audio.modality == "audio"), "audio in video only"
 
     @property
+    def num_seq_tokens(self) -> int:
+        """Positions the item's own placeholders take in the sequence (seq_tokens, else num_tokens)."""
+        return self.num_tokens if self.seq_tokens is None else self.seq_tokens
+
+    @property
+    def placeholder_timestamps_s(self) -> torch.Tensor:
+        """(num_seq_tokens,) the timestamps its placeholders carry."""
+        return self.token_timestamps_s if self.seq_timestamps_s is None else self.seq_timestamps_s
+
+    @property
     def total_tokens(self) -> int:
-        """Positions the item takes in the sequence: its own tokens and its audio track's."""
-        return self.num_tokens + (self.audio.num_tokens if self.audio is not None else 0)
+        """Positions the item takes in the sequence: its own placeholders and its audio track's."""
+        return self.num_seq_tokens + (self.audio.num_seq_tokens if self.audio is not None else 0)
 
 
 @dataclass(kw_only=True)

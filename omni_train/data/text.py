@@ -6,7 +6,7 @@ Backends (same interface, picked by `Tokenizer.from_path`):
     dir/tokenizer.json   a local Hugging Face tokenizer (e.g. Qwen's); missing special tokens are added
 
 The chat template (Qwen-style ChatML) turns a validated conversation plus its decoded media into a
-`TokenizedSample`:
+`TokenizedSample` (N: the item's encoder tokens, or the positions the fusion makes of them, `sequence_tokens.py`):
     <|im_start|>user\\n<|audio_start|><|audio_pad|> x N<|audio_end|>What was said?<|im_end|>\\n
     <|im_start|>assistant\\nThree plus five.<|im_end|>\\n<|endoftext|>
 Special ids are only ever inserted by the template: `Tokenizer.encode` never returns one, even for
@@ -377,8 +377,9 @@ def render_chat(messages: list[dict], media: Sequence[EncodedMedia], tokenizer: 
                 positions: str = "1d") -> TokenizedSample:
     """One training conversation -> ids with labels on assistant content, `<|im_end|>` and a final `<|endoftext|>`.
 
-    Media parts become `<|m_start|>` + `<|m_pad|>` x num_tokens + `<|m_end|>`; the pads carry the media's
-    modality id and token timestamps. A video with its audio track (`EncodedMedia.audio`, audio in video)
+    Media parts become `<|m_start|>` + `<|m_pad|>` x num_seq_tokens + `<|m_end|>` (the encoder's tokens, or
+    the positions the fusion makes of them: `EncodedMedia.seq_tokens`); the pads carry the media's modality
+    id and timestamps. A video with its audio track (`EncodedMedia.audio`, audio in video)
     becomes `<|video_start|><|audio_start|>`, its video and audio pads interleaved in 2 s chunks, then
     `<|audio_end|><|video_end|>` (Qwen2.5-Omni's layout, `positions.audio_in_video_chunks`). Media spans
     never carry loss, not even in an assistant turn: their positions are replaced by encoder features, so
@@ -440,10 +441,12 @@ class _Sequence:
             return
         start_id, pad_id, end_id = tokenizer.media_ids[item.modality]
         self.add([start_id], train=False)
-        self._append(torch.full((item.num_tokens,), pad_id), modality=item.modality, timestamps_s=item.token_timestamps_s)
+        # num_seq_tokens: the encoder's tokens, or as many as the fusion turns them into (sequence_tokens.py)
+        self._append(torch.full((item.num_seq_tokens,), pad_id), modality=item.modality,
+                     timestamps_s=item.placeholder_timestamps_s)
         # an image or video becomes its VisionSpan in `build`, only where positions need its grid (shard inspection
-        # renders stand-ins that have no pixels)
-        self.spans.append(positions_lib.AudioSpan(item.num_tokens) if item.modality == "audio" else item)
+        # renders stand-ins that have no pixels); 3-D positions come with encoder tokens only (refused at recipe load)
+        self.spans.append(positions_lib.AudioSpan(item.num_seq_tokens) if item.modality == "audio" else item)
         self.add([end_id], train=False)
 
     def _add_audio_in_video(self, video: EncodedMedia, tokenizer: Tokenizer) -> None:
@@ -476,6 +479,9 @@ class _Sequence:
                                  modality_ids=torch.cat(self.modality_ids), timestamps_s=torch.cat(self.timestamps_s),
                                  media=list(media))
         if positions != "1d":
+            if any(item.seq_tokens is not None for item in media):
+                raise ValueError(f"model.positions={positions} places media by their encoder tokens; a fusion or "
+                                 "projector that changes their number (data.sequence_tokens) needs model.positions 1d")
             spans = [positions_lib.vision_span(s) if isinstance(s, EncodedMedia) else s for s in self.spans]
             sample.position_ids = positions_lib.document_positions(spans, positions)
         assert sample.position_ids is None or sample.position_ids.shape == (3, len(sample)), \

@@ -14,10 +14,16 @@ dict maps one to one (`hf_adapters`):
 
 Written for one device: every sequence is packed (`document_ids`, `position_ids` restarting at
 0 per document) and attention never crosses a document (`attention`).
+
+`forward(after_layer={i: f})` runs f on the hidden states after layer i: how model.fusion
+cross_attn inserts its gated cross-attention blocks (`cross_attention.py`; their parameters live
+in OmniModel.fusion, not here). Under activation checkpointing each f is a checkpointed unit of
+its own. Without it (the default) the forward is exactly the plain stack of layers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -191,13 +197,15 @@ class Backbone(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 position_ids: torch.Tensor, document_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
-                max_seqlen: int | None = None) -> torch.Tensor:
+                max_seqlen: int | None = None,
+                after_layer: Mapping[int, Callable[[torch.Tensor], torch.Tensor]] | None = None) -> torch.Tensor:
         """Hidden states (B, L, D) after the final norm.
 
         input_ids (B, L) or inputs_embeds (B, L, D) (fusion passes embeddings with modality
         features in place); position_ids (B, L), or (3, B, L) with cfg.mrope_section;
         document_ids (B, L), -1 = padding; cu_seqlens / max_seqlen as from
-        `document_ids_to_cu_seqlens`, derived here when a varlen backend needs them.
+        `document_ids_to_cu_seqlens`, derived here when a varlen backend needs them;
+        after_layer {layer index: hidden (B, L, D) -> hidden} runs after those layers (module docstring).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Backbone.forward takes exactly one of input_ids and inputs_embeds")
@@ -213,11 +221,15 @@ class Backbone(nn.Module):
         inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, device=hidden.device)
         cos, sin = rope_cos_sin(position_ids, inv_freq, self.cfg.mrope_section)  # (B, L, Dh) fp32
         layer_kwargs = dict(document_ids=document_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=backend)
-        for layer in self.layers:
-            if self.activation_checkpointing and torch.is_grad_enabled():
+        checkpointing = self.activation_checkpointing and torch.is_grad_enabled()
+        for index, layer in enumerate(self.layers):
+            if checkpointing:
                 hidden = checkpoint(layer, hidden, cos, sin, use_reentrant=False, **layer_kwargs)
             else:
                 hidden = layer(hidden, cos, sin, **layer_kwargs)
+            insert = after_layer.get(index) if after_layer else None
+            if insert is not None:
+                hidden = checkpoint(insert, hidden, use_reentrant=False) if checkpointing else insert(hidden)
         return self.norm(hidden)
 
     def output_weight(self) -> torch.Tensor:

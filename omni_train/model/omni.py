@@ -5,12 +5,20 @@ README's batch table) and is the whole composition in one place:
 
     audio_mel (W, mels, T)        -> audio_encoder  -> audio_projector  -> (num audio tokens, D)
     image/video_patches (P, ...)  -> vision_encoder -> vision_projector -> (num image + video tokens, D)
+        (projector pool: ceil(n / model.pool.factor) features per item of n encoder tokens, the
+        projector grouping within each item by `batch[f"{m}_num_tokens"]`; projectors.py)
     fusion "interleave": the features replace the placeholder positions of their modality, in
         the row-major order of the batch (the order collate_packed lists the media in); the
         number of positions and of features must match, else ValueError with both counts
+    fusion "resampler": each item, or each `model.resampler.span_s` span of an audio item, becomes
+        Q learned-query tokens (`fusion.audio` / `fusion.vision`, resampler.py), interleaved as above
+    fusion "cross_attn": the features stay out of the sequence, in a MediaMemory (B, M, D) with
+        each token's document; every item keeps one anchor position (the pad embedding); gated
+        cross-attention blocks (`fusion`, cross_attention.py) run after every k-th backbone layer,
+        each position reading only its own document's media anchored at or before it
     transfer (model.transfer, optional): e.g. token_rate shortens audio spans to one vector per
         recognized token and repacks the rows; its auxiliary losses join the loss (transfer.py)
-    backbone(inputs_embeds, position_ids, document_ids) -> hidden (B, L, D)
+    backbone(inputs_embeds, position_ids, document_ids[, after_layer: the cross_attn blocks]) -> hidden (B, L, D)
     loss: position t predicts labels[t + 1] when t + 1 is in the same document; mean over the
         positions that have a target (assistant tokens)
 
@@ -21,10 +29,17 @@ Images and videos go through the vision encoder together, in one call. So under 
 ZeRO-3 every rank gathers the same parameters in the same order whatever its batch holds (a
 rank whose batch has no video cannot leave the others waiting in an all-gather), and every
 parameter gets a gradient, zero where its modality was absent, on every rank (DDP's reducer
-and ZeRO's gradient partitioning expect one for each).
+and ZeRO's gradient partitioning expect one for each). The cross_attn blocks run on every forward
+too, on a dummy memory that no position reads when the batch has no media; so does each resampler,
+on one zero feature, when the batch has none of its modalities.
+
+How many placeholders an item has is the data layer's `data.sequence_tokens`, which the recipe
+loader derives from this config (`OmniConfig.sequence_tokens`); `batch[f"{m}_seq_tokens"]` is checked
+per item against the positions the model makes (ValueError naming both), and features are grouped
+with the same `data.sequence_tokens.group_sizes` the chat template reserved them with.
 
 Submodule names (`audio_encoder`, `vision_encoder`, `audio_projector`, `vision_projector`,
-`backbone`) are what the training engine groups parameters by.
+`backbone`, `transfer`, `fusion`) are what the training engine groups parameters by.
 """
 
 from __future__ import annotations
@@ -39,13 +54,16 @@ from torch import nn
 from omni_train.data.audio import AudioConfig
 from omni_train.data.positions import check_model_positions
 from omni_train.data.sample import MODALITY_IDS
+from omni_train.data.sequence_tokens import SequenceTokens, group_sizes, sequence_token_count
 from omni_train.model.audio_encoder import AudioEncoder, AudioEncoderConfig
 from omni_train.model.backbone import Backbone, BackboneConfig
-from omni_train.model.projectors import ProjectorOptions, build_projector, check_projector_kind
+from omni_train.model.cross_attention import CrossAttentionBlocks, CrossAttnConfig, MediaMemory, build_memory
+from omni_train.model.projectors import PoolConfig, ProjectorOptions, build_projector, check_projector_kind
+from omni_train.model.resampler import Resampler, ResamplerConfig
 from omni_train.model.transfer import TransferConfig, build_transfer
 from omni_train.model.vision_encoder import VisionEncoder, VisionEncoderConfig
 
-FUSIONS = ("interleave",)
+FUSIONS = ("interleave", "cross_attn", "resampler")
 MEDIA = ("audio", "image", "video")
 IGNORE_INDEX = -100  # labels without loss (data.packing.IGNORE_INDEX)
 
@@ -68,6 +86,9 @@ class OmniConfig:
     audio_projector: ProjectorOptions = field(default_factory=ProjectorOptions)   # None fields: `projector`'s defaults
     vision_projector: ProjectorOptions = field(default_factory=ProjectorOptions)
     transfer: TransferConfig = field(default_factory=TransferConfig)  # cross-modal transfer mechanism (transfer.py)
+    cross_attn: CrossAttnConfig = field(default_factory=CrossAttnConfig)  # the blocks of fusion cross_attn
+    resampler: ResamplerConfig = field(default_factory=ResamplerConfig)  # fusion resampler's block (resampler.py)
+    pool: PoolConfig = field(default_factory=PoolConfig)  # the pool projector's factor (projectors.py)
     # 1d | mrope | tmrope (data/positions.py): rendered per document by the data layer, applied by the backbone
     # (3-D ones need backbone.mrope_section); the recipe loader hands it to the data layer (data.positions)
     positions: str = "1d"
@@ -78,8 +99,47 @@ class OmniConfig:
             raise ValueError(f"model.fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
         self._pretrained_encoder_configs()
         check_model_positions(self.positions, self.backbone.mrope_section, self.transfer.kind)
+        if self.fusion == "cross_attn":  # 3-D positions and transfer mechanisms: refused in _check_sequence_tokens
+            self.cross_attn.check(self.backbone)
         if self.transfer.kind != "none" and self.audio is None:
             raise ValueError(f"model.transfer.kind={self.transfer.kind} needs an audio encoder, but model.audio is not set")
+        self._check_sequence_tokens()
+
+    def projector_kinds(self) -> dict[str, str]:
+        """The projector kind of each modality: its own (model.audio_projector / vision_projector.kind) or model.projector."""
+        return {"audio": self.audio_projector.kind or self.projector, "image": self.vision_projector.kind or self.projector,
+                "video": self.vision_projector.kind or self.projector}
+
+    def sequence_tokens(self) -> SequenceTokens:
+        """The backbone positions each media item takes with this fusion and these projectors (data.sequence_tokens)."""
+        if self.fusion == "cross_attn":
+            return SequenceTokens(kind="anchor")
+        if self.fusion == "resampler":
+            return SequenceTokens(kind="resampler", queries=self.resampler.queries, span_tokens=self.resampler.span_tokens)
+        pooled = [m for m, kind in self.projector_kinds().items() if kind == "pool"]
+        if pooled:
+            return SequenceTokens(kind="pool", factor=self.pool.factor, modalities=pooled)
+        return SequenceTokens()
+
+    def _check_sequence_tokens(self) -> None:
+        """Refuse the combinations that need media as their encoder tokens (one line naming the keys)."""
+        pooled = [m for m, kind in self.projector_kinds().items() if kind == "pool"]
+        if pooled and self.fusion != "interleave":
+            raise ValueError(f"model.projector pool (model.projector / model.audio_projector.kind / "
+                             f"model.vision_projector.kind) needs model.fusion interleave, not {self.fusion}")
+        kind = self.sequence_tokens().kind
+        if kind == "encoder":
+            return
+        what = f"model.fusion={self.fusion}" if self.fusion != "interleave" else "model.projector pool"
+        if self.positions != "1d":
+            raise ValueError(f"{what} changes the number of media positions; it does not support "
+                             f"model.positions={self.positions} (use model.positions: 1d)")
+        if self.transfer.kind != "none":
+            raise ValueError(f"model.transfer.kind={self.transfer.kind} splits audio by its encoder tokens; it does not "
+                             f"support {what} (use model.transfer.kind: none)")
+        if self.fusion == "resampler" and self.backbone.dim % self.resampler.heads:
+            raise ValueError(f"model.resampler.heads={self.resampler.heads} must divide model.backbone.dim="
+                             f"{self.backbone.dim}")
 
     def _pretrained_encoder_configs(self) -> None:
         """Encoder configs from the pretrained directories' config.json, so the data checks see the real architecture.
@@ -122,6 +182,7 @@ class FusedInputs:
     labels: torch.Tensor          # (B, L), IGNORE_INDEX where no loss
     aux_loss: torch.Tensor | float = 0.0                  # auxiliary losses of a fusion/transfer mechanism
     aux: dict[str, float] = field(default_factory=dict)   # their values, for metrics.jsonl
+    memory: MediaMemory | None = None                     # fusion cross_attn: the media the blocks read
 
 
 @dataclass
@@ -144,20 +205,35 @@ class OmniModel(nn.Module):
         self.audio_encoder = self.audio_projector = self.vision_encoder = self.vision_projector = None
         if cfg.audio is not None:
             self.audio_encoder = AudioEncoder(cfg.audio, activation_checkpointing=checkpointing)
-            self.audio_projector = build_projector(cfg.projector, cfg.audio.dim, dim, options=cfg.audio_projector)
+            self.audio_projector = build_projector(cfg.projector, cfg.audio.dim, dim, options=cfg.audio_projector,
+                                                   pool_factor=cfg.pool.factor)
         if cfg.vision is not None:
             self.vision_encoder = VisionEncoder(cfg.vision, activation_checkpointing=checkpointing)
             self.vision_projector = build_projector(cfg.projector, cfg.vision.out_dim, dim, input_norm=True,
-                                                    options=cfg.vision_projector)
+                                                    options=cfg.vision_projector, pool_factor=cfg.pool.factor)
         self.backbone = Backbone(cfg.backbone, activation_checkpointing=checkpointing)
         # built last, so that kind none draws the same random initialization as before the option existed
         self.transfer = build_transfer(cfg.transfer, dim=dim, vocab_size=cfg.backbone.vocab_size,
                                        init_std=cfg.backbone.init_std)
+        self.fusion = None  # the fusion's own modules; after transfer, so interleave draws today's initialization
+        if cfg.fusion == "cross_attn":
+            self.fusion = CrossAttentionBlocks(cfg.cross_attn, cfg.backbone)
+        elif cfg.fusion == "resampler":
+            if cfg.resampler.span_s is not None and cfg.resampler.span_tokens is None:
+                raise ValueError("model.resampler.span_s needs model.resampler.span_tokens, which the recipe loader "
+                                 "derives from data.audio; set it when building an OmniConfig in code")
+            # one resampler per encoder (images and videos share the vision one); fusion.audio / fusion.vision
+            self.fusion = nn.ModuleDict({name: Resampler(cfg.resampler, dim, init_std=cfg.backbone.init_std)
+                                         for name, encoder in (("audio", self.audio_encoder), ("vision", self.vision_encoder))
+                                         if encoder is not None})
+        # the placeholders each media item has in the batch (data.sequence_tokens, derived from this config)
+        self.sequence_tokens = cfg.sequence_tokens()
 
     def forward(self, batch: dict[str, Any], *, return_logits: bool = False) -> OmniOutput:
         fused = self.fuse(batch)                                                 # encoders -> projectors -> fusion
         hidden = self.backbone(inputs_embeds=fused.embeds, position_ids=fused.position_ids,
-                               document_ids=fused.document_ids)                   # (B, L, D)
+                               document_ids=fused.document_ids,
+                               after_layer=self.after_layer(fused.memory, fused.document_ids))  # (B, L, D)
         loss, num_loss_tokens, per_token_loss = self.next_token_loss(hidden, fused.labels, fused.document_ids)
         logits = self.backbone.logits(hidden) if return_logits else None
         return OmniOutput(loss=loss + fused.aux_loss, num_loss_tokens=num_loss_tokens, per_token_loss=per_token_loss,
@@ -168,14 +244,31 @@ class OmniModel(nn.Module):
         positions, documents and labels that go with them (generation starts from this too)."""
         features, unused = self._encode(batch)                                   # encoders -> projectors
         embeds = self.backbone.embed(batch["input_ids"])                         # (B, L, D)
-        embeds = fuse_interleave(embeds, batch["modality_ids"], features)        # fusion
+        memory = None
+        if self.cfg.fusion == "cross_attn":  # the media stay out of the sequence: the blocks read them in the backbone
+            self._check_seq_tokens(batch, features)                              # one anchor per item
+            memory = build_memory(features, {m: self._feature_counts(batch, m) for m in features}, batch["modality_ids"],
+                                  batch["document_ids"], dim=embeds.shape[-1], dtype=embeds.dtype)
+        else:
+            if self.cfg.fusion == "resampler":  # each item (or audio span) -> Q learned-query tokens (resampler.py)
+                features = self._resample(features, batch, unused)
+            self._check_seq_tokens(batch, features)
+            embeds = fuse_interleave(embeds, batch["modality_ids"], features)    # fusion
         if unused:  # modalities absent from this batch: keep their modules in the graph (module docstring)
             embeds = embeds + sum(0.0 * out.sum() for out in unused).to(embeds.dtype)
         fused = FusedInputs(embeds=embeds, position_ids=batch["position_ids"], document_ids=batch["document_ids"],
-                            labels=batch["labels"])
+                            labels=batch["labels"], memory=memory)
         if self.transfer is not None:  # e.g. token_rate: a compressed speech prefix, rows repacked (transfer.py)
             fused = self.transfer.compress(fused, batch, features.get("audio"), self.backbone.embed_tokens)
         return fused
+
+    def after_layer(self, media, document_ids: torch.Tensor) -> dict | None:
+        """Backbone.forward's `after_layer` for the fusion: the cross_attn blocks reading `media` (a MediaMemory,
+        or the MediaCache of `fusion.cache`) from the positions of document_ids (B, L); None for other fusions."""
+        if self.cfg.fusion != "cross_attn":
+            return None
+        assert media is not None, "fusion cross_attn: no media memory (FusedInputs.memory)"
+        return self.fusion.after_layer(media, document_ids)
 
     # > 0: the loss computes the logits of at most this many target positions at a time (model/loss.py);
     # a plain attribute the training engine sets from train.loss_chunk_tokens: it changes memory, not the model
@@ -215,8 +308,48 @@ class OmniModel(nn.Module):
         features, _ = self._encode(batch)
         if not pooled:
             return features
-        return {modality: torch.stack([item.mean(dim=0) for item in feats.split(batch[f"{modality}_num_tokens"].tolist())])
+        return {modality: torch.stack([item.mean(dim=0) for item in feats.split(self._feature_counts(batch, modality))])
                 for modality, feats in features.items()}
+
+    def _projector(self, modality: str):
+        return self.audio_projector if modality == "audio" else self.vision_projector
+
+    def _feature_counts(self, batch: dict[str, Any], modality: str) -> list[int]:
+        """Projected features per item of `modality`: its encoder tokens, or the pool projector's groups of them."""
+        return self._projector(modality).num_outputs(batch[f"{modality}_num_tokens"].tolist())
+
+    def _resample(self, features: dict[str, torch.Tensor], batch: dict[str, Any],
+                  unused: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Fusion resampler: {modality: (Q x groups, D)}; a resampler whose modalities are absent runs on a dummy group."""
+        resampled = {}
+        for name, modalities in (("audio", ("audio",)), ("vision", ("image", "video"))):
+            if name not in self.fusion:
+                continue
+            present = [m for m in modalities if m in features]
+            if not present:  # distributed-safety rule (module docstring): every module runs once per forward
+                # dtype from parameters(), not from `.weight`: under ZeRO-3 reading a module's parameter
+                # attribute in a forward gathers it on this rank alone (an "external parameter"), so the
+                # ranks' all-gathers would no longer pair up
+                dtype = next(self.fusion[name].parameters()).dtype
+                dummy = torch.zeros(1, self.cfg.backbone.dim, dtype=dtype, device=batch["input_ids"].device)
+                unused.append(self.fusion[name](dummy, [1]))
+                continue
+            sizes = {m: [g for n in batch[f"{m}_num_tokens"].tolist() for g in group_sizes(m, n, self.sequence_tokens)]
+                     for m in present}  # the item's encoder tokens, or its audio spans
+            out = self.fusion[name](torch.cat([features[m] for m in present]), [g for m in present for g in sizes[m]])
+            resampled.update(zip(present, out.split([len(sizes[m]) * self.cfg.resampler.queries for m in present])))
+        return resampled
+
+    def _check_seq_tokens(self, batch: dict[str, Any], features: dict[str, torch.Tensor]) -> None:
+        """Each item's placeholders (batch[f"{m}_seq_tokens"]) must be the positions the model makes of it."""
+        for modality in features:
+            expected = [sequence_token_count(modality, n, self.sequence_tokens)
+                        for n in batch[f"{modality}_num_tokens"].tolist()]
+            given = batch.get(f"{modality}_seq_tokens")
+            if given is not None and given.tolist() != expected:
+                raise ValueError(f"fusion: the batch's {modality} items have {given.tolist()} placeholder positions but "
+                                 f"model.fusion={self.cfg.fusion} with these projectors makes {expected} of them; "
+                                 "data.sequence_tokens disagrees with the model (load both from one recipe)")
 
     def _encode(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
         """Run every encoder + projector once: ({present modality: (num_tokens, D)}, [outputs of dummy inputs])."""
@@ -229,8 +362,9 @@ class OmniModel(nn.Module):
         features: dict[str, torch.Tensor] = {}
         unused: list[torch.Tensor] = []
         if self.audio_encoder is not None:
-            if "audio_mel" in batch:
-                features["audio"] = self.audio_projector(self.audio_encoder(batch["audio_mel"], batch["audio_window_frames"]))
+            if "audio_mel" in batch:  # the items' token counts: the pool projector groups within each item only
+                features["audio"] = self.audio_projector(self.audio_encoder(batch["audio_mel"], batch["audio_window_frames"]),
+                                                         batch["audio_num_tokens"].tolist())
             else:
                 unused.append(self.audio_projector(self.audio_encoder(*self.audio_encoder.dummy_input(device))))
         if self.vision_encoder is not None:
@@ -238,9 +372,9 @@ class OmniModel(nn.Module):
             if present:  # one call for images and videos together: the same collectives on every rank
                 patches = torch.cat([batch[f"{m}_patches"] for m in present])
                 grid_thw = torch.cat([batch[f"{m}_grid_thw"] for m in present])
-                out = self.vision_projector(self.vision_encoder(patches, grid_thw))
-                merge = self.vision_encoder.cfg.merge_size ** 2
-                features.update(zip(present, out.split([batch[f"{m}_patches"].shape[0] // merge for m in present])))
+                num_tokens = [n for m in present for n in batch[f"{m}_num_tokens"].tolist()]
+                out = self.vision_projector(self.vision_encoder(patches, grid_thw), num_tokens)
+                features.update(zip(present, out.split([sum(self._feature_counts(batch, m)) for m in present])))
             else:
                 unused.append(self.vision_projector(self.vision_encoder(*self.vision_encoder.dummy_input(device))))
         return features, unused
@@ -250,7 +384,7 @@ class OmniModel(nn.Module):
         counts = {name: sum(p.numel() for p in module.parameters()) if module is not None else 0
                   for name, module in (("audio_encoder", self.audio_encoder), ("audio_projector", self.audio_projector),
                                        ("vision_encoder", self.vision_encoder), ("vision_projector", self.vision_projector),
-                                       ("backbone", self.backbone), ("transfer", self.transfer))}
+                                       ("backbone", self.backbone), ("transfer", self.transfer), ("fusion", self.fusion))}
         counts["total"] = sum(counts.values())
         return counts
 

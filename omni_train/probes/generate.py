@@ -9,9 +9,11 @@ the input embeddings, takes the argmax at each row's last real position and writ
 embedding at the next position, in the same document. The new tokens' position ids continue from
 the prompt's largest id over all streams + 1, one per token, the same on all three streams with 3-D
 positions (transformers' `mrope_position_deltas`: after an interleaved audio-in-video span the last
-token's id can be below the maximum); with 1-D positions that is the last id + 1. No KV cache: the
-probe models are small, and a step only attends over the rows' current lengths. A row stops at
-`<|im_end|>` or `<|endoftext|>`.
+token's id can be below the maximum); with 1-D positions that is the last id + 1. No KV cache for
+self-attention: the probe models are small, and a step only attends over the rows' current lengths.
+With model.fusion cross_attn the media memory's keys and values of every cross-attention block are
+computed once per call (`fusion.cache`, a media KV cache) and read at every step; the new tokens
+carry their row's document id, so they read its media. A row stops at `<|im_end|>` or `<|endoftext|>`.
 
 Row lengths come from the fused `document_ids` (>= 0 on real positions), never from the batch:
 a fusion or transfer mechanism may replace a media span by fewer vectors.
@@ -45,11 +47,12 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def _fuse_prompts(model: nn.Module, prompts: Sequence[TokenizedSample], tokenizer: Tokenizer, *, room: int,
-                  audio_cfg: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  audio_cfg: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Any]:
     """Collate one prompt per row, fuse, and leave `room` free positions after each row's end.
 
     Returns embeds (B, L, D), position_ids (B, L) or (3, B, L), document_ids (B, L), the index of
-    each row's last real position (B,) and the position id of each row's next token (B,).
+    each row's last real position (B,), the position id of each row's next token (B,) and the
+    fusion's media memory (FusedInputs.memory: None but for cross_attn).
     """
     assert prompts, "no prompts"
     batch = collate_packed([[p] for p in prompts], max(len(p) for p in prompts) + room, tokenizer.pad_id, audio_cfg)
@@ -68,19 +71,22 @@ def _fuse_prompts(model: nn.Module, prompts: Sequence[TokenizedSample], tokenize
     documents[:, :min(fused_len, length)] = fused.document_ids[:, :length]
     streams_max = fused.position_ids if fused.position_ids.dim() == 2 else fused.position_ids.amax(dim=0)  # (B, L)
     next_position = torch.where(real, streams_max, -1).amax(dim=1) + 1                                      # (B,)
-    return embeds, positions, documents, last, next_position
+    return embeds, positions, documents, last, next_position, fused.memory
 
 
 @torch.no_grad()
 def generate_ids(model: nn.Module, prompts: Sequence[TokenizedSample], tokenizer: Tokenizer, *, max_new_tokens: int,
-                 audio_cfg: Any = None, stop_early: bool = False, stop_ids: Sequence[int] | None = None) -> list[list[int]]:
+                 audio_cfg: Any = None, stop_early: bool = False, stop_ids: Sequence[int] | None = None,
+                 cache_media: bool = True) -> list[list[int]]:
     """Greedy continuations of `prompts` (token ids, without the stop token), one list per prompt.
 
     `stop_ids`: the tokens that end a row (default `<|im_end|>` and `<|endoftext|>`; [] for exactly
     `max_new_tokens` tokens, as when comparing with another implementation's greedy decoding).
+    `cache_media=False` recomputes the cross_attn media keys and values at every step (tests compare).
     """
-    embeds, positions, documents, last, next_position = _fuse_prompts(model, prompts, tokenizer, room=max_new_tokens,
-                                                                       audio_cfg=audio_cfg)
+    embeds, positions, documents, last, next_position, memory = _fuse_prompts(
+        model, prompts, tokenizer, room=max_new_tokens, audio_cfg=audio_cfg)
+    media = model.fusion.cache(memory) if memory is not None and cache_media else memory
     backbone = model.backbone
     num_rows = len(prompts)
     rows = torch.arange(num_rows, device=embeds.device)
@@ -93,7 +99,8 @@ def generate_ids(model: nn.Module, prompts: Sequence[TokenizedSample], tokenizer
             break
         width = int(last.max()) + 1  # positions after every row's end are padding or unwritten: leave them out
         hidden = backbone(inputs_embeds=embeds[:, :width], position_ids=positions[..., :width],
-                          document_ids=documents[:, :width])                           # (B, width, D)
+                          document_ids=documents[:, :width],
+                          after_layer=model.after_layer(media, documents[:, :width]))   # (B, width, D)
         next_ids = backbone.logits(hidden[rows, last]).argmax(dim=-1)                   # (B,)
         stops = torch.isin(next_ids, stop_ids)
         write = ~done & ~stops                                                          # rows that go on
@@ -143,8 +150,9 @@ def mean_hidden(model: nn.Module, prompts: Sequence[TokenizedSample], tokenizer:
     the end of the turn), which fusion leaves as they are; a media span in between may be shortened,
     and its markers dropped, so those are found by their embedding rather than by position.
     """
-    embeds, positions, documents, last, _ = _fuse_prompts(model, prompts, tokenizer, room=0, audio_cfg=audio_cfg)
-    hidden = model.backbone(inputs_embeds=embeds, position_ids=positions, document_ids=documents)  # (B, L, D)
+    embeds, positions, documents, last, _, memory = _fuse_prompts(model, prompts, tokenizer, room=0, audio_cfg=audio_cfg)
+    hidden = model.backbone(inputs_embeds=embeds, position_ids=positions, document_ids=documents,
+                            after_layer=model.after_layer(memory, documents))            # (B, L, D)
     columns = torch.arange(hidden.shape[1], device=hidden.device)
     start = torch.tensor([t[0] for t in trims], device=hidden.device)
     end = last + 1 - torch.tensor([t[1] for t in trims], device=hidden.device)

@@ -28,6 +28,9 @@ Kinds:
   `encode_media(pooled=True)`: the question is whether speech and text meet inside the shared
   model, and the projector output does not go through it. Cosine similarity; recall@k
   speech -> text (gallery: the distinct transcripts) and text -> speech (any recording of it counts).
+  With `layers: [i, ...]`, also `cka/layer<i>`: linear CKA between the items' pooled speech states and
+  their transcripts' pooled states at the output of backbone layer i, pooled over the same positions
+  in the same forward (`train.diagnostics.linear_cka`, `backbone_with_layers`).
 
 Every probe reads all of its shards' items in one fixed order (shard order, then tar order),
 keeps those of `tasks` (and those its kind can use), at most `max_items`, and gives rank r the
@@ -71,6 +74,7 @@ from omni_train.data.text import Tokenizer, render_prompt
 from omni_train.probes.generate import generate, mean_hidden, text_messages
 from omni_train.probes.metrics import (char_error_rate, exact_match, execution_matches, item_matches, recall_at_k,
                                        require_sandbox, word_error_rate)
+from omni_train.train.diagnostics import backbone_with_layers, linear_cka
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +100,7 @@ class ProbeConfig:
     transcribe_instruction: str = "Transcribe."     # pipeline, step 1
     code_instruction: str = "Write the code."       # pipeline, step 2
     k: list[int] = field(default_factory=lambda: [1, 5])  # retrieval: recall@k for each k
+    layers: list[int] = field(default_factory=list)       # retrieval: linear CKA at these backbone layers
     timeout_s: float = 2.0              # execution match: per snippet
     num_examples: int = 8               # items written to probe_examples.jsonl
     group_by: list[str] = field(default_factory=list)   # meta fields to score separately, e.g. num_speakers
@@ -119,6 +124,9 @@ class ProbeConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.k or any(k < 1 for k in self.k):
             raise ValueError(f"k must be a non-empty list of integers >= 1, got {self.k}")
+        if self.layers and (self.kind != "retrieval" or any(not isinstance(i, int) or i < 0 for i in self.layers)):
+            raise ValueError(f"layers (CKA of the retrieval kind) must be backbone layer indices >= 0 of a retrieval "
+                             f"probe, got {self.layers} with kind {self.kind}")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
         reserved = [f for f in self.group_by if f in ("task", "language")]
@@ -323,12 +331,15 @@ def _run_retrieval(items: list[ProbeItem], probe: ProbeConfig, ctx: _Context) ->
     # <|audio_end|> are left out by their embedding (a transfer mechanism may have dropped them)
     trims = [(ctx.head_len, ctx.tail_len)] * max(len(decoded), 1)
     markers = [ctx.tokenizer.token_id("<|audio_start|>"), ctx.tokenizer.token_id("<|audio_end|>")]
-    speech_vectors = mean_hidden(ctx.model, _padded(speech, ctx), ctx.tokenizer, audio_cfg=ctx.data_cfg.audio,
-                                 trims=trims, exclude_ids=markers)
-    text_vectors = mean_hidden(ctx.model, _padded(text, ctx), ctx.tokenizer, audio_cfg=ctx.data_cfg.audio,
-                               trims=trims, exclude_ids=markers)
-    return [{"index": item.index, "speech": s.cpu(), "text": t.cpu()}
-            for (item, _), s, t in zip(decoded, speech_vectors, text_vectors)]
+    with backbone_with_layers(ctx.model, probe.layers):  # (B, D * (1 + len(layers))): final, then each layer
+        speech_vectors = mean_hidden(ctx.model, _padded(speech, ctx), ctx.tokenizer, audio_cfg=ctx.data_cfg.audio,
+                                     trims=trims, exclude_ids=markers)
+        text_vectors = mean_hidden(ctx.model, _padded(text, ctx), ctx.tokenizer, audio_cfg=ctx.data_cfg.audio,
+                                   trims=trims, exclude_ids=markers)
+    parts = 1 + len(probe.layers)
+    speech_vectors, text_vectors = (v.unflatten(-1, (parts, -1)) for v in (speech_vectors, text_vectors))  # (B, parts, D)
+    return [{"index": item.index, "speech": s[0].cpu(), "text": t[0].cpu(), "speech_layers": s[1:].cpu(),
+             "text_layers": t[1:].cpu()} for (item, _), s, t in zip(decoded, speech_vectors, text_vectors)]
 
 
 RUNNERS: dict[str, Callable[[list[ProbeItem], ProbeConfig, _Context], list[dict]]] = {
@@ -442,6 +453,9 @@ def _score_retrieval(results: list[dict], probe: ProbeConfig) -> list[Score]:
         for k in probe.k:
             scores.append((task, language, key, f"recall@{k}_speech2text", recall_at_k(similarity, targets, k), len(group)))
             scores.append((task, language, key, f"recall@{k}_text2speech", recall_at_k(similarity.T, recordings, k), len(gallery)))
+        for j, layer in enumerate(probe.layers if len(group) > 1 else []):  # each recording against its transcript
+            cka = linear_cka(torch.stack([r["speech_layers"][j] for r in group]), torch.stack([r["text_layers"][j] for r in group]))
+            scores.append((task, language, key, f"cka/layer{layer}", cka, len(group)))
     return scores
 
 

@@ -3,6 +3,7 @@
     dist = init_distributed(train_cfg.engine)            # torchrun env -> process group (gloo on CPU, NCCL on GPU)
     engine = Engine(model, train_cfg, dist, micro_batch_size=...)
     out = engine.train_step(micro_batches)               # forward + backward per micro-batch, then one optimizer step
+    out = engine.train_step(micro_batches, grad_norms=True)  # + per-module / per-modality gradient norms (diagnostics.py)
     engine.save(dir) / engine.load(dir)
     shutdown(engine, dist)
 
@@ -165,24 +166,48 @@ class Engine:
         with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             return self.wrapped(move_batch(batch, self.dist.device))
 
-    def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
-        """One optimizer step over len(micro_batches) == train.grad_accum micro-batches."""
+    def train_step(self, micro_batches: list[dict[str, Any]], *, grad_norms: bool = False) -> dict[str, Any]:
+        """One optimizer step over len(micro_batches) == train.grad_accum micro-batches.
+
+        With `grad_norms` (every rank passes the same), the result also holds `module_grad_norms` and
+        `feature_grad_norms` (diagnostics.py); with train.diagnostics.loss_share, `task_losses`
+        ({task: [summed token loss, targets]} of this rank's micro-batches).
+        """
+        from omni_train.train.diagnostics import FeatureGradients, backbone_documents, module_grad_norms, task_losses
+
         self.wrapped.train()
-        losses, aux = [], {}
+        losses, aux, tasks = [], {}, {}
+        features = FeatureGradients(self.module) if grad_norms else None
+        loss_share = self.cfg.diagnostics.loss_share
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
+            recording = features.recording(batch) if features is not None else contextlib.nullcontext()
+            documents = backbone_documents(self.module) if loss_share else contextlib.nullcontext([])
             if self.cfg.engine == "deepspeed":
-                out = self._forward(batch)
-                self.wrapped.backward(out.loss)
+                with recording, documents as seen:
+                    out = self._forward(batch)
+                    self.wrapped.backward(out.loss)
+                if grad_norms and last:  # full gradients exist only between the boundary's backward and step
+                    module_norms = module_grad_norms(self.module, deepspeed=True)
                 self.wrapped.step()
             else:
                 sync = contextlib.nullcontext() if last or not hasattr(self.wrapped, "no_sync") else self.wrapped.no_sync()
-                with sync:
+                with sync, recording, documents as seen:
                     out = self._forward(batch)
                     (out.loss / len(micro_batches)).backward()
+            if loss_share:
+                for task, (loss_sum, count) in task_losses(out.per_token_loss.detach(), seen[-1] if seen else
+                                                           batch["document_ids"], batch).items():
+                    entry = tasks.setdefault(task, [0.0, 0.0])
+                    entry[0], entry[1] = entry[0] + loss_sum, entry[1] + count
             losses.append(out.loss.detach().float().item())
             for name, value in out.aux.items():  # a transfer mechanism's terms (already inside the loss)
                 aux[name] = aux.get(name, 0.0) + float(value) / len(micro_batches)
+        extra: dict[str, Any] = {"task_losses": tasks} if loss_share else {}
+        if grad_norms:
+            if self.cfg.engine != "deepspeed":  # before clipping, as grad_norm
+                module_norms = module_grad_norms(self.module, deepspeed=False)
+            extra.update(module_grad_norms=module_norms, feature_grad_norms=features.norms(self.dist))
         if self.cfg.engine == "deepspeed":
             grad_norm = self.wrapped.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
@@ -192,16 +217,20 @@ class Engine:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
-        return {"loss": sum(losses) / len(losses), "grad_norm": grad_norm, "lr": self.lr(), "aux": aux}
+        return {"loss": sum(losses) / len(losses), "grad_norm": grad_norm, "lr": self.lr(), "aux": aux, **extra}
 
     def lr(self) -> float:
         return max(g["lr"] for g in self.optimizer.param_groups)
 
     @torch.no_grad()
+    def eval_output(self, batch: dict[str, Any]):
+        """The model's `OmniOutput` for one batch in eval mode, through the wrapper (ZeRO-3 gathers here)."""
+        self.wrapped.eval()
+        return self._forward(batch)
+
     def eval_loss(self, batch: dict[str, Any]) -> tuple[float, int]:
         """(sum of token losses, number of loss tokens) of one batch."""
-        self.wrapped.eval()
-        out = self._forward(batch)
+        out = self.eval_output(batch)
         return float(out.lm_loss) * int(out.num_loss_tokens), int(out.num_loss_tokens)
 
     def full_model(self, build) -> nn.Module:

@@ -8,6 +8,8 @@
 once in `engine.Engine`, streams packed batches from `data.pipeline.DataPipeline`, and writes
 the run directory: config.yaml, metrics.jsonl (with each rank's peak resident memory,
 `max_rss_mb`, the largest over ranks), skipped.jsonl, probes.jsonl, checkpoints/step_XXXXXXXX/.
+`train.diagnostics` adds per-module and per-modality gradient norms, loss shares per task, modality
+reliance with its collapse alarm (`diagnostics.py`) to the metrics rows.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 
 from omni_train.train.checkpoint import finalize, read_rank_state, resolve_resume, step_dir, write_rank_state
+from omni_train.train.diagnostics import CollapseWatch, DiagnosticsConfig, loss_share_metrics, measure_reliance
 from omni_train.train.engine import ENGINES, Engine, all_reduce, barrier, init_distributed, shutdown
 from omni_train.train.lora import LoraConfig, apply_lora, parameter_counts
 from omni_train.train.metrics import TRACKERS, MetricsLogger, max_rss_mb
@@ -61,6 +64,7 @@ class TrainConfig:
     lora: LoraConfig | None = None      # LoRA adapters (lora.py); None: every parameter of the unfrozen modules trains
     probes_at_start: bool = False       # run the probes once before the first step (the base model's numbers)
     loss_chunk_tokens: int = 0          # > 0: logits + loss of at most this many target positions at a time (model/loss.py)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)  # grad norms, loss shares, reliance
 
     def __post_init__(self):
         if self.engine not in ENGINES:
@@ -114,7 +118,8 @@ class Evaluator:
         self.cfg, self.dist, self.tokenizer = cfg, dist, tokenizer
         self.batches: list[dict] | None = None
 
-    def __call__(self, engine: Engine) -> float | None:
+    def load(self) -> list[dict]:
+        """The eval batches of this rank, read once (modality reliance measures on them too)."""
         from omni_train.data.pipeline import DataPipeline
 
         if self.batches is None:
@@ -129,7 +134,10 @@ class Evaluator:
             # ZeRO-3 gathers parameters in every forward: all ranks must run the same number
             (num,) = all_reduce([len(self.batches)], self.dist, op="min")
             self.batches = self.batches[: int(num)]
-        if not self.batches:
+        return self.batches
+
+    def __call__(self, engine: Engine) -> float | None:
+        if not self.load():
             return None
         total = count = 0.0
         for batch in self.batches:
@@ -201,7 +209,10 @@ def check_run(cfg) -> tuple[Any, Path | None, dict | None]:
     if not cfg.data.train:
         raise ValueError("data.train names no shards")
     tokenizer = Tokenizer.from_path(cfg.data.tokenizer)
-    evaluated = cfg.data.eval if cfg.train.eval_every else []  # without held-out eval, data.eval is never read
+    reliance = cfg.train.diagnostics.reliance_every
+    if reliance and not cfg.data.eval:
+        raise ValueError("train.diagnostics.reliance_every measures on data.eval batches, but data.eval names no shards")
+    evaluated = cfg.data.eval if cfg.train.eval_every or reliance else []  # otherwise data.eval is never read
     for key, sources in (("data.train", cfg.data.train), ("data.eval", evaluated)):
         for i, source in enumerate(sources):
             try:
@@ -300,7 +311,10 @@ def train(cfg) -> TrainState:
     if checkpoint is not None:
         logger.write(f"resumed from {checkpoint} at step {state.step}")
     logger.write(describe_parameters(engine.module))
-    evaluator = Evaluator(cfg, dist, tokenizer) if cfg.data.eval and tcfg.eval_every else None
+    diagnostics = tcfg.diagnostics
+    evaluator = Evaluator(cfg, dist, tokenizer) if cfg.data.eval and (tcfg.eval_every or diagnostics.reliance_every) else None
+    collapse = CollapseWatch(diagnostics)
+    task_losses: dict[str, list[float]] = {}  # loss_share: this rank's sums since the last logged row
     replica = lambda: build_run_model(cfg, tokenizer, base_dir=base_dir, load_init=False)  # noqa: E731 - ZeRO-3 probe copies
     if tcfg.probes_at_start and state.step == 0 and cfg.probes:
         probe_rows = run_probes(engine.full_model(replica), cfg.probes, data_cfg=cfg.data, tokenizer=tokenizer, dist=dist,
@@ -313,7 +327,8 @@ def train(cfg) -> TrainState:
         start = time.perf_counter()
         micro_batches = [next(batches) for _ in range(tcfg.grad_accum)]
         loader_wait_s = time.perf_counter() - start
-        result = engine.train_step(micro_batches)
+        logs_step = every(state.step + 1, tcfg.log_every) or state.step + 1 in (1, tcfg.steps)
+        result = engine.train_step(micro_batches, grad_norms=diagnostics.grad_norms and logs_step)
         state.step += 1
         real = sum(b["num_real_tokens"] for b in micro_batches)
         positions = sum(b["input_ids"].numel() for b in micro_batches)
@@ -324,11 +339,18 @@ def train(cfg) -> TrainState:
         state.samples_seen += int(samples)
         row = {"step": state.step, "loss": loss_sum / dist.world_size, "lr": result["lr"], "grad_norm": result["grad_norm"],
                "tokens_per_s": real / step_s, "real_token_fraction": real / positions, "loader_wait_s": loader_wait_s,
-               "step_s": step_s, "tokens_seen": state.tokens_seen}
+               "step_s": step_s, "tokens_seen": state.tokens_seen,
+               "samples_seen": state.samples_seen}
         if result["aux"]:
             names = sorted(result["aux"])
             values = all_reduce([result["aux"][n] for n in names], dist)
             row.update({name: value / dist.world_size for name, value in zip(names, values)})
+        if "module_grad_norms" in result:
+            row.update({f"grad_norm/{name}": value for name, value in result["module_grad_norms"].items()})
+            row.update({f"grad_norm/features/{name}": value for name, value in result["feature_grad_norms"].items()})
+        for task, (loss_sum, count) in result.get("task_losses", {}).items():
+            entry = task_losses.setdefault(task, [0.0, 0.0])
+            entry[0], entry[1] = entry[0] + loss_sum, entry[1] + count
 
         if evaluator is not None and every(state.step, tcfg.eval_every):
             eval_loss = evaluator(engine)
@@ -344,8 +366,19 @@ def train(cfg) -> TrainState:
                         if r["task"] == "all" and r["language"] == "all"})
             if state.step == tcfg.steps and probe_rows:
                 logger.write(format_table(probe_rows))
-        if every(state.step, tcfg.log_every) or state.step == 1 or state.step == tcfg.steps or "eval_loss" in row or due:
+        relies = evaluator is not None and every(state.step, diagnostics.reliance_every)
+        if relies:  # the same eval batches, each modality's features replaced by their mean (diagnostics.py)
+            reliance = measure_reliance(engine, evaluator.load(), dist)
+            flags, alarms = collapse.update(state.step, reliance)
+            row.update(reliance)
+            row.update(flags)
+            for line in alarms:
+                logger.write(line)
+        if logs_step or "eval_loss" in row or due or relies:
             (row["max_rss_mb"],) = all_reduce([max_rss_mb()], dist, op="max")  # the same decision on every rank
+            if diagnostics.loss_share:
+                row.update(loss_share_metrics(task_losses, dist))
+                task_losses.clear()
             logger.log(row)
         logger.progress(state.step, row)
         if every(state.step, tcfg.checkpoint_every) or state.step == tcfg.steps:

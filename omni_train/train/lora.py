@@ -16,6 +16,14 @@ The adapted layers' base weights move to `<layer>.base_layer.weight`; adapters a
 `merge_lora` folds the adapters into the base weights (W + B A alpha / r) and puts the plain
 layers back, so the merged model has the base model's parameter names again; `remove_lora(...,
 merge=False)` drops them instead (the base model, for an export that keeps the adapters apart).
+
+A fusion's own modules (`OmniModel.fusion`: model.fusion cross_attn's gated blocks, resampler's
+query blocks) are no adapter target: they are new, randomly initialised, and hold what no adapter
+reaches (cross_attn's tanh gates start at 0 and are not nn.Linear, so adapters on its linear layers
+would leave the blocks closed for ever). A LoRA run trains them whole: the recipe loader refuses
+`fusion` in lora.targets, and a cross_attn / resampler fusion without `fusion` in lora.full_modules,
+each in one line (`check_lora_fusion`); a fusion that init.run already trained may instead be kept
+as it is with train.modules.fusion.freeze.
 """
 
 from __future__ import annotations
@@ -37,8 +45,9 @@ TARGET_GROUPS: dict[str, str] = {
     "vision_projector": r"vision_projector\..+",
     "audio_encoder": r"audio_encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|fc1|fc2)",
     "vision_encoder": r"vision_encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|fc1|fc2|(gate|up|down)_proj)",
-}
-TOP_LEVEL_MODULES = ("audio_encoder", "audio_projector", "vision_encoder", "vision_projector", "backbone", "transfer")
+}  # not `fusion`: a fusion's modules train whole (lora.full_modules; module docstring)
+TOP_LEVEL_MODULES = ("audio_encoder", "audio_projector", "vision_encoder", "vision_projector", "backbone", "transfer",
+                     "fusion")
 
 
 @dataclass(kw_only=True)
@@ -59,12 +68,34 @@ class LoraConfig:
         self.targets, self.full_modules = list(self.targets), list(self.full_modules)
         if not self.targets:
             raise ValueError(f"lora.targets must name at least one of {', '.join(TARGET_GROUPS)}")
+        if "fusion" in self.targets:
+            raise ValueError("lora.targets: fusion cannot take adapters (its modules are new and randomly initialised, "
+                             "cross_attn's gates are no linear layer): list it in lora.full_modules to train it whole")
         unknown = [t for t in self.targets if t not in TARGET_GROUPS]
         if unknown:
             raise ValueError(f"lora.targets: unknown group {unknown[0]!r} (allowed: {', '.join(TARGET_GROUPS)})")
         unknown = [m for m in self.full_modules if m not in TOP_LEVEL_MODULES]
         if unknown:
             raise ValueError(f"lora.full_modules: unknown module {unknown[0]!r} (allowed: {', '.join(TOP_LEVEL_MODULES)})")
+
+
+def check_lora_fusion(lora: LoraConfig | None, fusion: str, modules: dict) -> None:
+    """A LoRA run trains a fusion's own modules whole (module docstring); ValueError naming the keys otherwise.
+
+    `fusion`: model.fusion; `modules`: train.modules (a fusion frozen there, trained by init.run, is kept as is).
+    """
+    if lora is None:
+        return
+    if fusion == "interleave":  # OmniModel.fusion is None
+        if "fusion" in lora.full_modules:
+            raise ValueError("train.lora.full_modules: model.fusion=interleave has no fusion module (cross_attn and "
+                             "resampler have one)")
+        return
+    frozen = getattr(modules.get("fusion"), "freeze", False)
+    if "fusion" not in lora.full_modules and not frozen:
+        raise ValueError(f"train.lora.full_modules must list fusion with model.fusion={fusion}: its modules are new "
+                         "and randomly initialised and adapters do not train them (or set "
+                         "train.modules.fusion.freeze=true to keep the ones init.run trained)")
 
 
 def lora_targets(model: nn.Module, targets: list[str]) -> list[str]:

@@ -1,12 +1,13 @@
 """Parameter groups per module, AdamW, and the learning-rate schedule (warmup, cosine, stages).
 
 Groups are built per top-level module of the model (audio_encoder, vision_encoder, projectors,
-backbone) and per weight-decay class, so a recipe can freeze a module, scale its learning rate,
-or train only some modules for a stage:
+backbone, and `fusion`: model.fusion cross_attn's or resampler's own modules) and per weight-decay
+class, so a recipe can freeze a module, scale its learning rate, or train only some modules for a stage:
 
     train:
       modules: {audio_encoder: {lr_scale: 0.5}, vision_encoder: {freeze: true}}
       stages: [{until_step: 200, train: [audio_projector, vision_projector]}]  # then everything
+      # stages: [{until_step: 200, train: [fusion]}]  # open the cross_attn blocks on a still backbone first
 
 A stage holds the other modules still by giving their groups a learning-rate multiplier of 0
 (AdamW's decoupled weight decay is scaled by the learning rate too), so every engine, DeepSpeed's
