@@ -127,7 +127,7 @@ def _name_key(message: str, where: str, cls: type) -> str:
     if message.startswith(last + "."):  # "audio.n_fft must ..." under data.audio
         return where[: len(where) - len(where.rpartition(".")[2])] + message
     for field in dataclasses.fields(cls):
-        if message.startswith(field.name + " "):
+        if message.startswith((field.name + " ", field.name + "[")):  # "degrade[1].kbps must ..." under probes[0]
             return f"{where}.{message}"
     return f"{where}: {message}"
 

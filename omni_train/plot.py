@@ -17,6 +17,12 @@ each variant over steps (mean over seeds, band from the lowest to the highest se
 probe metric (all tasks, all languages) with each variant's mean and its 95% t-interval (n >= 4 seeds) or
 +- std (n < 4), and each seed's value as a dot.
 
+**Degradations** (a probe's `degrade:`, issue 14): runs or a sweep with degraded probe rows also get
+`robustness.png` (`robustness_figure`): a panel per (probe, metric, degradation) drawing the value (task and
+language "all", latest step) against the severity, one line per run or variant (mean and its bar over seeds),
+each one's clean value as a dashed line in its colour, so a run trained with augmentation and one without
+compare at a glance. The curves above keep the clean rows only.
+
 The transfer view of one run (notebooks/transfer.ipynb): `load_run` reads its metrics, probe
 rows and the probes' kinds; `transfer_table` lays the probe rows out per language (zero-shot
 speech -> code next to the two-step pipeline and the transcripts), `format_transfer_table`
@@ -42,10 +48,13 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def probe_series(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
-    """{'probe/metric': [(step, value)]} for the overall rows (task and language 'all')."""
+    """{'probe/metric': [(step, value)]} for the overall clean rows (task and language 'all', no degradation)."""
+    from omni_train.probes.compare import is_clean
+
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for row in rows:
-        if row.get("language", "all") == "all" and row.get("task", "all") in ("all", None) and "group_by" not in row:
+        if (row.get("language", "all") == "all" and row.get("task", "all") in ("all", None) and "group_by" not in row
+                and is_clean(row)):
             series[f"{row['probe']}/{row['metric']}"].append((row["step"], row["value"]))
     return {k: sorted(v) for k, v in sorted(series.items())}
 
@@ -161,10 +170,18 @@ def plot_cli(args: argparse.Namespace) -> int:
         if len(runs) > 1:
             raise ValueError(f"plot: {next(r for r in runs if is_collection(r))} is a sweep directory; give it alone")
         out = Path(args.out) if args.out else runs[0] / "plots" / "sweep.png"
-        print(f"wrote {save_sweep_figure(aggregate(runs, with_parameters=False), out)}")
+        agg = aggregate(runs, with_parameters=False)
+        print(f"wrote {save_sweep_figure(agg, out)}")
+        robustness = sweep_robustness(agg)
+        if robustness:
+            title = f"{agg.title}: degraded probes, mean over seeds ({_bar_rule(agg)})"
+            print(f"wrote {save_robustness_figure(robustness, out.parent / 'robustness.png', title=title)}")
         return 0
     out = Path(args.out) if args.out else runs[0] / "plots" / "curves.png"
     print(f"wrote {plot_runs(runs, out)}")
+    robustness = run_robustness(runs)
+    if robustness:
+        print(f"wrote {save_robustness_figure(robustness, out.parent / 'robustness.png', title='degraded probes')}")
     for run in runs:
         transfer = plot_transfer(run, out.parent / f"transfer-{run.name}.png")
         if transfer is not None:
@@ -213,11 +230,13 @@ def load_run(run: str | Path) -> dict:
 
 
 def _latest_rows(rows: list[dict]) -> list[dict]:
-    """Each probe's rows of its latest step, per-language rows only (no group_by rows)."""
+    """Each probe's clean rows of its latest step, per-language rows only (no group_by rows)."""
+    from omni_train.probes.compare import is_clean
+
     latest: dict[str, int] = {}
     for r in rows:
         latest[r["probe"]] = max(latest.get(r["probe"], r["step"]), r["step"])
-    return [r for r in rows if r["step"] == latest[r["probe"]] and "group_by" not in r]
+    return [r for r in rows if r["step"] == latest[r["probe"]] and "group_by" not in r and is_clean(r)]
 
 
 def transfer_table(rows: list[dict], *, kinds: dict[str, str] | None = None, task: str = ZERO_SHOT_TASK,
@@ -272,10 +291,12 @@ def format_transfer_table(table: list[dict]) -> str:
 
 
 def language_series(rows: list[dict], *, probe: str, task: str, metric: str) -> dict[str, list[tuple[int, float]]]:
-    """{language: [(step, value)]} of one probe's `metric` on `task`, "all" first, then the languages sorted."""
+    """{language: [(step, value)]} of one probe's clean `metric` on `task`, "all" first, then the languages sorted."""
+    from omni_train.probes.compare import is_clean
+
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for r in rows:
-        if r["probe"] == probe and r["task"] == task and r["metric"] == metric and "group_by" not in r:
+        if (r["probe"], r["task"], r["metric"]) == (probe, task, metric) and "group_by" not in r and is_clean(r):
             series[r["language"]].append((r["step"], r["value"]))
     return {lang: sorted(series[lang]) for lang in sorted(series, key=lambda lang: (lang != ALL, lang))}
 
@@ -327,7 +348,7 @@ def sweep_figure(agg):
     from omni_train.probes.compare import TRAIN, is_rate
 
     headline = [row for row in agg.rows if row["key"][0] != TRAIN and row["key"][1] in ("all", "")
-                and row["key"][2] in ("all", "")]
+                and row["key"][2] in ("all", "") and row["key"][0] not in agg.conditions]
     train_rows = [row for row in agg.rows if row["key"][0] == TRAIN]
     panels = [None, *train_rows, *headline]  # None: the loss curves
     cols = min(3, len(panels))
@@ -369,12 +390,22 @@ def sweep_figure(agg):
                ylabel="%" if scale == 100.0 else "")
         ax.set_xticklabels(agg.variants, rotation=20 if len(agg.variants) > 3 else 0, fontsize=8)
         ax.set_xlim(-0.5, len(agg.variants) - 0.5)
-    ns = {s.n for row in agg.rows for s in row["stats"].values()}
-    rule = ("bars: 95% t-interval" if ns and min(ns) >= 4 else "bars: ± std (n < 4)" if ns and max(ns) < 4
-            else "bars: 95% t-interval where n >= 4, ± std where n < 4")
-    fig.suptitle(f"{agg.title}: mean per variant, {rule}; dots: seeds", fontsize=10)
+    fig.suptitle(f"{agg.title}: mean per variant, {_bar_rule(agg)}; dots: seeds", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.98))  # room for the title above the top row
     return fig
+
+
+def _bar_rule(agg) -> str:
+    ns = {s.n for row in agg.rows for s in row["stats"].values()}
+    return ("bars: 95% t-interval" if ns and min(ns) >= 4 else "bars: ± std (n < 4)" if ns and max(ns) < 4
+            else "bars: 95% t-interval where n >= 4, ± std where n < 4")
+
+
+def _error(stat) -> tuple[float, float]:
+    """The error bar of a compare.Stat below and above its mean: its interval (n >= 4) or +- std."""
+    if stat.has_interval:
+        return stat.mean - stat.lo, stat.hi - stat.mean
+    return stat.std or 0.0, stat.std or 0.0
 
 
 def save_sweep_figure(agg, out: Path) -> Path:
@@ -384,6 +415,107 @@ def save_sweep_figure(agg, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig = sweep_figure(agg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Degraded probes: each metric against severity
+
+
+# (probe, metric) -> {"clean": (value, (below, above)) or None, degradation: [(severity, value, (below, above))]}
+Robustness = dict[tuple[str, str], dict]
+
+
+def run_robustness(runs: list[Path]) -> dict[str, Robustness]:
+    """Per run with degraded probe rows (its name -> Robustness), from probes.jsonl at each probe's latest step."""
+    from omni_train.data.degrade import CLEAN
+    from omni_train.probes.compare import degradation_rows
+
+    out: dict[str, Robustness] = {}
+    for run in runs:
+        if not (run / "probes.jsonl").is_file():
+            continue
+        panels: Robustness = defaultdict(lambda: {"clean": None})
+        for (probe, metric, degradation, severity), row in degradation_rows(run).items():
+            if degradation == CLEAN:
+                panels[(probe, metric)]["clean"] = (row["value"], (0.0, 0.0))
+            else:
+                panels[(probe, metric)].setdefault(degradation, []).append((severity, row["value"], (0.0, 0.0)))
+        if any(len(panel) > 1 for panel in panels.values()):
+            out[run.name] = dict(panels)
+    return out
+
+
+def sweep_robustness(agg) -> dict[str, Robustness]:
+    """Per variant (-> Robustness) from an aggregate's task-"all", all-languages rows: means over seeds and bars."""
+    clean = {(row["key"][0], row["key"][3]): row for row in agg.rows if row["key"][1:3] == ("all", "all")
+             and row["key"][0] not in agg.conditions}
+    out: dict[str, Robustness] = {}
+    for v in agg.variants:
+        panels: Robustness = {}
+        for row in agg.rows:
+            if row["key"][0] not in agg.conditions or row["key"][1:3] != ("all", "all") or v not in row["stats"]:
+                continue
+            probe, degradation, severity = agg.conditions[row["key"][0]]
+            metric = row["key"][3]
+            if (probe, metric) not in panels:
+                reference = clean.get((probe, metric), {"stats": {}})["stats"].get(v)
+                panels[(probe, metric)] = {"clean": None if reference is None else (reference.mean, _error(reference))}
+            stat = row["stats"][v]
+            panels[(probe, metric)].setdefault(degradation, []).append((severity, stat.mean, _error(stat)))
+        if panels:
+            out[v] = panels
+    return out
+
+
+def robustness_figure(lines: dict[str, Robustness], *, title: str = ""):
+    """A panel per (probe, metric, degradation): the value against the severity, one line per key of `lines` (a
+    run or a variant) with its error bars, and that line's clean value as a dashed line in its colour. Returns
+    the matplotlib Figure."""
+    import matplotlib.pyplot as plt
+
+    from omni_train.data.degrade import OPS
+
+    panels = list(dict.fromkeys((probe, metric, degradation) for robustness in lines.values()
+                                for (probe, metric), panel in robustness.items() for degradation in panel
+                                if degradation != "clean"))
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (probe, metric, degradation) in zip(axes.flat, panels):
+        for i, (name, robustness) in enumerate(lines.items()):
+            panel = robustness.get((probe, metric), {})
+            points = sorted(panel.get(degradation, []), key=lambda p: p[0])
+            if not points:
+                continue
+            x = [p[0] for p in points]
+            y = [p[1] for p in points]
+            err = [[p[2][0] for p in points], [p[2][1] for p in points]]
+            ax.errorbar(x, y, yerr=err if any(map(any, err)) else None, fmt="o-", color=f"C{i}", capsize=4,
+                        markersize=5, label=name)
+            if panel.get("clean") is not None:
+                ax.axhline(panel["clean"][0], color=f"C{i}", linestyle="--", linewidth=1, label=f"{name} clean")
+        field_name = OPS[degradation].severity if degradation in OPS else "severity"
+        ax.set(title=f"{probe} {metric}: {degradation}", xlabel=field_name)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97) if title else (0, 0, 1, 1))
+    return fig
+
+
+def save_robustness_figure(lines: dict[str, Robustness], out: Path, *, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = robustness_figure(lines, title=title)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)

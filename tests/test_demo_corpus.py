@@ -2,17 +2,20 @@
 
 The `tiny` corpus is built through the real CLI (espeak-ng, ffmpeg and PIL on this machine) and read
 back with tarfile, the training decoders and `inspect_shards`; the split rules are also checked on
-the full `demo` plan, which is drawn without rendering any media.
+the full `demo` plan, which is drawn without rendering any media, and so is what the unseen-voice
+probe items may change: nothing but the probe split they are added to.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import json
 import re
 import subprocess
 import tarfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
@@ -232,6 +235,79 @@ def test_demo_plan_keeps_probe_expressions_out_of_training():
     assert 0.27 < copy < 0.33
 
 
+def speech_plan_digest(plan: dict[str, list]) -> str:
+    """SHA-256 over the train and eval utterances' jobs and meta (`voice_seen` aside), ordered by file name.
+
+    Speech is drawn first from the planner's RNG, so this part of the plan does not depend on the
+    machine's fonts."""
+    rows = sorted([s.job.name, s.job.voice, s.job.text, s.job.rate_wpm, s.job.pitch, s.job.snr_db, s.job.noise,
+                   s.job.noise_seed, s.expression.text, sorted([k, v] for k, v in s.meta.items() if k != "voice_seen")]
+                  for split in ("train", "eval") for s in plan[split] if isinstance(s.job, demo.SpeechJob))
+    return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
+
+
+@pytest.mark.parametrize("size", ["tiny", "demo"])
+def test_unseen_voices_only_add_probe_items(size):
+    """Unseen-voice items are probe-only, paired with seen probe items, and change nothing else in the plan:
+    the demo's measured runs trained on exactly these train and eval utterances."""
+    cfg = demo.demo_config(size)
+    plan = demo.plan_corpus(cfg, fonts=[])
+    without = demo.plan_corpus(dataclasses.replace(cfg, probe_unseen_per_voice=0), fonts=[])
+    assert plan["train"] == without["train"] and plan["eval"] == without["eval"]
+    num_seen = len(without["probe"])
+    assert plan["probe"][:num_seen] == without["probe"]
+    # recorded from the plan before unseen voices existed (commit 4c06630)
+    golden = {"tiny": "246a02d2bbd0f810dd3ec97cf76970b31b2b559f467a266a0e82f14f6406dd59",
+              "demo": "9643edea4514227617f557a509cdda76c0ff514d6d3f9b5d434f96ee08d250c0"}
+    assert speech_plan_digest(plan) == golden[size]
+
+    speech = {split: [s for s in samples if isinstance(s.job, demo.SpeechJob)] for split, samples in plan.items()}
+    for split in ("train", "eval"):
+        assert {s.meta["voice_seen"] for s in speech[split]} == {"seen"}
+        assert not any("+" in s.job.voice or "variant" in s.meta for s in speech[split])  # no variant is ever trained
+    unseen = plan["probe"][num_seen:]
+    assert {s.meta["voice_seen"] for s in speech["probe"][:len(speech["probe"]) - len(unseen)]} == {"seen"}
+    assert len(unseen) == cfg.probe_unseen_per_voice * len(cfg.voices) == {"tiny": 8, "demo": 80}[size]
+    seen_by_utterance = {(s.meta["voice"], s.job.text, s.job.noise_seed): s for s in speech["probe"][:-len(unseen)]}
+    for s in unseen:
+        assert s.task == "speech2code" and s.meta["voice_seen"] == "unseen" and s.meta["variant"] in cfg.unseen_variants
+        assert s.job.voice == demo.espeak_voice(s.language, s.meta["variant"]) and s.meta["voice"] == s.language
+        twin = seen_by_utterance[(s.meta["voice"], s.job.text, s.job.noise_seed)]  # the same item in a trained voice
+        assert dataclasses.replace(s.job, name=twin.job.name, voice=twin.job.voice) == twin.job
+        assert {k: v for k, v in s.meta.items() if k not in ("voice_seen", "variant")} == \
+            {k: v for k, v in twin.meta.items() if k != "voice_seen"}
+        assert s.expression == twin.expression and s.job.name not in {x.job.name for x in speech["probe"] if x is not s}
+    per_voice = Counter(s.language for s in unseen)
+    assert per_voice == {voice: cfg.probe_unseen_per_voice for voice in cfg.voices}
+    variants = Counter(s.meta["variant"] for s in unseen)
+    assert set(variants) == set(cfg.unseen_variants) and max(variants.values()) - min(variants.values()) <= 1
+
+
+def test_unseen_voice_items_decode(tiny):
+    from omni_train.data.audio import AudioConfig, decode_audio
+
+    samples = split_samples(tiny)
+    corpus = json.loads((tiny / "corpus.json").read_text())
+    for split, items in samples.items():
+        speech = [s for s in items if s["json"]["meta"].get("voice")]
+        assert speech and all(s["json"]["meta"]["voice_seen"] in ("seen", "unseen") for s in speech)
+        assert corpus["splits"][split]["voice_seen"] == dict(Counter(s["json"]["meta"]["voice_seen"] for s in speech))
+    assert corpus["splits"]["probe"]["voice_seen"] == {"seen": 8, "unseen": 8}
+    seen = {(s["json"]["meta"]["voice"], s["json"]["meta"]["utterance"]): s for s in samples["probe"]
+            if s["json"]["meta"].get("voice_seen") == "seen"}
+    for sample in samples["probe"]:
+        meta = sample["json"]["meta"]
+        if meta.get("voice_seen") != "unseen":
+            continue
+        assert meta["variant"] in demo.UNSEEN_VARIANTS and meta["language"] == meta["voice"]
+        (part,) = media_parts(sample["json"])
+        waveform = decode_audio(sample[part["member"]], AudioConfig())
+        assert abs(waveform.numel() / 16000 - meta["duration_s"]) < 0.01 and waveform.abs().max() > 0.05
+        twin = seen[(meta["voice"], meta["utterance"])]
+        assert sample["json"]["messages"] == twin["json"]["messages"]  # the same question, in another voice
+        assert sample[part["member"]] != twin[part["member"]]
+
+
 def test_expression_forms_and_number_words():
     expr = demo.Expression(numbers=(3, 5, 2), ops=("+", "*"), parens="left")
     assert expr.text == "(3 + 5) * 2" and expr.code == "print((3 + 5) * 2)" and expr.value == 16
@@ -261,6 +337,20 @@ def test_full_voice_list_exists_in_espeak():
     assert set(demo.ALL_VOICES) <= installed, sorted(set(demo.ALL_VOICES) - installed)
     assert set(demo.CALIBRATION_VOICES) | set(demo.TINY_VOICES) <= set(demo.ALL_VOICES)
     assert demo.demo_config("full").voices == demo.ALL_VOICES
+    # the unseen voices are installed variants, and change the speaker, not the phonemes
+    listed = subprocess.run(["espeak-ng", "--voices=variant"], capture_output=True, text=True, check=True).stdout
+    variants = {word.removeprefix("!v/") for line in listed.splitlines() for word in line.split() if word.startswith("!v/")}
+    assert set(demo.UNSEEN_VARIANTS) <= variants, sorted(set(demo.UNSEEN_VARIANTS) - variants)
+    def espeak(*args: str) -> bytes:
+        return subprocess.run(["espeak-ng", *args], capture_output=True, check=True).stdout
+
+    for i, voice in enumerate(demo.ALL_VOICES):  # espeak-ng ignores a variant it cannot attach: the audio must change
+        spoken = demo.Expression(numbers=(3, 5, 2), ops=("+", "*")).spoken(voice)
+        variant = demo.UNSEEN_VARIANTS[i % len(demo.UNSEEN_VARIANTS)]
+        assert espeak("-v", demo.espeak_voice(voice, variant), "--stdout", spoken) != espeak("-v", voice, "--stdout", spoken), voice
+        if voice in demo.CALIBRATION_VOICES + demo.TINY_VOICES:
+            phonemes = {espeak("-q", "-x", "-v", demo.espeak_voice(voice, v), spoken) for v in (None, *demo.UNSEEN_VARIANTS)}
+            assert len(phonemes) == 1, (voice, phonemes)
     # every voice reads the digits and operator words itself: espeak-ng marks a switch to another
     # language's rules with "(en)" and the like, and says nothing for text it cannot read
     for voice in demo.ALL_VOICES:
@@ -269,14 +359,24 @@ def test_full_voice_list_exists_in_espeak():
         assert phonemes.strip() and not re.search(r"\([a-z]{2,3}\)", phonemes), (voice, spoken, phonemes)
 
 
-def test_config_errors_name_the_field():
+def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ValueError, match="--size must be one of tiny, demo, full"):
         demo.demo_config("huge")
     with pytest.raises(ValueError, match="unknown: \\['xx'\\]"):
         demo.DemoCorpusConfig(size="tiny", voices=("xx",), asr_per_voice=1, eval_asr_per_voice=1,
-                              probe_speech_per_voice=1, num_text2code=1, num_eval_text2code=1, num_image2text=0,
-                              num_eval_image2text=0, num_probe_image2code=0, num_videos=0, num_eval_videos=0,
-                              num_train_shards=1)
+                              probe_speech_per_voice=1, probe_unseen_per_voice=0, num_text2code=1, num_eval_text2code=1,
+                              num_image2text=0, num_eval_image2text=0, num_probe_image2code=0, num_videos=0,
+                              num_eval_videos=0, num_train_shards=1)
+    tiny = demo.demo_config("tiny")
+    with pytest.raises(ValueError, match="probe_unseen_per_voice \\(3\\).*at most probe_speech_per_voice \\(2\\)"):
+        dataclasses.replace(tiny, probe_unseen_per_voice=3)
+    with pytest.raises(ValueError, match="unseen_variants must be a non-empty list of espeak-ng variant names"):
+        dataclasses.replace(tiny, unseen_variants=("de+f2",))
+    assert demo.demo_config("demo", per_voice=30).probe_unseen_per_voice == 1
+    # espeak-ng would render the plain voice for a variant it lacks: the build refuses before rendering
+    with pytest.raises(ValueError, match=r"unseen_variants \['nosuchvariant'\] are not voice variants"):
+        demo.build_demo_corpus(tmp_path, cfg=dataclasses.replace(tiny, unseen_variants=("f2", "nosuchvariant")), log=None)
+    assert not any(tmp_path.iterdir())
     with pytest.raises(ValueError, match="--per-voice must be at least 1"):
         demo.demo_config("tiny", per_voice=0)
 

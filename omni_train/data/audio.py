@@ -4,6 +4,7 @@
                                audio track of mp4/mkv/webm)
     log_mel(waveform, cfg)  -> (num_mel_bins, num_mel_frames(num_samples, cfg))
     encode_audio(src, cfg)  -> EncodedMedia {"mel": ...} with the encoder's token count and timestamps
+                               (decode_audio, an optional MediaTransform on the waveform, audio_features)
 
 Long audio is cut into independent `window_s` windows (30 s, Whisper's receptive field). Each
 window's features equal what transformers' `WhisperFeatureExtractor` computes on that window's
@@ -33,13 +34,17 @@ import io
 import math
 import re
 import wave
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from omni_train.data.sample import EncodedMedia, MediaError
+
+if TYPE_CHECKING:
+    from omni_train.data.degrade import MediaTransform
 
 # Audio per batched torch.stft call. One 30 s window's intermediates (frames, complex spectrum,
 # squares) take about 12 MB; batches much past two windows fall out of a typical 32 MB L3 cache
@@ -66,6 +71,8 @@ class AudioConfig:
     downsample: int = 4             # frames per token: the encoder's stride-2 convs (kernel 3, padding 1)
     valid_frames: str = "floor"     # VALID_FRAMES: floor(samples / hop) | ceil (WhisperFeatureExtractor's mask: Qwen2.5-Omni)
     pool_tail: str = "keep"         # POOL_TAILS: the last factor 2 keeps an odd last position | drops it (AvgPool1d(2))
+    # training only: ops of degrade.OPS applied to each waveform (a video's track too) before its features (augment.py)
+    augment: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self):
         if not isinstance(self.sample_rate_hz, int) or self.sample_rate_hz <= 0:
@@ -95,6 +102,14 @@ class AudioConfig:
         if self.pool_tail == "drop" and (self.downsample < 2 or self.window_frames % self.downsample):
             raise ValueError(f"audio.pool_tail drop needs audio.downsample >= 2 dividing the window's "
                              f"{self.window_frames} frames, got downsample {self.downsample}")
+        from omni_train.data.augment import parse_augment  # here: augment imports degrade, which may import this module
+
+        self._augment_ops = parse_augment(self.augment, "audio.augment", "audio")
+
+    @property
+    def augment_ops(self) -> list:
+        """`augment` parsed (augment.AugmentOp each)."""
+        return self._augment_ops
 
     @property
     def window_samples(self) -> int:
@@ -341,9 +356,19 @@ def split_windows(mel: torch.Tensor, cfg: AudioConfig) -> tuple[torch.Tensor, to
     return windows, torch.tensor(counts, dtype=torch.long)
 
 
-def encode_audio(src: bytes | str | Path, cfg: AudioConfig, *, where: str = "") -> EncodedMedia:
-    """Decode one audio member (or a video's audio track) into the audio encoder's input and token layout."""
+def encode_audio(src: bytes | str | Path, cfg: AudioConfig, *, where: str = "", transform: MediaTransform | None = None,
+                 part: int = 0) -> EncodedMedia:
+    """Decode one audio member (or a video's audio track) into the audio encoder's input and token layout.
+
+    `transform` (degrade.MediaTransform) changes the decoded waveform before its features; `part` is what it is told."""
     waveform = decode_audio(src, cfg, where=where)
+    if transform is not None:
+        waveform = transform.audio(waveform, cfg.sample_rate_hz, part)
+    return audio_features(waveform, cfg, where=where)
+
+
+def audio_features(waveform: torch.Tensor, cfg: AudioConfig, *, where: str = "") -> EncodedMedia:
+    """(num_samples,) float32 at cfg.sample_rate_hz -> EncodedMedia {"mel": ...}; MediaError when too short for a token."""
     mel = log_mel(waveform, cfg)  # (M, num_frames)
     num_frames = int(mel.shape[1])
     num_tokens = num_audio_tokens(num_frames, cfg)

@@ -18,6 +18,13 @@ no spoken instruction is ever paired with code in a training sample. `meta` hold
 language (the espeak-ng voice for speech, a text language, or `symbolic`), `source: demo`, the
 expression, and for speech and images the `transcript` the probes' two-step pipeline is scored on.
 
+Unseen voices. Every speech sample's meta says `voice_seen: seen | unseen`. Training and eval speak
+with each voice's own espeak-ng settings only; the probe split adds, after everything else, the
+first `probe_unseen_per_voice` speech -> code items of every voice said again with an espeak-ng
+voice variant (`voice: de`, `variant: f2`; `espeak-ng -v de+f2`) that no train or eval sample uses
+(`UNSEEN_VARIANTS`), with the same words, rate, pitch setting and noise: a paired set, so
+`group_by: [voice_seen]` compares the same items in a heard and an unheard voice.
+
 Splits by expression. An expression's split comes from a hash of its text (`expression_split`):
 probe expressions are never used for train or eval, and a train or eval expression is refused when
 any of its sub-expressions is a probe expression, so no probe expression's text (nor its spoken
@@ -36,6 +43,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -54,6 +62,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from omni_train.data.degrade import add_at_snr, brown_noise, white_noise
 from omni_train.data.synth import require
 from omni_train.data.writer import PreparedSample, ShardSink, existing_shards
 
@@ -163,6 +172,27 @@ SPEECH_OPERATOR_WORDS: dict[str, tuple[str, str, str]] = {
 ALL_VOICES = tuple(sorted(SPEECH_OPERATOR_WORDS))
 CALIBRATION_VOICES = ("en-us", "de", "es", "fr-fr", "ru", "hi", "sw", "tr")  # TRANSFER-CALIBRATION.md
 TINY_VOICES = ("en-us", "de", "fr-fr", "ru")
+
+# espeak-ng voice variants (`espeak-ng --voices=variant`) heard only in the probe split. Training
+# speaks with each language's own (male) voice, its pitch setting drawn from `DemoCorpusConfig.pitch`
+# (30-70: F0 ~83-126 Hz for de and en-us) and one vocal tract. A variant changes the speaker, not
+# the words (espeak-ng -x gives the same phonemes for every voice here): f2 and f4 are female
+# voices, F0 ~175-200 Hz and formants raised 10-30%, so pitch *and* timbre lie outside anything
+# trained; m2 (formants moved, echo) and m7 (lower formants and bandwidths, a darker voice; spectral
+# centroid ~1.1 kHz against ~1.6) keep F0 inside the trained range, so they test timbre alone; klatt
+# renders with a different synthesizer (Klatt's formant model and glottal source) at the same
+# pitch. The prosody (rate, pitch setting) stays inside the trained ranges on purpose: a probe of
+# speech faster or lower than ever heard would measure a condition, not a new voice. Whisper,
+# croak and the novelty voices are left out: they change how anyone would speak, not who speaks.
+UNSEEN_VARIANTS = ("f2", "m7", "klatt", "f4", "m2")
+# espeak-ng 1.51 drops a variant silently after these names (`-v fr-fr+f2` renders plain fr-fr); the
+# same voices under their voice files' names take it (`-v fr` is `-v fr-fr`, byte for byte).
+_VARIANT_BASE = {"en-gb": "en", "fr-fr": "fr"}
+
+
+def espeak_voice(voice: str, variant: str | None = None) -> str:
+    """The espeak-ng `-v` argument for `voice`, said with `variant` when given."""
+    return voice if variant is None else f"{_VARIANT_BASE.get(voice, voice)}+{variant}"
 
 
 def _tens_and_units(ones: list[str], tens: dict[int, str], join: Callable[[str, str], str]) -> Callable[[int], str]:
@@ -391,6 +421,8 @@ class DemoCorpusConfig:
     asr_per_voice: int
     eval_asr_per_voice: int
     probe_speech_per_voice: int
+    probe_unseen_per_voice: int          # of those, said again in an unseen voice variant (module docstring)
+    unseen_variants: tuple[str, ...] = UNSEEN_VARIANTS
     num_text2code: int
     num_eval_text2code: int
     text_copy_fraction: float = 0.3
@@ -416,6 +448,7 @@ class DemoCorpusConfig:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"--seed must be an integer, got {self.seed!r}")
         self.voices, self.text_languages = tuple(self.voices), tuple(self.text_languages)
+        self.unseen_variants = tuple(self.unseen_variants)
         self.snr_db, self.rate_wpm, self.pitch = tuple(self.snr_db), tuple(self.rate_wpm), tuple(self.pitch)
         unknown = [v for v in self.voices if v not in SPEECH_OPERATOR_WORDS]
         if not self.voices or unknown:
@@ -429,6 +462,13 @@ class DemoCorpusConfig:
                 raise ValueError(f"{f.name} must be a non-negative integer, got {value!r}")
         if self.asr_per_voice < 1 or self.num_text2code < 1 or self.num_train_shards < 1:
             raise ValueError("asr_per_voice, num_text2code and num_train_shards must be at least 1")
+        if self.probe_unseen_per_voice > self.probe_speech_per_voice:
+            raise ValueError(f"probe_unseen_per_voice ({self.probe_unseen_per_voice}) repeats probe items in unseen "
+                             f"voices, so it must be at most probe_speech_per_voice ({self.probe_speech_per_voice})")
+        if self.probe_unseen_per_voice and (not self.unseen_variants or any(
+                not isinstance(v, str) or not v or "+" in v for v in self.unseen_variants)):
+            raise ValueError(f"unseen_variants must be a non-empty list of espeak-ng variant names such as f2 or klatt "
+                             f"(`espeak-ng --voices=variant`), got {list(self.unseen_variants)}")
         for name in ("text_copy_fraction", "symbolic_text_fraction", "noise_fraction", "speech_two_digit_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
@@ -443,30 +483,32 @@ def demo_config(size: str = "demo", *, seed: int = 0, per_voice: int | None = No
     """The preset for `size`; `per_voice` replaces the training utterances per voice (eval and probe scale with it)."""
     if size == "tiny":
         cfg = DemoCorpusConfig(size=size, seed=seed, voices=TINY_VOICES, asr_per_voice=4, eval_asr_per_voice=1,
-                               probe_speech_per_voice=2, num_text2code=12, num_eval_text2code=3,
-                               num_image2text=4, num_eval_image2text=2, num_probe_image2code=2, num_videos=2,
-                               num_eval_videos=2, num_train_shards=2)
+                               probe_speech_per_voice=2, probe_unseen_per_voice=2, num_text2code=12,
+                               num_eval_text2code=3, num_image2text=4, num_eval_image2text=2, num_probe_image2code=2,
+                               num_videos=2, num_eval_videos=2, num_train_shards=2)
     elif size == "demo":
         # TRANSFER-CALIBRATION.md: 3,000 utterances in 8 voices; a similar number of text -> code pairs.
         cfg = DemoCorpusConfig(size=size, seed=seed, voices=CALIBRATION_VOICES, asr_per_voice=375,
-                               eval_asr_per_voice=25, probe_speech_per_voice=40, num_text2code=3000,
-                               num_eval_text2code=200, num_image2text=400, num_eval_image2text=40,
+                               eval_asr_per_voice=25, probe_speech_per_voice=40, probe_unseen_per_voice=10,
+                               num_text2code=3000, num_eval_text2code=200, num_image2text=400, num_eval_image2text=40,
                                num_probe_image2code=80, num_videos=48, num_eval_videos=8, num_train_shards=8,
                                speech_two_digit_fraction=0.0, noise_fraction=0.2, snr_db=(15.0, 30.0))
     elif size == "full":
         cfg = DemoCorpusConfig(size=size, seed=seed, voices=ALL_VOICES, asr_per_voice=120, eval_asr_per_voice=10,
-                               probe_speech_per_voice=20, num_text2code=4000, num_eval_text2code=300,
-                               num_image2text=800, num_eval_image2text=80, num_probe_image2code=160, num_videos=96,
-                               num_eval_videos=16, num_train_shards=16)
+                               probe_speech_per_voice=20, probe_unseen_per_voice=5, num_text2code=4000,
+                               num_eval_text2code=300, num_image2text=800, num_eval_image2text=80,
+                               num_probe_image2code=160, num_videos=96, num_eval_videos=16, num_train_shards=16)
     else:
         raise ValueError(f"--size must be one of {', '.join(SIZES)}, got {size!r}")
     if per_voice is not None:
         if per_voice < 1:
             raise ValueError(f"--per-voice must be at least 1, got {per_voice}")
         scale = per_voice / cfg.asr_per_voice
+        probe = max(1, round(cfg.probe_speech_per_voice * scale))
         cfg = dataclasses.replace(cfg, asr_per_voice=per_voice,
                                   eval_asr_per_voice=max(1, round(cfg.eval_asr_per_voice * scale)),
-                                  probe_speech_per_voice=max(1, round(cfg.probe_speech_per_voice * scale)))
+                                  probe_speech_per_voice=probe,
+                                  probe_unseen_per_voice=min(probe, max(1, round(cfg.probe_unseen_per_voice * scale))))
     return cfg
 
 # ----------------------------------------------------------------------------------------------
@@ -579,14 +621,8 @@ def render_speech(job: SpeechJob, out_dir: Path) -> dict[str, Any]:
         raise RuntimeError(f"espeak-ng produced no audio for voice {job.voice!r} on {job.text!r}")
     pcm = resample(pcm, rate_hz, SPEECH_SAMPLE_RATE_HZ)
     if job.snr_db is not None:
-        rng = np.random.default_rng(job.noise_seed)
-        noise = rng.standard_normal(pcm.size)
-        if job.noise == "brown":  # low-frequency rumble: integrated white noise, its drift removed
-            noise = np.cumsum(noise)
-            noise -= np.convolve(noise, np.ones(256) / 256, mode="same")
-        voiced = pcm[np.abs(pcm) > 0.01 * np.abs(pcm).max()]  # espeak's silences would understate the speech power
-        target_power = np.mean(voiced ** 2) / 10.0 ** (job.snr_db / 10.0)
-        pcm = pcm + noise * math.sqrt(target_power / max(np.mean(noise ** 2), 1e-12))
+        noise = (brown_noise if job.noise == "brown" else white_noise)(pcm.size, np.random.default_rng(job.noise_seed))
+        pcm = add_at_snr(pcm, noise, job.snr_db)  # the SNR over voiced samples, as the probes' degradations measure it
     peak = np.abs(pcm).max()
     if peak > 32767:
         pcm *= 32767 / peak
@@ -762,7 +798,24 @@ class _Planner:
         meta = {"voice": voice, "utterance": job.text, "rate_wpm": job.rate_wpm, "pitch": job.pitch, "noise": "none"}
         if job.snr_db is not None:  # probes can score clean and noisy speech apart (group_by: [noise])
             meta.update(noise=job.noise, snr_db=job.snr_db)
+        meta["voice_seen"] = "seen"  # its voice is trained (the unseen ones: `unseen_voices`)
         return PlannedSample(split=split, task=task, language=voice, expression=expr, job=job, meta=meta)
+
+    def unseen_voices(self, probe: list[PlannedSample]) -> list[PlannedSample]:
+        """Each voice's first `probe_unseen_per_voice` speech probe items, said again with a variant of that voice
+        from `unseen_variants` (cycled over all the items, so every voice hears several) and nothing else changed.
+
+        Drawn after every other sample and from no RNG, so the rest of the plan is what it was without them.
+        """
+        variants = itertools.cycle(self.cfg.unseen_variants)
+        samples = []
+        for voice in self.cfg.voices:
+            seen = [s for s in probe if isinstance(s.job, SpeechJob) and s.job.voice == voice]
+            for sample, variant in zip(seen[:self.cfg.probe_unseen_per_voice], variants):
+                job = dataclasses.replace(sample.job, name=self._name("wav"), voice=espeak_voice(voice, variant))
+                samples.append(dataclasses.replace(sample, job=job,
+                                                   meta={**sample.meta, "voice_seen": "unseen", "variant": variant}))
+        return samples
 
     def text(self, split: str, task: str) -> PlannedSample:
         rng = self.rng
@@ -816,6 +869,7 @@ def plan_corpus(cfg: DemoCorpusConfig, fonts: list[str] | None = None) -> dict[s
     for split, num in (("train", cfg.num_videos), ("eval", cfg.num_eval_videos)):
         plan[split] += [planner.video(split, "video2steps" if i % 2 == 0 else "video2code") for i in range(num)]
     planner.rng.shuffle(plan["train"])
+    plan["probe"] += planner.unseen_voices(plan["probe"])
     return plan
 
 
@@ -900,6 +954,7 @@ def build_demo_corpus(out: str | Path, *, size: str = "demo", seed: int = 0, wor
                          f"pass --force to replace its train/eval/probe shards")
     require("espeak-ng")
     require("ffmpeg")
+    _check_variants(cfg)
     plan = plan_corpus(cfg)
     jobs = [s for split in SPLITS for s in plan[split] if s.job is not None]
     say(f"[demo] {cfg.size} corpus, seed {cfg.seed}: {sum(map(len, plan.values()))} samples, "
@@ -916,6 +971,17 @@ def build_demo_corpus(out: str | Path, *, size: str = "demo", seed: int = 0, wor
     _train_tokenizer(out, corpus)
     (out / "corpus.json").write_text(json.dumps(corpus, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     return DemoSummary(corpus=corpus, seconds=time.perf_counter() - start)
+
+
+def _check_variants(cfg: DemoCorpusConfig) -> None:
+    """espeak-ng renders the plain voice for a variant it does not have, which would pass a trained voice off
+    as an unseen one: refuse before rendering instead."""
+    listed = subprocess.run([require("espeak-ng"), "--voices=variant"], capture_output=True, text=True).stdout
+    installed = {word.removeprefix("!v/") for line in listed.splitlines() for word in line.split() if word.startswith("!v/")}
+    missing = [v for v in cfg.unseen_variants if v not in installed] if cfg.probe_unseen_per_voice else []
+    if missing:
+        raise ValueError(f"unseen_variants {missing} are not voice variants of this espeak-ng "
+                         f"(`espeak-ng --voices=variant` lists {len(installed)})")
 
 
 def _train_tokenizer(out: Path, corpus: dict[str, Any]) -> Path:
@@ -997,6 +1063,7 @@ def _write_shards(out: Path, cfg: DemoCorpusConfig, plan: dict[str, list[Planned
             "audio_hours": round(audio_s / 3600.0, 6),
             "tasks": dict(sorted(Counter(s.task for s in samples).items())),
             "languages": dict(sorted(Counter(s.language for s in samples).items())),
+            "voice_seen": dict(sorted(Counter(s.meta["voice_seen"] for s in samples if isinstance(s.job, SpeechJob)).items())),
         }
     num_utterances = Counter(s.language for split in SPLITS for s in plan[split] if isinstance(s.job, SpeechJob))
     return {

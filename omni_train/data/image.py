@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
 from omni_train.data.sample import EncodedMedia, MediaError
+
+if TYPE_CHECKING:
+    from omni_train.data.degrade import MediaTransform
 
 
 @dataclass(kw_only=True)
@@ -35,6 +39,8 @@ class ImageConfig:
     max_source_pixels: int = 40_000_000   # refuse larger images from the header, before decoding
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # SigLIP normalization
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # training only: ops of degrade.OPS applied to each image's decoded pixels before resizing (augment.py)
+    augment: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self):
         for name in ("patch_size", "merge_size", "temporal_patch_size", "min_pixels", "max_pixels", "max_source_pixels"):
@@ -50,6 +56,14 @@ class ImageConfig:
             raise ValueError(f"image.mean and image.std need 3 values (R, G, B), got {list(self.mean)} and {list(self.std)}")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"image.std values must be > 0, got {list(self.std)}")
+        from omni_train.data.augment import parse_augment  # here: augment imports degrade, which may import this module
+
+        self._augment_ops = parse_augment(self.augment, "image.augment", "image")
+
+    @property
+    def augment_ops(self) -> list:
+        """`augment` parsed (augment.AugmentOp each)."""
+        return self._augment_ops
 
     @property
     def factor(self) -> int:
@@ -153,8 +167,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, RGB
 
 
-def decode_image(src: bytes | str | Path, cfg: ImageConfig, *, where: str = "") -> torch.Tensor:
-    """Encoded image -> (3, H, W) float32 normalized, H and W from `smart_resize`. Raises MediaError."""
+def decode_image_pixels(src: bytes | str | Path, cfg: ImageConfig, *, where: str = "") -> torch.Tensor:
+    """Encoded image -> (3, H, W) uint8 RGB as decoded (EXIF orientation applied, transparency on white), not
+    resized. Raises MediaError."""
     label = _label(src, where)
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as img:
@@ -174,16 +189,40 @@ def decode_image(src: bytes | str | Path, cfg: ImageConfig, *, where: str = "") 
         # i.e. when max_source_pixels is set higher than that.
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise MediaError(f"{label}: cannot decode image ({message})") from None
-    height, width = smart_resize(rgb.height, rgb.width, cfg)
-    if (height, width) != (rgb.height, rgb.width):
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W)
+
+
+def resize_image(pixels: torch.Tensor, cfg: ImageConfig) -> torch.Tensor:
+    """(3, H, W) uint8 -> (3, h, w) float32 normalized, h and w from `smart_resize` (PIL bicubic)."""
+    height, width = smart_resize(pixels.shape[-2], pixels.shape[-1], cfg)
+    if (height, width) != tuple(pixels.shape[-2:]):
+        rgb = Image.fromarray(np.ascontiguousarray(pixels.permute(1, 2, 0).numpy()))
         rgb = rgb.resize((width, height), Image.Resampling.BICUBIC)
-    pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W)
+        pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
     return normalize(pixels, cfg.mean, cfg.std)
 
 
-def encode_image(src: bytes | str | Path, cfg: ImageConfig, *, where: str = "") -> EncodedMedia:
-    """Decode an image into {"patches": (N, 3 * tp * p * p), "grid_thw": (3,)} with grid_thw = (1, gh, gw)."""
-    pixels = decode_image(src, cfg, where=where)
+def decode_image(src: bytes | str | Path, cfg: ImageConfig, *, where: str = "") -> torch.Tensor:
+    """Encoded image -> (3, H, W) float32 normalized, H and W from `smart_resize`. Raises MediaError."""
+    return resize_image(decode_image_pixels(src, cfg, where=where), cfg)
+
+
+def encode_image(src: bytes | str | Path, cfg: ImageConfig, *, where: str = "", transform: MediaTransform | None = None,
+                 part: int = 0) -> EncodedMedia:
+    """Decode an image into {"patches": (N, 3 * tp * p * p), "grid_thw": (3,)} with grid_thw = (1, gh, gw).
+
+    `transform` (degrade.MediaTransform) changes the decoded pixels (as one frame) before resizing."""
+    pixels = decode_image_pixels(src, cfg, where=where)  # (3, H, W) uint8
+    if transform is not None:
+        frames, _ = transform.frames(pixels.unsqueeze(0), torch.zeros(1), part, "image")
+        assert frames.shape[0] == 1 and frames.dtype == torch.uint8, (frames.shape, frames.dtype)
+        pixels = frames[0]
+    return image_features(pixels, cfg)
+
+
+def image_features(pixels: torch.Tensor, cfg: ImageConfig) -> EncodedMedia:
+    """(3, H, W) uint8 as decoded -> the image's EncodedMedia (resized, normalized, cut into patches)."""
+    pixels = resize_image(pixels, cfg)
     frames = pixels.unsqueeze(0).expand(cfg.temporal_patch_size, -1, -1, -1)  # (tp, 3, H, W)
     patches, grid_thw = image_to_patches(frames, cfg, cfg.temporal_patch_size)
     num_tokens = num_tokens_of(grid_thw, cfg)

@@ -20,7 +20,9 @@ Decoding. Each sample is decoded (audio, images, video and, for audio in video, 
 track) and rendered by the chat template into a TokenizedSample, with its per-document 3-D positions
 when model.positions (copied to data.positions) is mrope or tmrope (`positions.py`), and each media
 item taking the backbone positions the model's fusion makes of it (data.sequence_tokens, derived
-from model.fusion / model.projector: `sequence_tokens.py`).
+from model.fusion / model.projector: `sequence_tokens.py`). A training pipeline with data.*.augment passes each
+sample an `augment.Augmenter` drawn from (seed, epoch, shard file name, key) as decode_sample's `transform`; with the
+decode cache on, it keeps the clean decoded signals and augments them anew each epoch (`DecodeCache`).
 
 Failures. A sample whose JSON or media cannot be used is skipped and appended to
 `skipped.jsonl` with its shard, key and reason (a truncated tar logs where it ends, a shard that
@@ -51,23 +53,27 @@ import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import braceexpand
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from omni_train.data.audio import AudioConfig, encode_audio
+from omni_train.data.audio import AudioConfig, audio_features, decode_audio
+from omni_train.data.augment import Augmenter, sample_seed
 from omni_train.data.format import (DataError, ShardFormatError, check_member_suffix, media_parts, parse_sample,
                                     sample_text_chars, split_member_name)
-from omni_train.data.image import ImageConfig, encode_image
+from omni_train.data.image import ImageConfig, decode_image_pixels, image_features
 from omni_train.data.packing import Packer, collate_packed
 from omni_train.data.positions import POSITION_KINDS
 from omni_train.data.sample import EncodedMedia, MediaError, TokenizedSample
 from omni_train.data.sequence_tokens import SequenceTokens, apply_sequence_tokens
 from omni_train.data.text import Tokenizer, render_chat
-from omni_train.data.video import VideoConfig, encode_video
+from omni_train.data.video import VideoConfig, decode_video_frames, video_features
+
+if TYPE_CHECKING:
+    from omni_train.data.degrade import MediaTransform
 
 log = logging.getLogger(__name__)
 # The pipeline's errors a user fixes from the message; raised in a DataLoader worker they reach the main
@@ -433,8 +439,30 @@ def check_text_length(sample: dict[str, Any], where: str, cfg: DataConfig) -> No
                                f"data.max_text_chars={cfg.max_text_chars}; not tokenized")
 
 
+@dataclass
+class CleanPart:
+    """One media part decoded, before any transform: what the decode cache keeps to augment a sample anew each epoch.
+
+    signal: audio (waveform (S,) float32,); image (pixels (1, 3, H, W) uint8,); video (frames (T, 3, H, W) uint8,
+    timestamps_s (T,), duration_s). `track`: a video's audio track waveform (audio in video). `media` and
+    `track_media` are the clean signal's features (before sequence tokens), filled the first time they are computed."""
+    modality: str
+    signal: tuple
+    track: torch.Tensor | None = None
+    media: EncodedMedia | None = None
+    track_media: EncodedMedia | None = None
+
+
+@dataclass
+class CleanSample:
+    """A sample decoded up to its clean media parts: the decode cache's entry when augmentation is on."""
+    sample: dict
+    parts: list[CleanPart]
+
+
 def decode_sample(raw: dict[str, bytes], where: str, cfg: DataConfig, tokenizer: Tokenizer, *,
-                  max_tokens: int | None = None) -> TokenizedSample:
+                  max_tokens: int | None = None, transform: MediaTransform | None = None,
+                  keep: list[CleanSample] | None = None) -> TokenizedSample:
     """Raw members of one sample -> TokenizedSample, or an exception whose message says why not.
 
     With `max_tokens`, a sample over it raises OverlongSample, as soon as its media alone are over: a sample
@@ -442,27 +470,47 @@ def decode_sample(raw: dict[str, bytes], where: str, cfg: DataConfig, tokenizer:
 
     A video part with audio in video (its `use_audio_in_video`, else data.video.use_audio_in_video) gets its
     audio track, decoded from the video's bytes (or from its `audio_member`), as `EncodedMedia.audio`; a video
-    without a usable audio track then raises MediaError (the sample is skipped, with that reason)."""
+    without a usable audio track then raises MediaError (the sample is skipped, with that reason).
+
+    `transform` (degrade.MediaTransform) changes each media part's decoded signal before its features: told the part's
+    index among the sample's media parts (a video's audio track: its video's index). `keep`, a list, gets the
+    sample's CleanSample appended (for `redecode_sample`)."""
     if "json" not in raw:
         raise ShardFormatError(f"{where}: sample has no .json member (members: {', '.join(sorted(raw))})")
     sample = parse_sample(raw["json"], where)
     check_text_length(sample, where, cfg)
-    media = []
     for part in media_parts(sample):
-        member = part["member"]
-        for name in (member, part.get("audio_member", member)):
+        for name in (part["member"], part.get("audio_member", part["member"])):
             if name not in raw:
                 raise ShardFormatError(f"{where}: message references member {name!r}, which is not in the shard")
-        at = f"{where}.{member}"
-        if part["type"] == "audio":
-            media.append(encode_audio(raw[member], cfg.audio, where=at))
-        elif part["type"] == "image":
-            media.append(encode_image(raw[member], cfg.image, where=at))
-        else:
-            video = encode_video(raw[member], cfg.video, cfg.image, where=at)
-            if part.get("use_audio_in_video", cfg.video.use_audio_in_video):
-                video.audio = _audio_in_video(raw, part, at, cfg)
-            media.append(video)
+    parts: list[CleanPart] = []  # held only for `keep`: a video's frames as decoded can be large
+    if keep is not None:
+        keep.append(CleanSample(sample, parts))
+
+    def clean_part(index: int, part: dict, at: str) -> CleanPart:
+        decoded = _decode_part(raw, part, at, cfg)
+        if keep is not None:
+            parts.append(decoded)
+        return decoded
+
+    return _build_sample(sample, clean_part, where, cfg, tokenizer, max_tokens=max_tokens, transform=transform)
+
+
+def redecode_sample(clean: CleanSample, where: str, cfg: DataConfig, tokenizer: Tokenizer, *,
+                    max_tokens: int | None = None, transform: MediaTransform | None = None) -> TokenizedSample:
+    """`decode_sample` from a sample's clean parts (kept by it): the same result, decoding nothing again. A part that
+    `transform` leaves as it was (returns the object it was given) reuses its clean features."""
+    return _build_sample(clean.sample, lambda index, part, at: clean.parts[index], where, cfg, tokenizer,
+                         max_tokens=max_tokens, transform=transform)
+
+
+def _build_sample(sample: dict, clean_part, where: str, cfg: DataConfig, tokenizer: Tokenizer, *,
+                  max_tokens: int | None, transform: MediaTransform | None) -> TokenizedSample:
+    """Parts (`clean_part(index, part, at)` -> CleanPart) -> transformed -> features -> the rendered sample."""
+    media = []
+    for index, part in enumerate(media_parts(sample)):
+        at = f"{where}.{part['member']}"
+        media.append(_part_media(clean_part(index, part, at), index, part, at, cfg, transform))
         media[-1] = apply_sequence_tokens(media[-1], cfg.sequence_tokens)  # the positions the fusion makes of its tokens
         if max_tokens is not None and (num_tokens := sum(m.total_tokens for m in media)) > max_tokens:
             raise OverlongSample(f"{where}: sample's media alone have {num_tokens} tokens > "
@@ -479,8 +527,64 @@ def decode_sample(raw: dict[str, bytes], where: str, cfg: DataConfig, tokenizer:
     return tokenized
 
 
-def _audio_in_video(raw: dict[str, bytes], part: dict, at: str, cfg: DataConfig) -> EncodedMedia:
-    """The audio interleaved with a video part's frames: the video's own track, or its `audio_member`."""
+def _decode_part(raw: dict[str, bytes], part: dict, at: str, cfg: DataConfig) -> CleanPart:
+    """One media part's clean signal (and a video's audio track when it uses audio in video)."""
+    member = raw[part["member"]]
+    if part["type"] == "audio":
+        return CleanPart("audio", (decode_audio(member, cfg.audio, where=at),))
+    if part["type"] == "image":
+        return CleanPart("image", (decode_image_pixels(member, cfg.image, where=at).unsqueeze(0),))
+    if cfg.video.temporal_patch_size != cfg.image.temporal_patch_size:
+        raise ValueError(f"video.temporal_patch_size ({cfg.video.temporal_patch_size}) must equal "
+                         f"image.temporal_patch_size ({cfg.image.temporal_patch_size}): images and video share one "
+                         "patch embedding")
+    clean = CleanPart("video", decode_video_frames(member, cfg.video, where=at))
+    if part.get("use_audio_in_video", cfg.video.use_audio_in_video):
+        clean.track = _audio_in_video(raw, part, at, cfg)
+    return clean
+
+
+def _part_media(clean: CleanPart, index: int, part: dict, at: str, cfg: DataConfig,
+                transform: MediaTransform | None) -> EncodedMedia:
+    """A part's EncodedMedia from its clean signal through `transform`. A signal the transform returns as the very
+    object it was given is unchanged: its clean features are computed once and kept on the part."""
+    if clean.modality == "audio":
+        (waveform,) = clean.signal
+        out = transform.audio(waveform, cfg.audio.sample_rate_hz, index) if transform is not None else waveform
+        return _features(clean, "media", out is waveform, lambda: audio_features(out, cfg.audio, where=at))
+    if clean.modality == "image":
+        (pixels,) = clean.signal  # (1, 3, H, W) uint8
+        out = transform.frames(pixels, torch.zeros(1), index, "image")[0] if transform is not None else pixels
+        assert out.shape[0] == 1 and out.dtype == torch.uint8, (out.shape, out.dtype)
+        return _features(clean, "media", out is pixels, lambda: image_features(out[0], cfg.image))
+    frames, timestamps_s, duration_s = clean.signal
+    new_frames, new_timestamps_s = (transform.frames(frames, timestamps_s, index, "video") if transform is not None
+                                    else (frames, timestamps_s))
+    media = _features(clean, "media", new_frames is frames and new_timestamps_s is timestamps_s,
+                      lambda: video_features(new_frames, new_timestamps_s, duration_s, cfg.video, cfg.image))
+    if clean.track is None:
+        return media
+    track = transform.audio(clean.track, cfg.audio.sample_rate_hz, index) if transform is not None else clean.track
+    track_at = f"{at} ({part['audio_member']}, audio in video)" if "audio_member" in part else at
+    try:
+        track_media = _features(clean, "track_media", track is clean.track,
+                                lambda: audio_features(track, cfg.audio, where=track_at))
+    except MediaError as e:
+        raise _no_track(e, part, at) from None
+    return dataclasses.replace(media, audio=track_media)
+
+
+def _features(clean: CleanPart, name: str, unchanged: bool, compute) -> EncodedMedia:
+    """compute() for a transformed signal; for an unchanged one the part's clean features `name`, computed once."""
+    if not unchanged:
+        return compute()
+    if getattr(clean, name) is None:
+        setattr(clean, name, compute())
+    return getattr(clean, name)
+
+
+def _audio_in_video(raw: dict[str, bytes], part: dict, at: str, cfg: DataConfig) -> torch.Tensor:
+    """The audio waveform interleaved with a video part's frames: the video's own track, or its `audio_member`."""
     if cfg.positions == "mrope":
         raise MediaError(f"{at}: audio in video needs model.positions tmrope (or 1d), not mrope; set the part's "
                          "use_audio_in_video to false or data.video.use_audio_in_video: false")
@@ -489,23 +593,34 @@ def _audio_in_video(raw: dict[str, bytes], part: dict, at: str, cfg: DataConfig)
                          f"{cfg.sequence_tokens.kind} (model.fusion / model.projector); set the part's use_audio_in_video "
                          "to false")
     if "audio_member" in part:
-        return encode_audio(raw[part["audio_member"]], cfg.audio, where=f"{at} ({part['audio_member']}, audio in video)")
+        return decode_audio(raw[part["audio_member"]], cfg.audio, where=f"{at} ({part['audio_member']}, audio in video)")
     try:
-        return encode_audio(raw[part["member"]], cfg.audio, where=at)
+        return decode_audio(raw[part["member"]], cfg.audio, where=at)
     except MediaError as e:
-        reason = str(e).removeprefix(f"{at}: ")
-        raise MediaError(f"{at}: use_audio_in_video needs the video's audio track, and it has none that decodes "
-                         f"({reason})") from None
+        raise _no_track(e, part, at) from None
 
 
-def sample_nbytes(sample: TokenizedSample) -> int:
-    tensors = [sample.input_ids, sample.labels, sample.modality_ids, sample.timestamps_s]
-    if sample.position_ids is not None:
-        tensors.append(sample.position_ids)
-    items = [*sample.media, *(m.audio for m in sample.media if m.audio is not None)]
-    tensors += [t for m in items for t in (m.token_timestamps_s, *m.tensors.values())]
-    if sample.audio_transcript_ids is not None:
-        tensors.append(sample.audio_transcript_ids)
+def _no_track(e: MediaError, part: dict, at: str) -> MediaError:
+    """A video's own audio track that cannot be used (an `audio_member`'s errors name that member instead)."""
+    if "audio_member" in part:
+        return e
+    reason = str(e).removeprefix(f"{at}: ")
+    return MediaError(f"{at}: use_audio_in_video needs the video's audio track, and it has none that decodes ({reason})")
+
+
+def sample_nbytes(sample: TokenizedSample | CleanSample) -> int:
+    """Bytes the tensors of a decoded sample hold (a CleanSample: its clean signals and the features computed so far)."""
+    if isinstance(sample, CleanSample):
+        media = [m for p in sample.parts for m in (p.media, p.track_media) if m is not None]
+        tensors = [t for p in sample.parts for t in (*p.signal, p.track) if isinstance(t, torch.Tensor)]
+    else:
+        tensors = [sample.input_ids, sample.labels, sample.modality_ids, sample.timestamps_s]
+        if sample.position_ids is not None:
+            tensors.append(sample.position_ids)
+        if sample.audio_transcript_ids is not None:
+            tensors.append(sample.audio_transcript_ids)
+        media = [*sample.media, *(m.audio for m in sample.media if m.audio is not None)]
+    tensors += [t for m in media for t in (m.token_timestamps_s, *m.tensors.values())]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -517,15 +632,20 @@ class DecodeCache:
     tokenization of every later epoch: on a small corpus (the demo's 1.5 h of speech is ~0.6 GB
     decoded) that work runs once, and the training processes get the cores the workers used.
     Samples that fail are not kept (they are retried, and logged once, each epoch).
+
+    With augmentation (data.*.augment) an entry is the sample's CleanSample instead: its decoded clean signals
+    (waveforms, frames as decoded) and their features, from which each epoch's augmentation is drawn anew
+    (`redecode_sample`); only the parts an op fires on get new features, and the text is rendered again.
     """
 
     def __init__(self, max_mb: int):
         self.max_bytes = max_mb * 2**20
         self.bytes = 0
-        self.samples: collections.OrderedDict[tuple[str, str], tuple[TokenizedSample, int]] = collections.OrderedDict()
+        self.samples: collections.OrderedDict[tuple[str, str], tuple[TokenizedSample | CleanSample, int]] = \
+            collections.OrderedDict()
         self.hits = self.misses = 0
 
-    def get(self, url: str, key: str) -> TokenizedSample | None:
+    def get(self, url: str, key: str) -> TokenizedSample | CleanSample | None:
         if not self.max_bytes:
             return None
         found = self.samples.get((url, key))
@@ -536,10 +656,13 @@ class DecodeCache:
         self.samples.move_to_end((url, key))
         return found[0]
 
-    def put(self, url: str, key: str, sample: TokenizedSample) -> None:
-        """Keep a sample that `get` just missed (the oldest go to make room); one over the whole budget is not kept."""
+    def put(self, url: str, key: str, sample: TokenizedSample | CleanSample) -> None:
+        """Keep a sample (the oldest go to make room), or count it again when it grew (a CleanSample's features are
+        filled in as they are first needed); one over the whole budget is not kept."""
         if not self.max_bytes:
             return
+        if (old := self.samples.pop((url, key), None)) is not None:
+            self.bytes -= old[1]
         size = sample_nbytes(sample)
         if size > self.max_bytes:
             return
@@ -687,8 +810,9 @@ class PackedStream(IterableDataset):
     """Yields collated batches with the producing stream's state attached under "_data_state"."""
 
     def __init__(self, cfg: DataConfig, sources: list[SourceConfig], tokenizer: Tokenizer, *, rank: int, world_size: int,
-                 seed: int, skip_log: SkipLog, infinite: bool):
+                 seed: int, skip_log: SkipLog, infinite: bool, augment: bool = False):
         self.cfg, self.tokenizer, self.skip_log, self.infinite = cfg, tokenizer, skip_log, infinite
+        self.augment = augment and Augmenter.from_config(cfg, [0]) is not None
         self.urls = [expand_shards(s.shards, allow_remote=cfg.allow_remote) for s in sources]
         self.tasks = [s.tasks for s in sources]
         self.weights = np.array([s.weight for s in sources], dtype=np.float64)
@@ -719,16 +843,29 @@ class PackedStream(IterableDataset):
         u = np.random.default_rng([self.seed, 7919, stream, k]).random()
         return active[int(np.searchsorted(np.cumsum(weights), u, side="right").clip(max=len(active) - 1))]
 
-    def _decode(self, url: str, key: str, fetch) -> TokenizedSample | None:
-        if (cached := self.cache.get(url, key)) is not None:
+    def _decode(self, url: str, key: str, fetch, epoch: int) -> TokenizedSample | None:
+        """The sample at (url, key), read in `epoch` (which draws its augmentation), or None when it cannot be used."""
+        transform = Augmenter.from_config(self.cfg, sample_seed(self.seed, epoch, url, key)) if self.augment else None
+        cached = self.cache.get(url, key)
+        if cached is not None and transform is None:
             return cached
-        try:
-            members, error = fetch()
-        except OSError as e:  # the shard became unreadable after it was indexed (moved, I/O error)
-            members, error = None, f"cannot read the sample ({type(e).__name__}: {_flat(e)})"
-        if error is None:
+        members, error = None, None
+        if cached is None:
             try:
-                sample = decode_sample(members, f"{url}:{key}", self.cfg, self.tokenizer, max_tokens=self.cfg.seq_len)
+                members, error = fetch()
+            except OSError as e:  # the shard became unreadable after it was indexed (moved, I/O error)
+                error = f"cannot read the sample ({type(e).__name__}: {_flat(e)})"
+        if error is None:
+            where = f"{url}:{key}"
+            keep: list[CleanSample] | None = [] if transform is not None and self.cache.max_bytes else None
+            try:
+                if cached is not None:
+                    sample = redecode_sample(cached, where, self.cfg, self.tokenizer, max_tokens=self.cfg.seq_len,
+                                             transform=transform)
+                    self.cache.put(url, key, cached)  # counted again: its clean features may have been filled in
+                else:
+                    sample = decode_sample(members, where, self.cfg, self.tokenizer, max_tokens=self.cfg.seq_len,
+                                           transform=transform, keep=keep)
             except OverlongSample as e:
                 if self.cfg.overlong == "error":
                     raise
@@ -738,7 +875,8 @@ class PackedStream(IterableDataset):
             except Exception as e:  # noqa: BLE001 - any decode failure skips the sample, with its reason
                 error = f"{type(e).__name__}: {e}"
             else:
-                self.cache.put(url, key, sample)
+                if cached is None:
+                    self.cache.put(url, key, keep[0] if keep is not None else sample)
                 return sample
         self.last_error = error.removeprefix(f"{url}:{key}: ")
         self.skip_log(url, key, self.last_error)
@@ -759,7 +897,7 @@ class PackedStream(IterableDataset):
                 found = source.fetch_at([(e, p) for _, e, p in pooled])
                 for address in pooled:
                     url, key, fetch = found[address[1:]]
-                    sample = self._decode(url, key, fetch)
+                    sample = self._decode(url, key, fetch, address[1])
                     if sample is None:
                         raise DataError(f"resume: {url}:{key}, pooled when the data state was saved, no longer "
                                         "decodes (see skipped.jsonl); were the shards or data settings changed?")
@@ -778,7 +916,7 @@ class PackedStream(IterableDataset):
                         continue
                     k += 1
                     address, url, key, fetch = item
-                    sample = self._decode(url, key, fetch)
+                    sample = self._decode(url, key, fetch, address[1])
                     if sample is None:
                         failures += 1
                         if failures >= self.cfg.max_consecutive_failures:
@@ -807,12 +945,13 @@ class PackedStream(IterableDataset):
 class DataPipeline:
     """Iterate packed batches for one rank; `state_dict()` after any batch resumes exactly there.
 
-    `epochs=None` streams forever (training); `epochs=1` reads each sample once (eval, inspection).
+    `epochs=None` streams forever (training); `epochs=1` reads each sample once (eval, inspection). `augment`
+    (training) applies data.audio/image/video.augment, drawn per (seed, epoch, sample): `augment.py`.
     """
 
     def __init__(self, cfg: DataConfig, sources: list[SourceConfig] | None = None, *, tokenizer: Tokenizer | None = None,
                  rank: int = 0, world_size: int = 1, seed: int = 0, skip_log: str | Path | None = None,
-                 epochs: int | None = None):
+                 epochs: int | None = None, augment: bool = False):
         assert epochs in (None, 1), "a finite pipeline reads one epoch"
         sources = cfg.train if sources is None else sources
         if not sources:
@@ -820,14 +959,17 @@ class DataPipeline:
         self.cfg = cfg
         self.tokenizer = tokenizer if tokenizer is not None else Tokenizer.from_path(cfg.tokenizer)
         self.dataset = PackedStream(cfg, sources, self.tokenizer, rank=rank, world_size=world_size, seed=seed,
-                                    skip_log=SkipLog(skip_log), infinite=epochs is None)
+                                    skip_log=SkipLog(skip_log), infinite=epochs is None, augment=augment)
         self.num_batches = 0
         self.worker_states: dict[int, dict] = {}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.dataset.rotation = self.num_batches % self.dataset.num_workers
         self.dataset.restore = dict(self.worker_states)
+        # Its own generator: DataLoader draws a seed per iterator, which from torch's global one would leave that one
+        # where a resumed run's is not (the restored RNG state feeds model.audio.spec_augment, LoRA dropout)
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.cfg.num_workers,
+                            generator=torch.Generator().manual_seed(self.dataset.seed),
                             prefetch_factor=2 if self.cfg.num_workers else None,
                             persistent_workers=False, multiprocessing_context="fork" if self.cfg.num_workers else None)
         for batch in loader:

@@ -16,14 +16,18 @@ import importlib.util
 import io
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from omni_train.data.image import ImageConfig, image_to_patches, normalize, num_tokens_of, smart_resize
 from omni_train.data.sample import EncodedMedia, MediaError
+
+if TYPE_CHECKING:
+    from omni_train.data.degrade import MediaTransform
 
 BACKENDS = ("torchcodec", "decord")
 
@@ -41,6 +45,9 @@ class VideoConfig:
     # Default for video parts that do not say: interleave the video's own audio track with its frames (Qwen2.5-Omni's
     # audio in video; a part's "use_audio_in_video" decides for itself). A video without an audio track is skipped.
     use_audio_in_video: bool = False
+    # training only: ops of degrade.OPS applied to each video's decoded frames before resizing (augment.py); its audio
+    # track takes data.audio.augment
+    augment: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self):
         if not self.fps > 0:
@@ -66,6 +73,14 @@ class VideoConfig:
         if self.backend == "decord" and importlib.util.find_spec("decord") is None:
             raise ValueError("video.backend=decord needs the decord package: `pip install decord` "
                              "(or `pip install omni_train[decord]`), or use video.backend=torchcodec")
+        from omni_train.data.augment import parse_augment  # here: augment imports degrade, which may import this module
+
+        self._augment_ops = parse_augment(self.augment, "video.augment", "video")
+
+    @property
+    def augment_ops(self) -> list:
+        """`augment` parsed (augment.AugmentOp each)."""
+        return self._augment_ops
 
 
 def sample_frame_times(duration_s: float, num_source_frames: int, source_fps: float,
@@ -156,22 +171,29 @@ def _resize_normalize(frames: torch.Tensor, height: int, width: int, image_cfg: 
     return normalize(frames, image_cfg.mean, image_cfg.std)
 
 
-def _decode(src: bytes | str | Path, cfg: VideoConfig, image_cfg: ImageConfig,
-            where: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+def decode_video_frames(src: bytes | str | Path, cfg: VideoConfig, *,
+                        where: str = "") -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Encoded video -> (frames (T, 3, H, W) uint8 as decoded, timestamps_s (T,) float32 real pts, duration_s).
+
+    T is a multiple of temporal_patch_size (`sample_frame_times`); H, W are the source's. Raises MediaError."""
     label = _label(src, where)
     if isinstance(src, (bytes, bytearray)) and not src:
         raise MediaError(f"{label}: video is empty (0 bytes)")
     backend = _decode_torchcodec if cfg.backend == "torchcodec" else _decode_decord
     try:
-        frames, timestamps_s, duration_s = backend(src, cfg, label)
+        return backend(src, cfg, label)
     except MediaError:
         raise
     except Exception as e:  # noqa: BLE001
         # Untrusted input: torchcodec raises RuntimeError / ValueError, decord its own DECORDError.
         raise MediaError(f"{label}: cannot decode video ({_first_line(e)})") from None
+
+
+def _resize_frames(frames: torch.Tensor, cfg: VideoConfig, image_cfg: ImageConfig) -> torch.Tensor:
+    """(T, 3, H0, W0) uint8 as decoded -> (T, 3, H, W) float32 normalized, H and W the video's `smart_resize`."""
     height, width = smart_resize(frames.shape[-2], frames.shape[-1], image_cfg,
                                  min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-    return _resize_normalize(frames, height, width, image_cfg), timestamps_s, duration_s
+    return _resize_normalize(frames, height, width, image_cfg)
 
 
 def decode_video(src: bytes | str | Path, cfg: VideoConfig, image_cfg: ImageConfig | None = None, *,
@@ -181,17 +203,38 @@ def decode_video(src: bytes | str | Path, cfg: VideoConfig, image_cfg: ImageConf
     `image_cfg` supplies the patch grid (sides are multiples of patch_size * merge_size) and the
     normalization; the pixel bounds are the video's. Raises MediaError.
     """
-    frames, timestamps_s, _ = _decode(src, cfg, image_cfg or ImageConfig(), where)
-    return frames, timestamps_s
+    frames, timestamps_s, _ = decode_video_frames(src, cfg, where=where)
+    return _resize_frames(frames, cfg, image_cfg or ImageConfig()), timestamps_s
 
 
-def encode_video(src: bytes | str | Path, cfg: VideoConfig, image_cfg: ImageConfig, *, where: str = "") -> EncodedMedia:
-    """Decode a video into {"patches": (N, 3 * tp * p * p), "grid_thw": (3,), "frame_timestamps_s": (T,)}."""
+def encode_video(src: bytes | str | Path, cfg: VideoConfig, image_cfg: ImageConfig, *, where: str = "",
+                 transform: MediaTransform | None = None, part: int = 0) -> EncodedMedia:
+    """Decode a video into {"patches": (N, 3 * tp * p * p), "grid_thw": (3,), "frame_timestamps_s": (T,)}.
+
+    `transform` (degrade.MediaTransform) changes the decoded frames before resizing; `part` is what it is told."""
     if cfg.temporal_patch_size != image_cfg.temporal_patch_size:
         raise ValueError(f"video.temporal_patch_size ({cfg.temporal_patch_size}) must equal image.temporal_patch_size "
                          f"({image_cfg.temporal_patch_size}): images and video share one patch embedding")
-    frames, timestamps_s, duration_s = _decode(src, cfg, image_cfg, where)
-    patches, grid_thw = image_to_patches(frames, image_cfg, cfg.temporal_patch_size)
+    frames, timestamps_s, duration_s = decode_video_frames(src, cfg, where=where)
+    if transform is not None:
+        frames, timestamps_s = transform.frames(frames, timestamps_s, part, "video")
+    return video_features(frames, timestamps_s, duration_s, cfg, image_cfg)
+
+
+def video_features(frames: torch.Tensor, timestamps_s: torch.Tensor, duration_s: float, cfg: VideoConfig,
+                   image_cfg: ImageConfig) -> EncodedMedia:
+    """(T, 3, H, W) uint8 frames and their times -> the video's EncodedMedia.
+
+    A T that is no longer a multiple of temporal_patch_size (frames dropped by a transform) is padded by repeating
+    the last frame, as `sample_frame_times` pads."""
+    assert frames.ndim == 4 and frames.shape[0] == timestamps_s.shape[0] >= 1, (frames.shape, timestamps_s.shape)
+    num_frames = frames.shape[0]
+    num_padded = -(-max(num_frames, cfg.min_frames) // cfg.temporal_patch_size) * cfg.temporal_patch_size
+    if num_padded != num_frames:
+        frames = torch.cat([frames, frames[-1:].expand(num_padded - num_frames, -1, -1, -1)])
+        timestamps_s = torch.cat([timestamps_s, timestamps_s[-1:].expand(num_padded - num_frames)])
+    pixels = _resize_frames(frames, cfg, image_cfg)
+    patches, grid_thw = image_to_patches(pixels, image_cfg, cfg.temporal_patch_size)
     num_tokens = num_tokens_of(grid_thw, image_cfg)
     tokens_per_step = num_tokens // int(grid_thw[0])
     token_timestamps_s = timestamps_s[::cfg.temporal_patch_size].repeat_interleave(tokens_per_step)

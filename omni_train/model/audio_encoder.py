@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +88,35 @@ AUDIO_POSITIONS = ("learned", "sinusoid")
 
 
 @dataclass(kw_only=True)
+class SpecAugmentConfig:
+    """SpecAugment's time and frequency masks (Park et al. 2019, arXiv:1904.08779) on the log-mel input, in training
+    only (module.training): each window gets num_time_masks spans of 0..max_time_frames frames (at most
+    max_time_fraction of its valid frames: their adaptive masks) and num_freq_masks bands of 0..max_freq_bins mel bins,
+    set to 0 (the value of padding). The draws come from torch's global CPU generator, which checkpoints save and
+    restore (train/checkpoint.py), so a resumed run masks as the uninterrupted one. No masks: off (the default)."""
+    num_time_masks: int = 0
+    max_time_frames: int = 0
+    max_time_fraction: float = 0.2
+    num_freq_masks: int = 0
+    max_freq_bins: int = 0
+
+    def check(self, num_mel_bins: int) -> None:
+        for name in ("num_time_masks", "max_time_frames", "num_freq_masks", "max_freq_bins"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"model.audio.spec_augment.{name} must be an integer >= 0, got {value!r}")
+        if not isinstance(self.max_time_fraction, (int, float)) or not 0 < self.max_time_fraction <= 1:
+            raise ValueError(f"model.audio.spec_augment.max_time_fraction must be in (0, 1], got {self.max_time_fraction!r}")
+        if self.max_freq_bins > num_mel_bins:
+            raise ValueError(f"model.audio.spec_augment.max_freq_bins must be <= model.audio.num_mel_bins "
+                             f"({num_mel_bins}), got {self.max_freq_bins}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.num_time_masks and self.max_time_frames) or bool(self.num_freq_masks and self.max_freq_bins)
+
+
+@dataclass(kw_only=True)
 class AudioEncoderConfig:
     dim: int
     num_layers: int
@@ -102,8 +131,11 @@ class AudioEncoderConfig:
     positions: str = "learned"     # AUDIO_POSITIONS: learned (embed_positions, sinusoid init) | sinusoid (fixed)
     layer_norm_eps: float = 1e-5   # Whisper's
     init_std: float = 0.02
+    spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)  # training-time masks; default off
 
     def __post_init__(self):
+        if isinstance(self.spec_augment, dict):  # built from a plain dict (a saved config)
+            self.spec_augment = SpecAugmentConfig(**self.spec_augment)
         for name in ("dim", "num_layers", "num_heads", "ffn_dim", "num_mel_bins", "window_frames", "pool"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -135,6 +167,7 @@ class AudioEncoderConfig:
         if self.layer_norm_eps <= 0 or self.init_std <= 0:
             raise ValueError(f"model.audio.layer_norm_eps and model.audio.init_std must be > 0, "
                              f"got {self.layer_norm_eps} and {self.init_std}")
+        self.spec_augment.check(self.num_mel_bins)
 
     @property
     def downsample(self) -> int:
@@ -326,7 +359,10 @@ class AudioEncoder(nn.Module):
                              f"{self.cfg.window_frames}: set it to data.audio.window_s / 10 ms")
         window_frames = window_frames.to(mel.device)
         # Frames past the longest valid window are zeros in every window; dropping them changes no valid output.
-        mel = mel[..., : max(int(window_frames.max()), 1)].to(self.conv1.weight.dtype)  # (W, M, T)
+        mel = mel[..., : max(int(window_frames.max()), 1)]  # (W, M, T)
+        if self.training and self.cfg.spec_augment.enabled:
+            mel = spec_augment(mel, window_frames, self.cfg.spec_augment)
+        mel = mel.to(self.conv1.weight.dtype)
         if self.cfg.chunk_frames is None:
             x = self._encode_sequences(mel, window_frames)                   # (W, L, D), L = T / (2 * conv1_stride)
         else:
@@ -371,6 +407,35 @@ class AudioEncoder(nn.Module):
         y = self._encode_sequences(chunks[has_frames], chunk_frames[has_frames])          # (K, c / (2 * conv1_stride), D)
         x = y.new_zeros(num_windows * num_chunks, y.shape[1], y.shape[2]).index_put((has_frames,), y)  # (W * n, P, D)
         return x.view(num_windows, num_chunks * y.shape[1], y.shape[2])                   # (W, L, D)
+
+
+def spec_augment(mel: torch.Tensor, window_frames: torch.Tensor, cfg: SpecAugmentConfig) -> torch.Tensor:
+    """(W, M, T) log-mel windows with (W,) valid frames -> the same with SpecAugment's masks set to 0 (a copy).
+
+    Widths and starts are drawn on the CPU from torch's global generator (the same draws on any device), in a fixed
+    count per window: W * 2 * (num_time_masks + num_freq_masks) uniforms."""
+    num_windows, num_mels, num_frames = mel.shape
+    valid = window_frames.cpu().to(torch.float64)                                      # (W,)
+
+    def spans(count: int, max_width: torch.Tensor, length: torch.Tensor, size: int) -> torch.Tensor:
+        """(W, size) bool: `count` spans per row, widths uniform in 0..max_width, starts uniform where they fit."""
+        u = torch.rand(num_windows, count, 2, dtype=torch.float64)                     # (W, n, 2) on the CPU
+        width = (u[..., 0] * (max_width[:, None] + 1)).floor()                         # (W, n)
+        start = (u[..., 1] * (length[:, None] - width + 1).clamp(min=1)).floor()
+        at = torch.arange(size, dtype=torch.float64)
+        inside = (at >= start[..., None]) & (at < (start + width)[..., None])          # (W, n, size)
+        return inside.any(dim=1).to(mel.device)
+
+    mel = mel.clone()
+    # products with float keep-masks: masked_fill with a broadcast boolean mask measured several times slower on CPU
+    if cfg.num_time_masks and cfg.max_time_frames:
+        max_width = torch.minimum(torch.full_like(valid, float(cfg.max_time_frames)),
+                                  (valid * cfg.max_time_fraction).floor())
+        mel.mul_((~spans(cfg.num_time_masks, max_width, valid, num_frames)).to(mel.dtype)[:, None, :])
+    if cfg.num_freq_masks and cfg.max_freq_bins:
+        mel.mul_((~spans(cfg.num_freq_masks, torch.full_like(valid, float(cfg.max_freq_bins)),
+                         torch.full_like(valid, float(num_mels)), num_mels)).to(mel.dtype)[:, :, None])
+    return mel
 
 
 def _prefix_mask(length: int, num_valid: torch.Tensor) -> torch.Tensor:

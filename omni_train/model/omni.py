@@ -44,6 +44,7 @@ Submodule names (`audio_encoder`, `vision_encoder`, `audio_projector`, `vision_p
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,6 +151,8 @@ class OmniConfig:
         from omni_train.model.hf_adapters import siglip_vision_config, whisper_encoder_config
         from omni_train.model.qwen2_5_omni import read_omni_checkpoint, thinker_model_fields
 
+        # a training option, not architecture: the recipe's model.audio.spec_augment outlives the checkpoint's config
+        spec_augment = self.audio.spec_augment if self.audio is not None else None
         if self.pretrained:
             if self.pretrained_backbone or self.pretrained_audio or self.pretrained_vision:
                 raise ValueError("model.pretrained (a whole Omni thinker) excludes model.pretrained_backbone, "
@@ -172,6 +175,8 @@ class OmniConfig:
                 self.vision = siglip_vision_config(self.pretrained_vision, **layout)
         except (OSError, ValueError) as e:
             raise ValueError(f"model.pretrained_vision: {e}") from None
+        if self.audio is not None and spec_augment is not None:
+            self.audio = dataclasses.replace(self.audio, spec_augment=spec_augment)
 
 
 @dataclass

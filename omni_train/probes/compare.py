@@ -24,6 +24,13 @@ loss and held-out loss of metrics.jsonl) and gives, per row and variant:
   `step_s` and the peak `max_rss_mb` over the logged steps.
 A probe whose items are all of one task shows only its task "all" rows (the per-task rows repeat them);
 `--languages all` keeps only the rows over every language (and the training rows).
+
+**Degradations** (a probe's `degrade:`, issue 14): rows of a degraded pass stay apart from the clean ones.
+Single runs get a block under the headlines, per probe and metric (task and language "all"): the clean
+value, then one line per degradation and severity. Aggregated, each degraded pass is a row of its own whose
+probe column reads "<probe> · <op> <field>=<severity>" (`Aggregate.conditions` maps it back to the probe,
+degradation and severity, for `plot.robustness_figure`); the clean rows keep their plain probe name, so a run
+with degradations and one without line up on them.
 Runs without metrics.jsonl or short of their `train.steps` are left out, and named under the table.
 `format_markdown` prints it; `plot.sweep_figure` draws it (`--png`, or beside `--out`).
 """
@@ -57,8 +64,13 @@ TRAIN_METRICS = ("loss", "eval_loss")  # their last logged value
 MIN_INTERVAL_N = 4     # from this many seeds on, a 95% t-interval; below, mean +- std
 
 
-def latest_rows(run: Path) -> dict[tuple[str, str, str], dict]:
-    """(probe, task, metric) -> the all-languages row of the probe's latest step in run/probes.jsonl."""
+def is_clean(row: dict) -> bool:
+    """A row of undegraded items: a probe without `degrade:`, or the clean pass of one with it."""
+    return row.get("degradation", "none") == "none"  # degrade.CLEAN, spelled out: reading rows never imports torch
+
+
+def _latest_overall(run: Path) -> list[dict]:
+    """The all-languages rows (no group_by) of each probe's latest step in run/probes.jsonl."""
     path = run / "probes.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: the run has no probe results yet")
@@ -66,8 +78,19 @@ def latest_rows(run: Path) -> dict[tuple[str, str, str], dict]:
     latest: dict[str, int] = {}
     for r in rows:
         latest[r["probe"]] = max(latest.get(r["probe"], r["step"]), r["step"])
-    return {(r["probe"], r["task"], r["metric"]): r for r in rows
-            if r["step"] == latest[r["probe"]] and r["language"] == "all" and "group_by" not in r}
+    return [r for r in rows if r["step"] == latest[r["probe"]] and r["language"] == "all" and "group_by" not in r]
+
+
+def latest_rows(run: Path) -> dict[tuple[str, str, str], dict]:
+    """(probe, task, metric) -> the all-languages clean row of the probe's latest step in run/probes.jsonl."""
+    return {(r["probe"], r["task"], r["metric"]): r for r in _latest_overall(run) if is_clean(r)}
+
+
+def degradation_rows(run: Path) -> dict[tuple[str, str, str, str], dict]:
+    """(probe, metric, degradation, severity) -> the task-"all", all-languages row of the probe's latest step, for
+    the probes run with degradations (their clean rows under degradation "none", severity None)."""
+    rows = [r for r in _latest_overall(run) if r["task"] == "all" and "degradation" in r]
+    return {(r["probe"], r["metric"], r["degradation"], r["severity"]): r for r in rows}
 
 
 def run_label(run: Path) -> str:
@@ -94,7 +117,27 @@ def compare_table(runs: list[Path]) -> str:
             cells.append("-" if row is None else f"{100 * row['value']:.1f} (n={row['n']})")
         if any(cell != "-" for cell in cells):
             lines.append(f"{label:<40}" + "".join(f"{cell:>{width}}" for cell in cells))
+    lines += _degradation_lines(runs, width)
     return "\n".join(lines)
+
+
+def _degradation_lines(runs: list[Path], width: int) -> list[str]:
+    """Under the headlines: per probe and metric run with degradations, its clean value and each condition's."""
+    degraded = [degradation_rows(run) for run in runs]
+    keys = list(dict.fromkeys(k for table in degraded for k in table))
+    if not keys:
+        return []
+    from omni_train.data.degrade import CLEAN, severity_label  # imports torch: only for runs with degradations
+
+    lines = []
+    for probe, metric in dict.fromkeys((k[0], k[1]) for k in keys):
+        lines.append(f"{probe} {metric} (all tasks), degraded")
+        for _, _, degradation, severity in [k for k in keys if k[:2] == (probe, metric)]:
+            label = "  clean" if degradation == CLEAN else "  " + severity_label(degradation, severity)
+            cells = ["-" if (row := table.get((probe, metric, degradation, severity))) is None
+                     else f"{100 * row['value']:.1f} (n={row['n']})" for table in degraded]
+            lines.append(f"{label:<40}" + "".join(f"{cell:>{width}}" for cell in cells))
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,9 +287,18 @@ def collect(paths: list[Path]) -> tuple[list[Run], list[str], dict | None, list[
 # Aggregation
 
 
-def run_values(run: Path) -> dict[tuple[str, str, str, str], float]:
+def degraded_probe(probe: str, degradation: str, severity) -> str:
+    """The probe column of a degraded pass's aggregated rows: "speech2code · white_noise snr_db=10"."""
+    from omni_train.data.degrade import severity_label
+
+    return f"{probe} · {severity_label(degradation, severity)}"
+
+
+def run_values(run: Path, conditions: dict[str, tuple[str, str, object]] | None = None
+               ) -> dict[tuple[str, str, str, str], float]:
     """(probe, task, language, metric) -> value: every probe row at the probe's latest step (no group_by rows),
-    and ("train", "", "", m) for the last logged value of each TRAIN_METRICS in metrics.jsonl."""
+    and ("train", "", "", m) for the last logged value of each TRAIN_METRICS in metrics.jsonl. A degraded pass's
+    rows have `degraded_probe` as their probe; `conditions` (when given) gets label -> (probe, degradation, severity)."""
     from omni_train.plot import read_jsonl
 
     values: dict[tuple[str, str, str, str], float] = {}
@@ -261,7 +313,12 @@ def run_values(run: Path) -> dict[tuple[str, str, str, str], float]:
         latest[r["probe"]] = max(latest.get(r["probe"], r["step"]), r["step"])
     for r in rows:
         if r["step"] == latest[r["probe"]] and r.get("value") is not None:
-            values[(r["probe"], r["task"], r["language"], r["metric"])] = r["value"]
+            probe = r["probe"]
+            if not is_clean(r):
+                probe = degraded_probe(r["probe"], r["degradation"], r["severity"])
+                if conditions is not None:
+                    conditions[probe] = (r["probe"], r["degradation"], r["severity"])
+            values[(probe, r["task"], r["language"], r["metric"])] = r["value"]
     return values
 
 
@@ -302,7 +359,7 @@ def run_cost(run: Path) -> dict:
 class Aggregate:
     """What `aggregate` returns: `rows` in table order, each {key, values: {variant: {seed: value}},
     stats: {variant: Stat}, diffs: {variant: Stat} (not the baseline's)}; `cost` and the loss `curves` per
-    variant."""
+    variant; `conditions`: the probe column of each degraded pass's rows -> (probe, degradation, severity)."""
     title: str
     variants: list[str]
     baseline: str
@@ -311,6 +368,7 @@ class Aggregate:
     cost: dict[str, dict] = field(default_factory=dict)
     curves: dict[str, dict[int, list[tuple[int, float]]]] = field(default_factory=dict)  # variant -> seed -> (step, loss)
     notes: list[str] = field(default_factory=list)
+    conditions: dict[str, tuple[str, str, object]] = field(default_factory=dict)
 
 
 def _row_order(key: tuple[str, str, str, str], first_seen: dict) -> tuple:
@@ -341,7 +399,8 @@ def aggregate(paths: list[Path], *, baseline: str | None = None, with_parameters
         baseline = variants[0]
     elif baseline not in variants:
         raise ValueError(f"--baseline {baseline!r} is not one of the variants: {', '.join(variants)}")
-    values = {run.path: run_values(run.path) for run in runs}
+    conditions: dict[str, tuple[str, str, object]] = {}
+    values = {run.path: run_values(run.path, conditions) for run in runs}
     first_seen: dict[str, int] = {}
     for run in runs:
         for probe, _, _, metric in values[run.path]:
@@ -355,7 +414,7 @@ def aggregate(paths: list[Path], *, baseline: str | None = None, with_parameters
             raise ValueError(f"compare: variant {v} has two runs of one seed ({', '.join(str(r.path) for r in members)})")
     title = (f"sweep {manifest['name']} (recipe {manifest['recipe']})" if manifest else
              f"{len(runs)} runs: {', '.join(r.path.name for r in runs)}")
-    agg = Aggregate(title=title, variants=variants, baseline=baseline, notes=notes,
+    agg = Aggregate(title=title, variants=variants, baseline=baseline, notes=notes, conditions=conditions,
                     seeds={v: sorted(r.seed for r in by_variant[v]) for v in variants})
     for key in keys:
         per_seed = {v: {r.seed: values[r.path][key] for r in by_variant[v] if key in values[r.path]} for v in variants}

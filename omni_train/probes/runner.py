@@ -49,25 +49,45 @@ per speaker count and per length, by the same metrics as the whole probe:
 
     - {name: meeting_asr, shards: "shards/meeting/eval-*.tar", tasks: [transcribe, action_items],
        group_by: [num_speakers, duration_s], buckets: {duration_s: [10, 20]}}
+
+Degradations (issue 14): with `degrade:` (the spec of data/degrade.py) the probe runs its items once clean and
+once per condition, each item's media degraded as it is decoded (`decode_sample(transform=Degradation(...))`,
+seeded by [seed, item index]), and every row of the probe gains `degradation` ("none" for the clean pass)
+and `severity` (null for the clean pass):
+
+    - {name: speech2code, shards: "shards/demo/probe-*.tar", tasks: [speech2code],
+       degrade: [{op: white_noise, snr_db: [20, 10, 5]}, {op: mp3, kbps: 16}, {op: speed, factor: [0.9, 1.1]}]}
+
+A condition runs only the items it can change (`Condition.applies_to`: an audio op on items with audio or
+video, a video op on items with video); an item none of whose parts it changed (a video without an audio
+track) leaves that condition's scores. Babble and overlap add other items' audio, decoded clean: the first
+ones of a permutation of the probe's audio items seeded by [seed, item index, op], never the item itself nor
+an item with the same audio bytes. Each condition's pass batches and pads like the clean one, so every rank
+still runs the same number of batches. Examples (probe_examples.jsonl) come from the clean pass.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
 import re
+import zlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from omni_train.data.audio import decode_audio
+from omni_train.data.degrade import CLEAN, Condition, Degradation, parse_degrade, severity_label
 from omni_train.data.format import MODALITIES, ShardFormatError, parse_sample
 from omni_train.data.pipeline import TarEntry, decode_sample, expand_shards, index_tar, read_entry
 from omni_train.data.text import Tokenizer, render_prompt
@@ -105,6 +125,8 @@ class ProbeConfig:
     num_examples: int = 8               # items written to probe_examples.jsonl
     group_by: list[str] = field(default_factory=list)   # meta fields to score separately, e.g. num_speakers
     buckets: dict[str, list[float]] = field(default_factory=dict)  # numeric group_by field -> increasing range edges
+    degrade: list[dict[str, Any]] = field(default_factory=list)   # data/degrade.py's spec: conditions run besides clean
+    seed: int = 0                       # the degradations' draws: [seed, item index] per item
 
     def __post_init__(self):
         if not self.name or any(ch.isspace() for ch in self.name):
@@ -137,6 +159,11 @@ class ProbeConfig:
                 raise ValueError(f"buckets names {name}, which is not in group_by {self.group_by}")
             if not edges or any(not isinstance(e, (int, float)) for e in edges) or list(edges) != sorted(set(edges)):
                 raise ValueError(f"buckets of {name} must be a non-empty list of increasing numbers, got {edges}")
+        self.conditions()  # a bad op or field stops here, at recipe load
+
+    def conditions(self) -> list[Condition]:
+        """The `degrade:` list's conditions, in order (ValueError naming the field)."""
+        return parse_degrade(self.degrade)
 
 
 def probes_due(probes: Sequence[ProbeConfig], step: int, *, final: bool = False) -> list[ProbeConfig]:
@@ -261,24 +288,73 @@ def _with_instruction(messages: list[dict], instruction: str) -> tuple[list[dict
     return messages, separator
 
 
-class _Context:
-    """What every probe kind needs: model, tokenizer, data settings, the one decode of each item."""
+MAX_CLEAN_AUDIO = 256  # other items' clean waveforms kept for babble and overlap
 
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, data_cfg: Any, stop_early: bool):
+
+class _Context:
+    """What every probe kind needs: model, tokenizer, data settings, the one decode of each item (degraded
+    by `condition` while a degraded pass runs)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, data_cfg: Any, stop_early: bool,
+                 probe: ProbeConfig, items: list[ProbeItem]):
         self.model, self.tokenizer, self.data_cfg, self.stop_early = model, tokenizer, data_cfg, stop_early
+        self.probe, self.items = probe, items
+        self.condition: Condition | None = None
         self.skipped: list[str] = []
+        self._clean_audio: dict[int, tuple[str, torch.Tensor] | None] = {}
         header = [tokenizer.im_start_id, *tokenizer.encode("user\n")]
         footer = render_prompt(text_messages(""), [], tokenizer)
         self.head_len = len(header)                   # tokens before a user turn's content
         self.tail_len = len(footer) - self.head_len   # tokens after it, to the end of the prompt
 
     def decode(self, item: ProbeItem):
-        """The item's decoded media (the training pipeline's decoding), or None when it cannot be used."""
+        """The item's decoded media (the training pipeline's decoding, under the pass's degradation), or None
+        when it cannot be used (or the degradation changes none of its parts)."""
+        transform = None
+        if self.condition is not None:
+            others = self.others(item, self.condition.num_others) if self.condition.num_others else []
+            if self.condition.num_others and not others:
+                return None
+            transform = Degradation(self.condition, [self.probe.seed, item.index], others)
         try:
-            return decode_sample(read_entry(item.url, item.entry), item.id, self.data_cfg, self.tokenizer).media
+            media = decode_sample(read_entry(item.url, item.entry), item.id, self.data_cfg, self.tokenizer,
+                                  transform=transform).media
         except Exception as e:  # noqa: BLE001 - a bad item is reported and left out, never stops the probe
             self.skipped.append(f"{item.id}: {type(e).__name__}: {e}")
             return None
+        return None if transform is not None and not transform.applied else media
+
+    def clean_audio(self, item: ProbeItem) -> tuple[str, torch.Tensor] | None:
+        """(digest of the audio's bytes, waveform) of the item's first audio part, decoded clean; None if it has none."""
+        if item.index not in self._clean_audio:
+            if len(self._clean_audio) >= MAX_CLEAN_AUDIO:
+                self._clean_audio.pop(next(iter(self._clean_audio)))
+            value = None
+            member = next((part["member"] for message in item.sample["messages"] if message["role"] == "user"
+                           for part in message["content"] if part["type"] == "audio"), None)
+            if member is not None:
+                try:
+                    data = read_entry(item.url, item.entry)[member]
+                    value = (hashlib.sha1(data).hexdigest(), decode_audio(data, self.data_cfg.audio, where=item.id))
+                except Exception:  # noqa: BLE001 - an undecodable neighbour is only not chosen
+                    value = None
+            self._clean_audio[item.index] = value
+        return self._clean_audio[item.index]
+
+    def others(self, item: ProbeItem, count: int) -> list[torch.Tensor]:
+        """Up to `count` other items' clean audio for babble and overlap (module docstring): the same for every
+        severity of the op, on every rank."""
+        own = self.clean_audio(item)
+        chosen: list[tuple[str, torch.Tensor]] = []
+        rng = np.random.default_rng([self.probe.seed, item.index, zlib.crc32(self.condition.op.encode())])
+        for index in rng.permutation(len(self.items)).tolist():
+            candidate = self.items[index]
+            other = self.clean_audio(candidate) if index != item.index and "audio" in candidate.user_media() else None
+            if other is not None and other[0] != (own[0] if own else None) and all(other[0] != c[0] for c in chosen):
+                chosen.append(other)
+                if len(chosen) == count:
+                    break
+        return [waveform for _, waveform in chosen]
 
     def filler(self):
         """A one-token text prompt: a batch for a rank that has run out of items."""
@@ -488,27 +564,49 @@ def _gather(objects: list, dist) -> list:
     return [x for part in gathered for x in part]
 
 
-def run_probe(model: nn.Module, probe: ProbeConfig, *, data_cfg: Any, tokenizer: Tokenizer, dist, step: int
-              ) -> tuple[list[dict], list[dict]]:
-    """One probe on this rank's share of the items: (rows, examples) on rank 0, ([], []) elsewhere."""
-    items = list_items(probe)
-    check_probe(probe, items)  # no sandbox: stop with its one line now, on every rank, rather than after generating
+def _run_pass(items: list[ProbeItem], probe: ProbeConfig, ctx: _Context, dist) -> list[dict]:
+    """`items` (every rank's same list) split over the ranks, run in batches, gathered in the fixed order."""
     # batches of similar length: without a KV cache every generated token reruns the whole (padded) batch,
     # so one long recording would make every prompt of its batch as costly as itself. Results do not depend
     # on the batching; they are put back in the fixed order below.
     mine = sorted(items[dist.rank::dist.world_size], key=lambda item: _media_seconds(item))
     num_batches = math.ceil(math.ceil(len(items) / dist.world_size) / probe.batch_size)  # the same on every rank
-    ctx = _Context(model, tokenizer, data_cfg, stop_early=dist.world_size == 1)
     results: list[dict] = []
     for b in range(num_batches):
         results += RUNNERS[probe.kind](mine[b * probe.batch_size:(b + 1) * probe.batch_size], probe, ctx)
-    results = _gather(results, dist)
+    return sorted(_gather(results, dist), key=lambda r: r["index"])
+
+
+def run_probe(model: nn.Module, probe: ProbeConfig, *, data_cfg: Any, tokenizer: Tokenizer, dist, step: int
+              ) -> tuple[list[dict], list[dict]]:
+    """One probe on this rank's share of the items: (rows, examples) on rank 0, ([], []) elsewhere."""
+    items = list_items(probe)
+    check_probe(probe, items)  # no sandbox: stop with its one line now, on every rank, rather than after generating
+    ctx = _Context(model, tokenizer, data_cfg, stop_early=dist.world_size == 1, probe=probe, items=items)
+    passes: list[tuple[Condition | None, list[dict]]] = [(None, _run_pass(items, probe, ctx, dist))]
+    for condition in probe.conditions():
+        ctx.condition = condition
+        applicable = [item for item in items if condition.applies_to(item.user_media())]
+        passes.append((condition, _run_pass(applicable, probe, ctx, dist)))
+    ctx.condition = None
     skipped = _gather(ctx.skipped, dist)
     if not dist.is_main:
         return [], []
     if skipped:
         log.warning("probe %s: %d items could not be decoded (first: %s)", probe.name, len(skipped), skipped[0])
-    results.sort(key=lambda r: r["index"])
+    rows, examples = _score_pass(passes[0][1], items, probe, step)
+    if probe.degrade:
+        for r in rows:
+            r.update(degradation=CLEAN, severity=None)
+        for condition, results in passes[1:]:
+            degraded, _ = _score_pass(results, items, probe, step, quiet=True)
+            rows += [{**r, "degradation": condition.op, "severity": condition.severity} for r in degraded]
+    return rows, examples
+
+
+def _score_pass(results: list[dict], items: list[ProbeItem], probe: ProbeConfig, step: int, *, quiet: bool = False
+                ) -> tuple[list[dict], list[dict]]:
+    """One pass's results (rank 0, all ranks' in the fixed order) -> (rows, examples)."""
     for r in results:
         item = items[r["index"]]
         r.update(id=item.id, task=item.task, language=item.language,
@@ -520,7 +618,8 @@ def run_probe(model: nn.Module, probe: ProbeConfig, *, data_cfg: Any, tokenizer:
             if item.transcript is not None:
                 r["reference_transcript"] = item.transcript
     if not results:
-        log.warning("probe %s: no usable item in %s (tasks: %s)", probe.name, probe.shards, probe.tasks or "all")
+        if not quiet:
+            log.warning("probe %s: no usable item in %s (tasks: %s)", probe.name, probe.shards, probe.tasks or "all")
         return [], []
     if probe.kind == "retrieval":
         scores = _score_retrieval(results, probe)
@@ -578,13 +677,16 @@ def format_table(rows: Sequence[dict]) -> str:
     """Probe rows as text: one line per (probe, task, metric) with the overall value and n, then one
     column per language (or, with many languages, the per-language values on the lines below), then
     the `group_by` rows as "field: value rate (n)" lines under their metric. Rates are percentages.
-    Rows of several steps: the latest step of each probe."""
+    A probe with degradations then gets one block per degradation: a line per (task, metric) over all
+    languages, the clean value and one column per severity. Rows of several steps: the latest step of each probe."""
     if not rows:
         return "(no probe results)"
     latest = {}
     for r in rows:
         latest[r["probe"]] = max(latest.get(r["probe"], r["step"]), r["step"])
     rows = [r for r in rows if r["step"] == latest[r["probe"]]]
+    degraded = [r for r in rows if r.get("degradation", CLEAN) != CLEAN]
+    rows = [r for r in rows if r.get("degradation", CLEAN) == CLEAN]
     table: dict[tuple[str, str, str], dict[str, dict]] = defaultdict(dict)
     grouped: dict[tuple[str, str, str], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     order: list[tuple[str, str, str]] = []
@@ -621,7 +723,29 @@ def format_table(rows: Sequence[dict]) -> str:
             for field_name, group_rows in grouped.get(key, {}).items():
                 cells = [f"{r['group']} {_cell(r)} ({r['n']})" for r in group_rows]
                 lines.append(f"      by {field_name}: " + "  ".join(cells))
+        lines += _degradation_blocks([r for r in degraded if r["probe"] == probe], keys, table)
     return "\n".join(lines)
+
+
+def _degradation_blocks(rows: list[dict], keys: list[tuple[str, str, str]], clean: dict) -> list[str]:
+    """Per degradation: its header with the severities, then per (task, metric) of the clean table, the clean
+    value over all languages and the value under each severity ("-" where no item applied)."""
+    rows = [r for r in rows if r["language"] == ALL and "group_by" not in r]
+    lines = []
+    for degradation in dict.fromkeys(r["degradation"] for r in rows):
+        mine = [r for r in rows if r["degradation"] == degradation]
+        severities = list(dict.fromkeys(r["severity"] for r in mine))
+        values = {(r["task"], r["metric"], r["severity"]): r for r in mine}
+        labels = [severity_label(degradation, s).partition(" ")[2] for s in severities]
+        width = max(9, *(len(label) + 2 for label in labels))
+        header = f"  {'degradation ' + degradation:<40}{'clean':>7}"
+        lines.append(header + "".join(f"{label:>{width}}" for label in labels))
+        for probe, task, metric in keys:
+            cells = [_cell(values.get((task, metric, s))) for s in severities]
+            if any(cell != "-" for cell in cells):
+                lines.append(f"  {task:<16}{metric:<24}{_cell(clean.get((probe, task, metric), {}).get(ALL)):>7}"
+                             + "".join(f"{cell:>{width}}" for cell in cells))
+    return lines
 
 
 def _cell(row: dict | None) -> str:

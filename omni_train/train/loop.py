@@ -293,7 +293,7 @@ def train(cfg) -> TrainState:
                                   tcfg, micro_batch_size=cfg.data.batch_size, enabled=not reads_weights)
     engine = Engine(model, tcfg, dist, micro_batch_size=cfg.data.batch_size)
     data = DataPipeline(cfg.data, tokenizer=tokenizer, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed,
-                        skip_log=output_dir / "skipped.jsonl")
+                        skip_log=output_dir / "skipped.jsonl", augment=True)
     state = TrainState()
     torch.manual_seed(cfg.seed * 1000 + dist.rank)  # per-rank randomness from here on (dropout, sampling)
 
@@ -362,8 +362,8 @@ def train(cfg) -> TrainState:
             probe_model = engine.full_model(replica)
             probe_rows = run_probes(probe_model, due, data_cfg=cfg.data, tokenizer=tokenizer, dist=dist,
                                     step=state.step, output_dir=output_dir)
-            row.update({f"probe/{r['probe']}/{r['metric']}": r["value"] for r in probe_rows
-                        if r["task"] == "all" and r["language"] == "all"})
+            row.update({f"probe/{r['probe']}/{r['metric']}": r["value"] for r in probe_rows  # clean: not a degraded pass's
+                        if r["task"] == "all" and r["language"] == "all" and r.get("degradation", "none") == "none"})
             if state.step == tcfg.steps and probe_rows:
                 logger.write(format_table(probe_rows))
         relies = evaluator is not None and every(state.step, diagnostics.reliance_every)
