@@ -502,6 +502,7 @@ def robustness_figure(lines: dict[str, Robustness], *, title: str = ""):
                 ax.axhline(panel["clean"][0], color=f"C{i}", linestyle="--", linewidth=1, label=f"{name} clean")
         field_name = OPS[degradation].severity if degradation in OPS else "severity"
         ax.set(title=f"{probe} {metric}: {degradation}", xlabel=field_name)
+        ax.set_ylim(0, max(1.0, ax.get_ylim()[1]))  # from 0: one point must not fill a panel with its own noise
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)

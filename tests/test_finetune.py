@@ -117,6 +117,7 @@ def base_run(meeting, tmp_path_factory) -> Path:
 MAX_HELD_OUT_LOSS_RATIO = 0.985
 
 
+@pytest.mark.slow
 @pytest.mark.outcome
 @pytest.mark.multiproc
 def test_lora_zero2_trains_only_adapters_lowers_held_out_loss_and_exports(meeting, base_run, tmp_path, capsys):

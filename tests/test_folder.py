@@ -401,6 +401,7 @@ print(json.dumps({"seconds": time.perf_counter() - start, "input_s": summary.inp
 """
 
 
+@pytest.mark.slow
 def test_long_meetings_bounded_memory(tmp_path):
     """A 30-minute meeting builds with the same peak RSS as a 10-minute one (each build in its own process)."""
     results = {}

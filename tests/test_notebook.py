@@ -121,6 +121,7 @@ def test_transfer_table_values_latest_step_and_gaps():
     assert format_transfer_table([]).startswith("(no ")
 
 
+@pytest.mark.slow
 def test_ablation_notebook_shows_the_sweep_table_and_figure(corpus, tmp_path_factory, monkeypatch):
     from omni_train.probes.compare import aggregate, format_markdown
     from sweeps import SEEDS, VARIANTS, tiny_sweep

@@ -223,6 +223,16 @@ def test_probes_due():
     assert [p.name for p in probes_due(probes, 15, final=True)] == ["a", "b"]
 
 
+def test_per_language_keeps_the_first_items_of_each_language(speech_shards):
+    every = list_items(ProbeConfig(name="all", shards=speech_shards, tasks=["asr", "speech2code"]))
+    capped = list_items(ProbeConfig(name="capped", shards=speech_shards, tasks=["asr", "speech2code"], per_language=3))
+    languages = sorted({item.language for item in every})
+    assert len(languages) == 3 and len(every) > 9
+    first = [item for language in languages for item in [i for i in every if i.language == language][:3]]
+    assert [item.entry.key for item in capped] == sorted((i.entry.key for i in first), key=[i.entry.key for i in every].index)
+    assert [item.index for item in capped] == list(range(9))  # indexes stay contiguous: the degradations' seeds
+
+
 # ---------------------------------------------------------------------------------------- generation
 
 

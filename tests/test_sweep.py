@@ -149,6 +149,7 @@ def sweep(corpus, tmp_path_factory):
     return tiny_sweep(corpus, tmp_path_factory)
 
 
+@pytest.mark.slow
 def test_sweep_runs_every_cell_and_skips_them_on_a_second_invocation(sweep, corpus, capsys, monkeypatch):
     out, progress = sweep
     names = [f"{v}-s{s}" for v in VARIANTS for s in SEEDS]
@@ -174,6 +175,7 @@ def test_sweep_runs_every_cell_and_skips_them_on_a_second_invocation(sweep, corp
                       for name in names}
 
 
+@pytest.mark.slow
 def test_compare_aggregates_the_sweep_as_computed_by_hand(sweep, tmp_path, capsys):
     out, _ = sweep
     md = tmp_path / "table.md"

@@ -33,8 +33,9 @@ Kinds:
   in the same forward (`train.diagnostics.linear_cka`, `backbone_with_layers`).
 
 Every probe reads all of its shards' items in one fixed order (shard order, then tar order),
-keeps those of `tasks` (and those its kind can use), at most `max_items`, and gives rank r the
-items r, r + W, ..., which it batches shortest media first (`meta.duration_s`). Every rank runs the same number of batches (a rank short of items runs a
+keeps those of `tasks` (and those its kind can use), the first `per_language` of each language if set,
+at most `max_items`, and gives rank r the items r, r + W, ..., which it batches shortest media first
+(`meta.duration_s`). Every rank runs the same number of batches (a rank short of items runs a
 one-token text prompt whose output is dropped) and `generate` the same number of steps, as
 ZeRO-3 requires. Results are gathered to rank 0, which computes the metrics per (task, language),
 per task over all languages ("all"), per language over all tasks and over everything, appends
@@ -114,6 +115,7 @@ class ProbeConfig:
     tasks: list[str] = field(default_factory=list)  # meta.task values to keep; empty: all
     every: int = 0                      # run every N training steps; 0: only after training and offline
     max_items: int = 0                  # at most this many items (the first in the fixed order); 0: all
+    per_language: int = 0               # at most this many items of each language (the first of each); 0: no cap
     max_new_tokens: int = 64            # per generation
     batch_size: int = 8                 # prompts per forward, per rank
     metrics: list[str] = field(default_factory=lambda: list(PROBE_METRICS))  # generative / pipeline: a subset of PROBE_METRICS
@@ -141,7 +143,7 @@ class ProbeConfig:
         for name in ("max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("every", "max_items", "num_examples"):
+        for name in ("every", "max_items", "per_language", "num_examples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.k or any(k < 1 for k in self.k):
@@ -250,6 +252,7 @@ def _usable(item: ProbeItem, kind: str) -> bool:
 def list_items(probe: ProbeConfig) -> list[ProbeItem]:
     """The probe's items in their fixed order (reads only the samples' JSON), filtered and capped."""
     items: list[ProbeItem] = []
+    per_language: dict[str, int] = defaultdict(int)
     for url in expand_shards(probe.shards):
         with open(url, "rb") as f:
             for entry in index_tar(url):
@@ -264,6 +267,10 @@ def list_items(probe: ProbeConfig) -> list[ProbeItem]:
                     continue
                 item = ProbeItem(len(items), url, entry, sample)
                 if (not probe.tasks or item.task in probe.tasks) and _usable(item, probe.kind):
+                    if probe.per_language:
+                        if per_language[item.language] == probe.per_language:
+                            continue
+                        per_language[item.language] += 1
                     items.append(item)
                     if probe.max_items and len(items) == probe.max_items:
                         return items
