@@ -10,7 +10,7 @@ CPU_PINS := $(if $(shell command -v nvidia-smi 2>/dev/null),,-r requirements-cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 export WANDB_MODE ?= offline
 
-.PHONY: install system-deps demo demo-compare test test-all test-cpus bench clean
+.PHONY: install system-deps demo demo-compare test test-all test-cpus test-reliability bench clean
 
 install: system-deps $(STAMP)
 
@@ -54,6 +54,12 @@ test: install
 
 test-all: install
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=1800 -m ''
+
+# The fault scenarios (tests/test_reliability.py, docs/reliability.md): kill -9 mid-step and mid-save under
+# torchrun restarts, SIGTERM / SIGUSR1, NaN, loss spikes and DeepSpeed's skip, a loader worker killed, a shard
+# deleted mid-run; 2 CPU ranks each, then the table of what each checked and measured. make test runs the fast ones.
+test-reliability: install
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=1800 -m reliability tests/test_reliability.py
 
 # The tests that threshold a training outcome (marked `outcome`) under each CPU kernel set torch has for
 # x86-64: this CPU's own, then AVX2 and the plain default ones, as other machines would run them (float

@@ -35,6 +35,15 @@ class PreflightError(ValueError):
     """A user's error found before any work, identically on every rank (wraps the original message)."""
 
 
+class RunStopped(Exception):
+    """The run stopped on purpose (too many bad steps in a row, a data loader worker lost), for a reason its
+    message gives in one line. `every_rank`: every rank stops alike, so rank 0 alone says it."""
+
+    def __init__(self, message: str, *, every_rank: bool = True):
+        super().__init__(message)
+        self.every_rank = every_rank
+
+
 @contextmanager
 def preflight() -> Iterator[None]:
     """Checks every rank makes alike before any work: their user errors become PreflightError (printed once)."""
@@ -47,7 +56,7 @@ def preflight() -> Iterator[None]:
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = [ValueError, OSError, pickle.UnpicklingError, tarfile.TarError]
+    types: list[type[BaseException]] = [ValueError, OSError, pickle.UnpicklingError, tarfile.TarError, RunStopped]
     try:
         from safetensors import SafetensorError
 
@@ -82,7 +91,7 @@ def run_entry_point(prog: str, main: Callable[[], int | None]) -> int:
     except user_error_types() as e:
         if debug:
             traceback.print_exc()
-        preflight_error = isinstance(e, PreflightError)
+        preflight_error = isinstance(e, PreflightError) or (isinstance(e, RunStopped) and e.every_rank)
         if rank == 0 or not preflight_error:  # a preflight error is every rank's: rank 0 says it
             line = f"{prog}: error{'' if world_size == 1 or preflight_error else f' (rank {rank})'}: {one_line(e)}"
             print(line, file=sys.stderr, flush=True)

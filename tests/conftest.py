@@ -70,3 +70,37 @@ def build_corpus(root: Path, *, num_shard_samples: int = 6) -> dict:
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> dict:
     return build_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+# `make test-reliability`'s table (tests/test_reliability.py): one row per test marked reliability, with what the
+# test measured when it passed, FAILED (and the test's name) when it did not
+_reliability: dict[str, dict] = {}
+
+
+@pytest.fixture
+def reliability_row(request):
+    def record(scenario: str, checked: str, figure: str) -> None:
+        _reliability[request.node.nodeid].update(scenario=scenario, checked=checked, figure=figure)
+    return record
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if item.get_closest_marker("reliability") is not None:
+        entry = _reliability.setdefault(item.nodeid, {})
+        if report.when == "call" or report.failed:
+            entry["result"] = "FAILED" if report.failed else ("skipped" if report.skipped else "passed")
+    return report
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _reliability:
+        return
+    header = ("scenario", "checked", "result", "figure")
+    table = [(e.get("scenario", nodeid.split("::")[-1]), e.get("checked", ""), e.get("result", "not run"), e.get("figure", ""))
+             for nodeid, e in _reliability.items()]
+    widths = [max(len(header[i]), *(len(row[i]) for row in table)) for i in range(3)]
+    terminalreporter.section("reliability")
+    for row in [header, *table]:
+        terminalreporter.write_line("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3])

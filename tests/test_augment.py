@@ -341,3 +341,24 @@ def test_training_resume_is_exact_with_augmentation(shards, tmp_path):
     resumed = run("resumed", f"train.resume={tmp_path / 'full' / 'checkpoints' / 'step_00000003'}")
     assert sorted(resumed) == [4, 5, 6]
     assert all(resumed[step] == full[step] for step in resumed), (full, resumed)
+
+
+def test_from_epoch_delays_an_op_without_changing_its_draws():
+    """A curriculum: an op with from_epoch E never fires before epoch E, and from then on fires exactly where the same
+    op without from_epoch does, with the same condition."""
+    from omni_train.data.augment import parse_augment
+
+    def conditions(spec, epoch, key):
+        ops = {"audio": parse_augment(spec, "audio.augment", "audio"), "image": [], "video": []}
+        return Augmenter(ops, sample_seed(0, epoch, "s.tar", key), epoch)._conditions("audio", 0)
+
+    op = {"op": "white_noise", "p": 0.5, "snr_db": [5, 30]}
+    fired = {epoch: 0 for epoch in range(4)}
+    for epoch in range(4):
+        for key in map(str, range(100)):
+            delayed, plain = conditions([{**op, "from_epoch": 2}], epoch, key), conditions([op], epoch, key)
+            assert delayed == (plain if epoch >= 2 else [])
+            fired[epoch] += len(delayed)
+    assert fired[0] == fired[1] == 0 and fired[2] > 30 and fired[3] > 30, fired
+    with pytest.raises(ValueError, match=r"audio.augment\[0\].from_epoch must be an epoch number >= 0, got -1"):
+        parse_augment([{**op, "from_epoch": -1}], "audio.augment", "audio")

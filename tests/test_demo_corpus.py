@@ -395,3 +395,29 @@ def test_full_corpus_covers_every_voice(tmp_path):
     assert len(speech_languages) >= 74 and speech_languages == set(demo.ALL_VOICES)
     probe = inspect_shards(" ".join(str(out / name) for name in corpus["splits"]["probe"]["shards"]), decode=True)
     assert probe["unusable"] == [] and len(probe["languages"]) >= 74
+
+
+def test_train_variants_change_only_the_voices_of_trained_speech():
+    """train_variants say a share of the train and eval utterances in other espeak-ng variants; the words, prosody,
+    noise and every probe item stay what they were, and no unseen variant is ever trained."""
+    cfg = demo.demo_config("demo")
+    varied_cfg = dataclasses.replace(cfg, train_variants=("f1", "m3", "klatt2"), train_variant_fraction=0.5)
+    plain, varied = demo.plan_corpus(cfg, fonts=[]), demo.plan_corpus(varied_cfg, fonts=[])
+    assert varied["probe"] == plain["probe"]
+    said = Counter()
+    for split in ("train", "eval"):
+        assert len(varied[split]) == len(plain[split])
+        for a, b in zip(plain[split], varied[split]):
+            if not isinstance(a.job, demo.SpeechJob) or "variant" not in b.meta:
+                assert a == b
+                continue
+            said[b.meta["variant"]] += 1
+            assert b.job.voice == demo.espeak_voice(a.language, b.meta["variant"])
+            assert dataclasses.replace(b.job, voice=a.job.voice) == a.job
+            assert {k: v for k, v in b.meta.items() if k != "variant"} == a.meta
+    speech = sum(isinstance(s.job, demo.SpeechJob) for split in ("train", "eval") for s in plain[split])
+    assert set(said) == {"f1", "m3", "klatt2"} and abs(sum(said.values()) / speech - 0.5) < 0.05, (said, speech)
+    with pytest.raises(ValueError, match=r"train_variants \['f2'\] are also unseen_variants"):
+        dataclasses.replace(cfg, train_variants=("f1", "f2"))
+    with pytest.raises(ValueError, match="train_variant_fraction must lie in \\[0, 1\\]"):
+        dataclasses.replace(cfg, train_variants=("f1",), train_variant_fraction=1.5)

@@ -2,11 +2,12 @@
 
 Each list holds ops of `degrade.OPS` (the probes' degradations), each with a probability `p` and, for each of the
 op's fields, one value or a `[low, high]` range drawn uniformly per application (integer fields: uniformly among
-the integers); a field left out takes its default. Ops are applied in list order, each independently with its p:
+the integers); a field left out takes its default. Ops are applied in list order, each independently with its p; an op with
+`from_epoch: E` starts at epoch E of its sample's source (0-based; a curriculum: clean first, messy later):
 
     data:
       audio:
-        augment: [{op: white_noise, p: 0.5, snr_db: [10, 30]}, {op: speed, p: 0.2, factor: [0.9, 1.1]}]
+        augment: [{op: white_noise, p: 0.5, snr_db: [10, 30], from_epoch: 12}, {op: speed, p: 0.2, factor: [0.9, 1.1]}]
       video:
         augment: [{op: frame_drop, p: 0.3, rate: [0.1, 0.3]}, {op: jpeg, p: 0.5, quality: [30, 90]}]
 
@@ -47,6 +48,7 @@ class AugmentOp:
     op: str
     p: float
     ranges: tuple[tuple[str, float, float], ...]   # every field of the op in degrade.OPS order: (name, low, high)
+    from_epoch: int = 0                             # the op fires from this epoch of the sample's source on
 
     def draw(self, rng: np.random.Generator) -> degrade.Condition:
         """The condition of one application: each field uniform in its range (every field drawn, fixed or not)."""
@@ -80,9 +82,12 @@ def parse_augment(spec: Any, where: str, modality: str) -> list[AugmentOp]:
         if name not in allowed:
             raise ValueError(f"{at}.op must be one of {', '.join(allowed)} for {modality}, got {name!r}")
         op = degrade.OPS[name]
-        unknown = [k for k in entry if k not in ("op", "p") and k not in op.fields]
+        unknown = [k for k in entry if k not in ("op", "p", "from_epoch") and k not in op.fields]
         if unknown:
-            raise ValueError(f"{at}.{unknown[0]} is not a field of op {name} (fields: p, {', '.join(op.fields)})")
+            raise ValueError(f"{at}.{unknown[0]} is not a field of op {name} (fields: p, from_epoch, {', '.join(op.fields)})")
+        from_epoch = entry.get("from_epoch", 0)
+        if isinstance(from_epoch, bool) or not isinstance(from_epoch, int) or from_epoch < 0:
+            raise ValueError(f"{at}.from_epoch must be an epoch number >= 0, got {from_epoch!r}")
         p = entry.get("p")
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
             raise ValueError(f"{at}.p must be a probability in [0, 1], got {p!r}")
@@ -105,7 +110,7 @@ def parse_augment(spec: Any, where: str, modality: str) -> list[AugmentOp]:
             if not (values["low_hz"][1] < values["high_hz"][0] and values["high_hz"][1] < values["sample_rate_hz"][0] / 2):
                 raise ValueError(f"{at}.high_hz must lie above low_hz and below half of sample_rate_hz over their "
                                  f"whole ranges")
-        ops.append(AugmentOp(name, float(p), tuple(ranges)))
+        ops.append(AugmentOp(name, float(p), tuple(ranges), from_epoch))
     return ops
 
 
@@ -115,23 +120,24 @@ def sample_seed(seed: int, epoch: int, shard: str, key: str) -> list[int]:
 
 
 class Augmenter:
-    """The MediaTransform of one training sample: each modality's ops, drawn from `seed` (`sample_seed`)."""
+    """The MediaTransform of one training sample read in `epoch`: each modality's ops, drawn from `seed`
+    (`sample_seed`)."""
 
-    def __init__(self, ops: dict[str, Sequence[AugmentOp]], seed: Sequence[int]):
-        self.ops, self.seed = ops, [int(s) for s in seed]
+    def __init__(self, ops: dict[str, Sequence[AugmentOp]], seed: Sequence[int], epoch: int = 0):
+        self.ops, self.seed, self.epoch = ops, [int(s) for s in seed], int(epoch)
 
     @classmethod
-    def from_config(cls, data_cfg, seed: Sequence[int]) -> Augmenter | None:
+    def from_config(cls, data_cfg, seed: Sequence[int], epoch: int = 0) -> Augmenter | None:
         """The augmenter of `data_cfg` (DataConfig) for one sample, or None when it configures no augmentation."""
         ops = {m: getattr(data_cfg, m).augment_ops for m in MODALITIES}
-        return cls(ops, seed) if any(ops.values()) else None
+        return cls(ops, seed, epoch) if any(ops.values()) else None
 
     def _conditions(self, modality: str, part: int) -> list[tuple[int, degrade.Condition]]:
         """(op index, condition) of the ops that fire on this part, in list order."""
         fired = []
         for i, op in enumerate(self.ops[modality]):
             rng = np.random.default_rng([*self.seed, _STREAMS[modality], part, i])
-            fires = rng.random() < op.p
+            fires = rng.random() < op.p and self.epoch >= op.from_epoch  # the same draws before from_epoch
             condition = op.draw(rng)
             if fires:
                 fired.append((i, condition))

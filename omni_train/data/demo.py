@@ -423,6 +423,11 @@ class DemoCorpusConfig:
     probe_speech_per_voice: int
     probe_unseen_per_voice: int          # of those, said again in an unseen voice variant (module docstring)
     unseen_variants: tuple[str, ...] = UNSEEN_VARIANTS
+    # train and eval utterances said in one of these variants instead of the voice's own, each with probability
+    # train_variant_fraction (drawn from an RNG of its own, so the rest of the plan does not move); the probe's
+    # seen items keep the voice's own, and none may be an unseen variant
+    train_variants: tuple[str, ...] = ()
+    train_variant_fraction: float = 0.5
     num_text2code: int
     num_eval_text2code: int
     text_copy_fraction: float = 0.3
@@ -448,7 +453,7 @@ class DemoCorpusConfig:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"--seed must be an integer, got {self.seed!r}")
         self.voices, self.text_languages = tuple(self.voices), tuple(self.text_languages)
-        self.unseen_variants = tuple(self.unseen_variants)
+        self.unseen_variants, self.train_variants = tuple(self.unseen_variants), tuple(self.train_variants)
         self.snr_db, self.rate_wpm, self.pitch = tuple(self.snr_db), tuple(self.rate_wpm), tuple(self.pitch)
         unknown = [v for v in self.voices if v not in SPEECH_OPERATOR_WORDS]
         if not self.voices or unknown:
@@ -474,6 +479,13 @@ class DemoCorpusConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if not self.rate_wpm[0] <= self.rate_wpm[1] or not self.pitch[0] <= self.pitch[1] or not self.snr_db[0] <= self.snr_db[1]:
             raise ValueError("rate_wpm, pitch and snr_db must be (low, high) ranges with low <= high")
+
+        if any(not isinstance(v, str) or not v or "+" in v for v in self.train_variants):
+            raise ValueError(f"train_variants must be espeak-ng variant names such as m3 or f1, got {list(self.train_variants)}")
+        if both := sorted(set(self.train_variants) & set(self.unseen_variants)):
+            raise ValueError(f"train_variants {both} are also unseen_variants: a probe voice must never be trained")
+        if not 0.0 <= self.train_variant_fraction <= 1.0:
+            raise ValueError(f"train_variant_fraction must lie in [0, 1], got {self.train_variant_fraction}")
 
     def num_text_copy(self, num_text2code: int) -> int:
         return round(num_text2code * self.text_copy_fraction / (1.0 - self.text_copy_fraction))
@@ -769,6 +781,7 @@ class _Planner:
     def __init__(self, cfg: DemoCorpusConfig, fonts: list[str]):
         self.cfg = cfg
         self.rng = random.Random(f"omni_train demo corpus {cfg.seed}")
+        self.variant_rng = random.Random(f"omni_train demo voice variants {cfg.seed}")  # train_variants only
         self.fonts = fonts or [None]
         self.num_media = 0
         # (language, fonts that draw all of its words); symbolic text needs digits and + - * ( ).
@@ -791,11 +804,16 @@ class _Planner:
         rng, cfg = self.rng, self.cfg
         expr = draw_expression(rng, split, parens=False, two_digit_fraction=cfg.speech_two_digit_fraction)
         noisy = rng.random() < cfg.noise_fraction
-        job = SpeechJob(name=self._name("wav"), voice=voice, text=expr.spoken(voice),
+        variant = None
+        if split != "probe" and cfg.train_variants and self.variant_rng.random() < cfg.train_variant_fraction:
+            variant = self.variant_rng.choice(cfg.train_variants)
+        job = SpeechJob(name=self._name("wav"), voice=espeak_voice(voice, variant), text=expr.spoken(voice),
                         rate_wpm=rng.randint(*cfg.rate_wpm), pitch=rng.randint(*cfg.pitch),
                         snr_db=round(rng.uniform(*cfg.snr_db), 1) if noisy else None,
                         noise=rng.choice(("white", "brown")), noise_seed=rng.getrandbits(32))
         meta = {"voice": voice, "utterance": job.text, "rate_wpm": job.rate_wpm, "pitch": job.pitch, "noise": "none"}
+        if variant is not None:
+            meta["variant"] = variant
         if job.snr_db is not None:  # probes can score clean and noisy speech apart (group_by: [noise])
             meta.update(noise=job.noise, snr_db=job.snr_db)
         meta["voice_seen"] = "seen"  # its voice is trained (the unseen ones: `unseen_voices`)
@@ -978,10 +996,11 @@ def _check_variants(cfg: DemoCorpusConfig) -> None:
     as an unseen one: refuse before rendering instead."""
     listed = subprocess.run([require("espeak-ng"), "--voices=variant"], capture_output=True, text=True).stdout
     installed = {word.removeprefix("!v/") for line in listed.splitlines() for word in line.split() if word.startswith("!v/")}
-    missing = [v for v in cfg.unseen_variants if v not in installed] if cfg.probe_unseen_per_voice else []
-    if missing:
-        raise ValueError(f"unseen_variants {missing} are not voice variants of this espeak-ng "
-                         f"(`espeak-ng --voices=variant` lists {len(installed)})")
+    for name, variants in (("unseen_variants", cfg.unseen_variants if cfg.probe_unseen_per_voice else ()),
+                           ("train_variants", cfg.train_variants)):
+        if missing := [v for v in variants if v not in installed]:
+            raise ValueError(f"{name} {missing} are not voice variants of this espeak-ng "
+                             f"(`espeak-ng --voices=variant` lists {len(installed)})")
 
 
 def _train_tokenizer(out: Path, corpus: dict[str, Any]) -> Path:

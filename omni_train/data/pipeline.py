@@ -42,13 +42,16 @@ worker met them.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
+import functools
 import glob
 import json
 import logging
 import os
 import re
+import signal
 import tarfile
 import time
 from dataclasses import dataclass, field
@@ -692,6 +695,20 @@ class SkipLog:
                 f.write(line + "\n")
 
 
+def _kill_workers(workers: list) -> None:
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=10)
+
+
+def _ignore_preemption_signals(worker_id: int) -> None:
+    """A loader worker's start: a scheduler signals every process of a job, but SIGTERM / SIGUSR1 are for the
+    rank, which checkpoints and then ends its workers itself (train/faults.py)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 # ---------------------------------------------------------------------------------------------
 # One source as seen by one stream
 
@@ -845,7 +862,8 @@ class PackedStream(IterableDataset):
 
     def _decode(self, url: str, key: str, fetch, epoch: int) -> TokenizedSample | None:
         """The sample at (url, key), read in `epoch` (which draws its augmentation), or None when it cannot be used."""
-        transform = Augmenter.from_config(self.cfg, sample_seed(self.seed, epoch, url, key)) if self.augment else None
+        transform = (Augmenter.from_config(self.cfg, sample_seed(self.seed, epoch, url, key), epoch)
+                     if self.augment else None)
         cached = self.cache.get(url, key)
         if cached is not None and transform is None:
             return cached
@@ -971,15 +989,28 @@ class DataPipeline:
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.cfg.num_workers,
                             generator=torch.Generator().manual_seed(self.dataset.seed),
                             prefetch_factor=2 if self.cfg.num_workers else None,
-                            persistent_workers=False, multiprocessing_context="fork" if self.cfg.num_workers else None)
-        for batch in loader:
-            if "_error" in batch:
-                error_type, message = batch["_error"]
-                raise error_type(message)
-            data_state = batch.pop("_data_state")
-            self.worker_states[data_state["worker"]] = data_state["state"]
-            self.num_batches += 1
-            yield batch
+                            persistent_workers=False, multiprocessing_context="fork" if self.cfg.num_workers else None,
+                            worker_init_fn=_ignore_preemption_signals)
+        batches = iter(loader)
+        # The workers ignore SIGTERM, which is also how DataLoader ends one that does not stop by itself (and
+        # multiprocessing then waits on it at exit forever): whatever is still alive when this stream or the
+        # process ends is SIGKILLed instead, before multiprocessing's own exit handler runs.
+        release = functools.partial(_kill_workers, list(getattr(batches, "_workers", [])))
+        atexit.register(release)
+        try:
+            for batch in batches:
+                if "_error" in batch:
+                    error_type, message = batch["_error"]
+                    raise error_type(message)
+                data_state = batch.pop("_data_state")
+                self.worker_states[data_state["worker"]] = data_state["state"]
+                self.num_batches += 1
+                yield batch
+        finally:
+            atexit.unregister(release)
+            if hasattr(batches, "_shutdown_workers"):
+                batches._shutdown_workers()  # the polite way first: a done event, then a join with a timeout
+            release()
 
     def state_dict(self) -> dict[str, Any]:
         return {"num_batches": self.num_batches, "num_workers": self.dataset.num_workers,

@@ -8,7 +8,8 @@
         rng_rank{R}.json       rank R's Python and NumPy RNG states
 
 Every rank writes into `step_XXXXXXXX.tmp`; after a barrier, rank 0 renames it to its final name,
-so a folder named `step_*` is always complete. `resume: auto` picks the highest such step.
+so a folder named `step_*` is always complete. `resume: auto` picks the highest such step; a `.tmp`
+folder that a crash left behind is removed, with one line, when the run starts again.
 
 Reading never unpickles more than plain state, DeepSpeed's files included (`safe_load.py`): a
 file that needs more, or a damaged one, stops the load with one line naming it.
@@ -91,13 +92,32 @@ def read_rank_state(directory: Path, rank: int) -> dict:
 
 
 def finalize(tmp: Path, final: Path, keep: int) -> None:
-    """Rank 0, after every rank has written into `tmp`: make it visible atomically, drop the oldest."""
+    """Rank 0, after every rank has written into `tmp`: make it visible atomically, drop the oldest.
+
+    A folder on its way out is renamed first (`step_X.deleting`), so a crash while it is removed leaves no
+    half-deleted `step_*` folder for `resume: auto` to choose."""
     if final.exists():
-        shutil.rmtree(final)
+        _remove(final)
     tmp.rename(final)
     if keep > 0:
         for _, old in list_checkpoints(final.parent)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
+
+
+def _remove(folder: Path) -> None:
+    doomed = folder.with_name(folder.name + ".deleting")
+    folder.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def remove_partial(root: Path) -> list[Path]:
+    """Remove what an interrupted save or clean-up left in `root` (`step_*.tmp`, `step_*.deleting`); their names."""
+    if not root.is_dir():
+        return []
+    partial = sorted(p for p in root.iterdir() if p.is_dir() and re.match(r"^step_\d{8}\.(tmp|deleting)$", p.name))
+    for folder in partial:
+        shutil.rmtree(folder, ignore_errors=True)
+    return partial
 
 
 def load_checkpoint_weights(model: torch.nn.Module, directory: Path, *, only: set[str] | None = None) -> None:

@@ -24,11 +24,12 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as torch_dist
@@ -73,14 +74,24 @@ def init_distributed(engine: str) -> Dist:
         return Dist(0, 1, 0, device, None)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not torch_dist.is_initialized():
-        if engine == "deepspeed":
+        if world_size > 1 or "MASTER_ADDR" in os.environ:
+            if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+                # torchrun's store outlives a restart (--max-restarts) and keeps the first attempt's process-group
+                # keys: a restarted rank read its peer's dead address there and waited for it (measured). Each
+                # attempt gets keys of its own.
+                store = torch_dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                            is_master=False)
+                attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+                torch_dist.init_process_group(backend=backend, store=torch_dist.PrefixStore(f"attempt_{attempt}", store),
+                                              rank=rank, world_size=world_size)
+            else:
+                torch_dist.init_process_group(backend=backend)
+        elif engine != "deepspeed":
+            return Dist(0, 1, 0, device, None)
+        if engine == "deepspeed":  # adopts the process group made above (or, alone, makes its own)
             import deepspeed
 
             deepspeed.init_distributed(dist_backend=backend, verbose=False)
-        elif world_size > 1 or "MASTER_ADDR" in os.environ:
-            torch_dist.init_process_group(backend=backend)
-        else:
-            return Dist(0, 1, 0, device, None)
     return Dist(rank, world_size, local_rank, device, backend)
 
 
@@ -166,12 +177,21 @@ class Engine:
         with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             return self.wrapped(move_batch(batch, self.dist.device))
 
-    def train_step(self, micro_batches: list[dict[str, Any]], *, grad_norms: bool = False) -> dict[str, Any]:
+    def train_step(self, micro_batches: list[dict[str, Any]], *, grad_norms: bool = False,
+                   judge: Callable[[list[float]], Any] | None = None, loss_factor: float = 1.0) -> dict[str, Any]:
         """One optimizer step over len(micro_batches) == train.grad_accum micro-batches.
 
         With `grad_norms` (every rank passes the same), the result also holds `module_grad_norms` and
         `feature_grad_norms` (diagnostics.py); with train.diagnostics.loss_share, `task_losses`
         ({task: [summed token loss, targets]} of this rank's micro-batches).
+
+        `judge` (train.nan_guard, every rank passes one: faults.BadStepGuard.judge) sees this rank's micro-batch
+        losses before the last backward and returns the ranks' common verdict. A bad step sends a non-finite loss
+        backward, and every engine then skips the update on every rank the same way it skips a non-finite gradient:
+        single / DDP here (no optimizer or scheduler step), DeepSpeed ZeRO 1-3 in its own overflow check (which
+        counts `skipped_steps`), DeepSpeed without ZeRO by leaving no gradient for the optimizer. The result's
+        `skipped` then holds the reason (None: the step updated). `loss_factor` scales this rank's last loss (an
+        injected fault, faults.py).
         """
         from omni_train.train.diagnostics import FeatureGradients, backbone_documents, module_grad_norms, task_losses
 
@@ -179,6 +199,21 @@ class Engine:
         losses, aux, tasks = [], {}, {}
         features = FeatureGradients(self.module) if grad_norms else None
         loss_share = self.cfg.diagnostics.loss_share
+        verdict = None
+        zero = self.cfg.engine == "deepspeed" and self.cfg.zero_stage > 0
+        skipped_before = self.wrapped.skipped_steps if zero else 0
+
+        def judged(loss: torch.Tensor, last: bool) -> torch.Tensor:
+            nonlocal verdict
+            if loss_factor != 1.0 and last:
+                loss = loss * loss_factor
+            losses.append(loss.detach().float().item())
+            if judge is not None and last:
+                verdict = judge(losses)  # None: no guard
+                if verdict is not None and verdict.bad:  # the engines' own skip path: a non-finite gradient
+                    loss = loss * float("nan")
+            return loss
+
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             recording = features.recording(batch) if features is not None else contextlib.nullcontext()
@@ -186,21 +221,24 @@ class Engine:
             if self.cfg.engine == "deepspeed":
                 with recording, documents as seen:
                     out = self._forward(batch)
-                    self.wrapped.backward(out.loss)
+                    self.wrapped.backward(judged(out.loss, last))
                 if grad_norms and last:  # full gradients exist only between the boundary's backward and step
                     module_norms = module_grad_norms(self.module, deepspeed=True)
+                if last and verdict is not None and not zero and not _finite_grad_norm(self.module):
+                    for p in self.module.parameters():  # DeepSpeed without ZeRO: nothing for the optimizer to apply
+                        p.grad = None
+                    verdict.reason = verdict.reason or "non-finite gradient norm"
                 self.wrapped.step()
             else:
                 sync = contextlib.nullcontext() if last or not hasattr(self.wrapped, "no_sync") else self.wrapped.no_sync()
                 with sync, recording, documents as seen:
                     out = self._forward(batch)
-                    (out.loss / len(micro_batches)).backward()
+                    (judged(out.loss, last) / len(micro_batches)).backward()
             if loss_share:
                 for task, (loss_sum, count) in task_losses(out.per_token_loss.detach(), seen[-1] if seen else
                                                            batch["document_ids"], batch).items():
                     entry = tasks.setdefault(task, [0.0, 0.0])
                     entry[0], entry[1] = entry[0] + loss_sum, entry[1] + count
-            losses.append(out.loss.detach().float().item())
             for name, value in out.aux.items():  # a transfer mechanism's terms (already inside the loss)
                 aux[name] = aux.get(name, 0.0) + float(value) / len(micro_batches)
         extra: dict[str, Any] = {"task_losses": tasks} if loss_share else {}
@@ -208,16 +246,28 @@ class Engine:
             if self.cfg.engine != "deepspeed":  # before clipping, as grad_norm
                 module_norms = module_grad_norms(self.module, deepspeed=False)
             extra.update(module_grad_norms=module_norms, feature_grad_norms=features.norms(self.dist))
+        skipped = None
         if self.cfg.engine == "deepspeed":
             grad_norm = self.wrapped.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            if zero and self.wrapped.skipped_steps > skipped_before:
+                skipped = (verdict.reason if verdict is not None and verdict.bad else None) or "non-finite gradient norm"
+            elif verdict is not None and verdict.bad:
+                if zero:  # never let a judged step through silently
+                    raise RuntimeError(f"DeepSpeed updated the weights after a step judged bad ({verdict.reason})")
+                skipped = verdict.reason
         else:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-        return {"loss": sum(losses) / len(losses), "grad_norm": grad_norm, "lr": self.lr(), "aux": aux, **extra}
+            if verdict is not None and (verdict.bad or not math.isfinite(grad_norm)):
+                skipped = verdict.reason or "non-finite gradient norm"  # the same on every rank: DDP's gradients are
+                self.optimizer.zero_grad(set_to_none=True)              # reduced, the verdict is common
+            else:
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+        return {"loss": sum(losses) / len(losses), "grad_norm": grad_norm, "lr": self.lr(), "aux": aux,
+                "skipped": skipped, "bad_ranks": verdict.bad_ranks if verdict is not None else [], **extra}
 
     def lr(self) -> float:
         return max(g["lr"] for g in self.optimizer.param_groups)
@@ -280,6 +330,11 @@ class Engine:
         # optimizer and scheduler states are tensors and numbers, never arbitrary objects
         self.optimizer.load_state_dict(load_state(directory / "optimizer.pt", map_location=self.dist.device))
         self.scheduler.load_state_dict(load_state(directory / "scheduler.pt"))
+
+
+def _finite_grad_norm(module: nn.Module) -> bool:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
 
 def shutdown(engine: Engine | None, dist: Dist) -> None:

@@ -14,6 +14,7 @@ reliance with its collapse alarm (`diagnostics.py`) to the metrics rows.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,11 +25,14 @@ from typing import Any
 
 import torch
 
-from omni_train.train.checkpoint import finalize, read_rank_state, resolve_resume, step_dir, write_rank_state
+from omni_train.train.checkpoint import (finalize, read_rank_state, remove_partial, resolve_resume, step_dir,
+                                         write_rank_state)
 from omni_train.train.diagnostics import CollapseWatch, DiagnosticsConfig, loss_share_metrics, measure_reliance
 from omni_train.train.engine import ENGINES, Engine, all_reduce, barrier, init_distributed, shutdown
+from omni_train.errors import RunStopped
+from omni_train.train.faults import BadStepGuard, FaultInjector, Preemption
 from omni_train.train.lora import LoraConfig, apply_lora, parameter_counts
-from omni_train.train.metrics import TRACKERS, MetricsLogger, max_rss_mb
+from omni_train.train.metrics import TRACKERS, MetricsLogger, drop_rows_after, max_rss_mb
 from omni_train.train.optim import ModuleOptimConfig, StageConfig
 from omni_train.train.zero3 import build_partitioned, load_state_partitioned
 
@@ -65,6 +69,13 @@ class TrainConfig:
     probes_at_start: bool = False       # run the probes once before the first step (the base model's numbers)
     loss_chunk_tokens: int = 0          # > 0: logits + loss of at most this many target positions at a time (model/loss.py)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)  # grad norms, loss shares, reliance
+    # faults.py: a step with a non-finite loss or gradient (or, with spike_guard k > 0, a mean loss above k x the
+    # median of the last spike_window good steps) updates nothing on any rank; max_bad_steps in a row stop the run
+    nan_guard: bool = True
+    max_bad_steps: int = 5
+    spike_guard: float = 0.0
+    spike_window: int = 100
+    deterministic: bool = False         # torch.use_deterministic_algorithms: bitwise-equal reruns and resumes
 
     def __post_init__(self):
         if self.engine not in ENGINES:
@@ -75,12 +86,18 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.tracker not in TRACKERS:
             raise ValueError(f"tracker must be one of {', '.join(TRACKERS)}, got {self.tracker!r}")
-        for name in ("steps", "grad_accum", "log_every", "checkpoint_every"):
+        for name in ("steps", "grad_accum", "log_every", "checkpoint_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "decay_steps", "eval_every", "eval_batches", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.spike_guard and not self.spike_guard > 1:
+            raise ValueError(f"train.spike_guard must be 0 (off) or a factor above 1 of the median loss, got {self.spike_guard}")
+        if self.spike_guard and not self.nan_guard:
+            raise ValueError("train.spike_guard skips steps through train.nan_guard: set train.nan_guard=true")
+        if self.spike_window < 2:
+            raise ValueError(f"train.spike_window must be >= 2 steps, got {self.spike_window}")
         if self.loss_chunk_tokens < 0:
             raise ValueError(f"train.loss_chunk_tokens must be >= 0 (0: the whole loss at once), got {self.loss_chunk_tokens}")
         trains_output = self.lora is None or "backbone" in self.lora.full_modules
@@ -98,6 +115,7 @@ class TrainState:
     step: int = 0
     tokens_seen: int = 0     # real (non-padding) tokens, all ranks
     samples_seen: int = 0
+    guard: dict = field(default_factory=dict)  # faults.BadStepGuard's state
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -147,7 +165,8 @@ class Evaluator:
         return total / max(count, 1)
 
 
-def save_checkpoint(engine: Engine, state: TrainState, data, cfg, dist, config_yaml: str) -> Path:
+def save_checkpoint(engine: Engine, state: TrainState, data, cfg, dist, config_yaml: str,
+                    injector: FaultInjector | None = None) -> Path:
     root = Path(cfg.output_dir) / "checkpoints"
     final = step_dir(root, state.step)
     tmp = final.with_name(final.name + ".tmp")
@@ -159,6 +178,8 @@ def save_checkpoint(engine: Engine, state: TrainState, data, cfg, dist, config_y
     barrier(dist)
     engine.save(tmp)
     write_rank_state(tmp, dist.rank, data.state_dict())
+    if injector is not None:
+        injector.at("save", state.step)  # a fault due while the checkpoint is half written
     if dist.is_main:
         (tmp / "trainer_state.json").write_text(json.dumps({**dataclasses.asdict(state), "world_size": dist.world_size}))
         (tmp / "config.yaml").write_text(config_yaml)
@@ -263,6 +284,11 @@ def train(cfg) -> TrainState:
     if dist.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_atomically(output_dir / "config.yaml", config_yaml)
+        for partial in remove_partial(output_dir / "checkpoints"):  # a save that a crash cut short
+            print(f"removed {partial}: a checkpoint whose writing was interrupted", flush=True)
+    if tcfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     from omni_train.probes.runner import format_table, probes_due, run_probes
@@ -297,9 +323,12 @@ def train(cfg) -> TrainState:
     state = TrainState()
     torch.manual_seed(cfg.seed * 1000 + dist.rank)  # per-rank randomness from here on (dropout, sampling)
 
+    guard = BadStepGuard(tcfg)
     if checkpoint is not None:
         engine.load(checkpoint)
-        state = TrainState(step=saved["step"], tokens_seen=saved["tokens_seen"], samples_seen=saved["samples_seen"])
+        state = TrainState(step=saved["step"], tokens_seen=saved["tokens_seen"], samples_seen=saved["samples_seen"],
+                           guard=saved.get("guard") or {})
+        guard.load_state_dict(state.guard)
         data_state = read_rank_state(checkpoint, dist.rank)  # names the file it cannot read
         try:
             data.load_state_dict(data_state)
@@ -310,6 +339,10 @@ def train(cfg) -> TrainState:
                            tracker=tcfg.tracker, run_name=cfg.name, config=dataclasses.asdict(cfg), progress=tcfg.progress)
     if checkpoint is not None:
         logger.write(f"resumed from {checkpoint} at step {state.step}")
+        if dist.is_main:  # the steps after the checkpoint run again: their rows from an attempt that crashed go
+            for name in ("metrics.jsonl", "probes.jsonl", "probe_examples.jsonl", "bad_steps.jsonl"):
+                if dropped := drop_rows_after(output_dir / name, state.step):
+                    logger.write(f"{name}: dropped {dropped} rows of steps after {state.step}, which run again")
     logger.write(describe_parameters(engine.module))
     diagnostics = tcfg.diagnostics
     evaluator = Evaluator(cfg, dist, tokenizer) if cfg.data.eval and (tcfg.eval_every or diagnostics.reliance_every) else None
@@ -321,70 +354,118 @@ def train(cfg) -> TrainState:
                                 step=0, output_dir=output_dir)
         if probe_rows:
             logger.write(format_table(probe_rows))
+    injector = FaultInjector(dist.rank)
+    preemption = Preemption().install()  # before the loader forks its workers, which ignore the signals
     batches = iter(data)
+    reduce = lambda values: all_reduce(values, dist)  # noqa: E731
 
-    while state.step < tcfg.steps:
-        start = time.perf_counter()
-        micro_batches = [next(batches) for _ in range(tcfg.grad_accum)]
-        loader_wait_s = time.perf_counter() - start
-        logs_step = every(state.step + 1, tcfg.log_every) or state.step + 1 in (1, tcfg.steps)
-        result = engine.train_step(micro_batches, grad_norms=diagnostics.grad_norms and logs_step)
-        state.step += 1
-        real = sum(b["num_real_tokens"] for b in micro_batches)
-        positions = sum(b["input_ids"].numel() for b in micro_batches)
-        samples = sum(len(b["samples"]) for b in micro_batches)
-        loss_sum, real, positions, samples = all_reduce([result["loss"], real, positions, samples], dist)
-        step_s = time.perf_counter() - start
-        state.tokens_seen += int(real)
-        state.samples_seen += int(samples)
-        row = {"step": state.step, "loss": loss_sum / dist.world_size, "lr": result["lr"], "grad_norm": result["grad_norm"],
-               "tokens_per_s": real / step_s, "real_token_fraction": real / positions, "loader_wait_s": loader_wait_s,
-               "step_s": step_s, "tokens_seen": state.tokens_seen,
-               "samples_seen": state.samples_seen}
-        if result["aux"]:
-            names = sorted(result["aux"])
-            values = all_reduce([result["aux"][n] for n in names], dist)
-            row.update({name: value / dist.world_size for name, value in zip(names, values)})
-        if "module_grad_norms" in result:
-            row.update({f"grad_norm/{name}": value for name, value in result["module_grad_norms"].items()})
-            row.update({f"grad_norm/features/{name}": value for name, value in result["feature_grad_norms"].items()})
-        for task, (loss_sum, count) in result.get("task_losses", {}).items():
-            entry = task_losses.setdefault(task, [0.0, 0.0])
-            entry[0], entry[1] = entry[0] + loss_sum, entry[1] + count
+    with loader_faults():  # a loader worker that dies stops the run in one line, wherever it is noticed
+        while state.step < tcfg.steps:
+            start = time.perf_counter()
+            micro_batches = [next(batches) for _ in range(tcfg.grad_accum)]
+            loader_wait_s = time.perf_counter() - start
+            step = state.step + 1
 
-        if evaluator is not None and every(state.step, tcfg.eval_every):
-            eval_loss = evaluator(engine)
-            if eval_loss is not None:
-                row["eval_loss"] = eval_loss
-                logger.write(f"step {state.step}: eval loss {eval_loss:.4f}")
-        due = probes_due(cfg.probes, state.step, final=state.step == tcfg.steps)
-        if due:
-            probe_model = engine.full_model(replica)
-            probe_rows = run_probes(probe_model, due, data_cfg=cfg.data, tokenizer=tokenizer, dist=dist,
-                                    step=state.step, output_dir=output_dir)
-            row.update({f"probe/{r['probe']}/{r['metric']}": r["value"] for r in probe_rows  # clean: not a degraded pass's
-                        if r["task"] == "all" and r["language"] == "all" and r.get("degradation", "none") == "none"})
-            if state.step == tcfg.steps and probe_rows:
-                logger.write(format_table(probe_rows))
-        relies = evaluator is not None and every(state.step, diagnostics.reliance_every)
-        if relies:  # the same eval batches, each modality's features replaced by their mean (diagnostics.py)
-            reliance = measure_reliance(engine, evaluator.load(), dist)
-            flags, alarms = collapse.update(state.step, reliance)
-            row.update(reliance)
-            row.update(flags)
-            for line in alarms:
-                logger.write(line)
-        if logs_step or "eval_loss" in row or due or relies:
-            (row["max_rss_mb"],) = all_reduce([max_rss_mb()], dist, op="max")  # the same decision on every rank
-            if diagnostics.loss_share:
-                row.update(loss_share_metrics(task_losses, dist))
-                task_losses.clear()
-            logger.log(row)
-        logger.progress(state.step, row)
-        if every(state.step, tcfg.checkpoint_every) or state.step == tcfg.steps:
-            path = save_checkpoint(engine, state, data, cfg, dist, config_yaml)
-            logger.write(f"step {state.step}: checkpoint {path}")
+            def judge(losses: list[float]):
+                injector.at("step", step)  # a fault due mid-step: after the forward, before the backward and the update
+                return guard.judge(losses, reduce, dist.rank, dist.world_size) if guard.enabled else None
 
+            result = engine.train_step(micro_batches, judge=judge, loss_factor=injector.loss_factor(step),
+                                       grad_norms=diagnostics.grad_norms and (every(step, tcfg.log_every) or step in (1, tcfg.steps)))
+            state.step = step
+            real = sum(b["num_real_tokens"] for b in micro_batches)
+            positions = sum(b["input_ids"].numel() for b in micro_batches)
+            samples = sum(len(b["samples"]) for b in micro_batches)
+            loss_sum, real, positions, samples, preempted = all_reduce(
+                [result["loss"], real, positions, samples, float(preemption.requested)], dist)
+            step_s = time.perf_counter() - start
+            skipped = result["skipped"]
+            logs_step = every(step, tcfg.log_every) or step in (1, tcfg.steps) or skipped is not None
+            state.tokens_seen += int(real)
+            state.samples_seen += int(samples)
+            row = {"step": state.step, "loss": loss_sum / dist.world_size, "lr": result["lr"], "grad_norm": result["grad_norm"],
+                   "tokens_per_s": real / step_s, "real_token_fraction": real / positions, "loader_wait_s": loader_wait_s,
+                   "step_s": step_s, "tokens_seen": state.tokens_seen,
+                   "samples_seen": state.samples_seen}
+            if result["aux"]:
+                names = sorted(result["aux"])
+                values = all_reduce([result["aux"][n] for n in names], dist)
+                row.update({name: value / dist.world_size for name, value in zip(names, values)})
+            if "module_grad_norms" in result:
+                row.update({f"grad_norm/{name}": value for name, value in result["module_grad_norms"].items()})
+                row.update({f"grad_norm/features/{name}": value for name, value in result["feature_grad_norms"].items()})
+            for task, (task_loss, count) in result.get("task_losses", {}).items():
+                entry = task_losses.setdefault(task, [0.0, 0.0])
+                entry[0], entry[1] = entry[0] + task_loss, entry[1] + count
+            if guard.enabled:
+                row["skipped_steps"] = guard.skipped + (skipped is not None)
+            if skipped is not None:
+                logger.write(f"step {step}: skipped, no update on any rank: {skipped} (bad_steps.jsonl)")
+                if dist.rank in result["bad_ranks"] or (not result["bad_ranks"] and dist.is_main):
+                    record_bad_step(output_dir / "bad_steps.jsonl", step, dist.rank, skipped, result["loss"], micro_batches)
+
+            if evaluator is not None and every(state.step, tcfg.eval_every):
+                eval_loss = evaluator(engine)
+                if eval_loss is not None:
+                    row["eval_loss"] = eval_loss
+                    logger.write(f"step {state.step}: eval loss {eval_loss:.4f}")
+            due = probes_due(cfg.probes, state.step, final=state.step == tcfg.steps)
+            if due:
+                probe_model = engine.full_model(replica)
+                probe_rows = run_probes(probe_model, due, data_cfg=cfg.data, tokenizer=tokenizer, dist=dist,
+                                        step=state.step, output_dir=output_dir)
+                row.update({f"probe/{r['probe']}/{r['metric']}": r["value"] for r in probe_rows  # clean: not a degraded pass's
+                            if r["task"] == "all" and r["language"] == "all" and r.get("degradation", "none") == "none"})
+                if state.step == tcfg.steps and probe_rows:
+                    logger.write(format_table(probe_rows))
+            relies = evaluator is not None and every(state.step, diagnostics.reliance_every)
+            if relies:  # the same eval batches, each modality's features replaced by their mean (diagnostics.py)
+                reliance = measure_reliance(engine, evaluator.load(), dist)
+                flags, alarms = collapse.update(state.step, reliance)
+                row.update(reliance)
+                row.update(flags)
+                for line in alarms:
+                    logger.write(line)
+            if logs_step or "eval_loss" in row or due or relies:
+                (row["max_rss_mb"],) = all_reduce([max_rss_mb()], dist, op="max")  # the same decision on every rank
+                if diagnostics.loss_share:
+                    row.update(loss_share_metrics(task_losses, dist))
+                    task_losses.clear()
+                logger.log(row)
+            logger.progress(state.step, row)
+            guard.record(step, skipped, loss_sum / dist.world_size)  # RunStopped after max_bad_steps in a row
+            state.guard = guard.state_dict()
+            if every(state.step, tcfg.checkpoint_every) or state.step == tcfg.steps or preempted:
+                path = save_checkpoint(engine, state, data, cfg, dist, config_yaml, injector)
+                logger.write(f"step {state.step}: checkpoint {path}")
+            if preempted:
+                logger.write(f"step {state.step}: stopping on a preemption signal "
+                             f"({preemption.name or 'received by another rank'}); continue with train.resume=auto")
+                break
+
+    preemption.uninstall()
     logger.close()
     shutdown(engine, dist)
     return state
+
+
+@contextlib.contextmanager
+def loader_faults():
+    """A loader worker that died (the OOM killer, a signal) becomes one line. torch notices it in its SIGCHLD
+    handler, which raises wherever the main thread is (a forward, a collective), or when the next batch is due."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        raise RunStopped(f"a data loader worker died ({str(e).strip().splitlines()[0]}): out of memory? "
+                         f"Lower data.num_workers or data.decode_cache_mb, then continue with train.resume=auto",
+                         every_rank=False) from None
+
+
+def record_bad_step(path: Path, step: int, rank: int, reason: str, loss: float, micro_batches: list[dict]) -> None:
+    """One line per rank that saw a bad step: its loss and the samples of its batch (shard and key)."""
+    line = json.dumps({"step": step, "rank": rank, "reason": reason, "loss": loss if loss == loss else None,
+                       "samples": [f"{s['shard']}:{s['key']}" for b in micro_batches for s in b["samples"]]})
+    with open(path, "a", encoding="utf-8") as f:  # O_APPEND: the ranks' lines stay whole
+        f.write(line + "\n")

@@ -22,6 +22,30 @@ def max_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
+def drop_rows_after(path: Path, step: int) -> int:
+    """Rewrite the JSONL file `path` without its rows of steps after `step` (atomically); how many went.
+
+    A run resumed from step S repeats the steps after S: the rows a crashed attempt wrote for them go first,
+    so every step has one row."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if not _after(line, step)]
+    if len(kept) < len(lines):
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
+def _after(line: str, step: int) -> bool:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step
+
+
 class MetricsLogger:
     def __init__(self, output_dir: Path, *, enabled: bool, total_steps: int, start_step: int, tracker: str,
                  run_name: str, config: dict[str, Any], progress: bool = True):
