@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="the same seed gives byte-identical shards")
     demo.add_argument("--workers", type=int, default=None, help="render processes (default: one per CPU)")
     demo.add_argument("--per-voice", type=int, default=None, help="training utterances per voice (overrides the size's count)")
+    demo.add_argument("--train-variants", default=None,
+                      help="espeak-ng variants half the train/eval speech is said in, comma-separated, or none "
+                           "(default: the size's; demo and full: m1,m3,m4,m5,m6,f1,f3,f5)")
     demo.add_argument("--force", action="store_true", help="rebuild even if --out holds this corpus; replace other shards there")
     demo.set_defaults(func=_shards_demo)
 

@@ -249,8 +249,9 @@ def speech_plan_digest(plan: dict[str, list]) -> str:
 @pytest.mark.parametrize("size", ["tiny", "demo"])
 def test_unseen_voices_only_add_probe_items(size):
     """Unseen-voice items are probe-only, paired with seen probe items, and change nothing else in the plan:
-    the demo's measured runs trained on exactly these train and eval utterances."""
-    cfg = demo.demo_config(size)
+    the demo's measured runs trained on exactly these train and eval utterances (their voices aside: the demo
+    says some in train_variants, test_train_variants_change_only_the_voices_of_trained_speech)."""
+    cfg = dataclasses.replace(demo.demo_config(size), train_variants=())
     plan = demo.plan_corpus(cfg, fonts=[])
     without = demo.plan_corpus(dataclasses.replace(cfg, probe_unseen_per_voice=0), fonts=[])
     assert plan["train"] == without["train"] and plan["eval"] == without["eval"]
@@ -359,7 +360,7 @@ def test_full_voice_list_exists_in_espeak():
         assert phonemes.strip() and not re.search(r"\([a-z]{2,3}\)", phonemes), (voice, spoken, phonemes)
 
 
-def test_config_errors_name_the_field(tmp_path):
+def test_config_errors_name_the_field(tmp_path, capsys):
     with pytest.raises(ValueError, match="--size must be one of tiny, demo, full"):
         demo.demo_config("huge")
     with pytest.raises(ValueError, match="unknown: \\['xx'\\]"):
@@ -379,6 +380,10 @@ def test_config_errors_name_the_field(tmp_path):
     assert not any(tmp_path.iterdir())
     with pytest.raises(ValueError, match="--per-voice must be at least 1"):
         demo.demo_config("tiny", per_voice=0)
+    # --train-variants reaches the config, checked against espeak-ng before anything is rendered
+    assert main(["shards", "demo", "--out", str(tmp_path / "v"), "--size", "tiny", "--train-variants", "f1,nosuch"]) == 2
+    assert "train_variants ['nosuch'] are not voice variants" in capsys.readouterr().err
+    assert not (tmp_path / "v").exists()
 
 
 @pytest.mark.slow
@@ -400,7 +405,7 @@ def test_full_corpus_covers_every_voice(tmp_path):
 def test_train_variants_change_only_the_voices_of_trained_speech():
     """train_variants say a share of the train and eval utterances in other espeak-ng variants; the words, prosody,
     noise and every probe item stay what they were, and no unseen variant is ever trained."""
-    cfg = demo.demo_config("demo")
+    cfg = dataclasses.replace(demo.demo_config("demo"), train_variants=())
     varied_cfg = dataclasses.replace(cfg, train_variants=("f1", "m3", "klatt2"), train_variant_fraction=0.5)
     plain, varied = demo.plan_corpus(cfg, fonts=[]), demo.plan_corpus(varied_cfg, fonts=[])
     assert varied["probe"] == plain["probe"]
@@ -421,3 +426,6 @@ def test_train_variants_change_only_the_voices_of_trained_speech():
         dataclasses.replace(cfg, train_variants=("f1", "f2"))
     with pytest.raises(ValueError, match="train_variant_fraction must lie in \\[0, 1\\]"):
         dataclasses.replace(cfg, train_variants=("f1",), train_variant_fraction=1.5)
+    demo_plan = demo.plan_corpus(demo.demo_config("demo"), fonts=[])  # the demo's own: no unseen variant trained
+    trained = {s.meta.get("variant") for split in ("train", "eval") for s in demo_plan[split] if "variant" in s.meta}
+    assert trained == set(demo.DEMO_TRAIN_VARIANTS) and not trained & set(demo.UNSEEN_VARIANTS)
