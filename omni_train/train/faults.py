@@ -30,6 +30,7 @@ import math
 import os
 import signal
 import statistics
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,9 @@ class Preemption:
         self._previous = {}
 
     def install(self) -> Preemption:
+        """Take the signals over; a no-op outside the main thread (Python delivers signals only there)."""
+        if threading.current_thread() is not threading.main_thread():
+            return self
         for sig in PREEMPT_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
