@@ -365,13 +365,14 @@ def train(cfg) -> TrainState:
             micro_batches = [next(batches) for _ in range(tcfg.grad_accum)]
             loader_wait_s = time.perf_counter() - start
             step = state.step + 1
+            logs_due = every(step, tcfg.log_every) or step in (1, tcfg.steps)
 
             def judge(losses: list[float]):
                 injector.at("step", step)  # a fault due mid-step: after the forward, before the backward and the update
                 return guard.judge(losses, reduce, dist.rank, dist.world_size) if guard.enabled else None
 
             result = engine.train_step(micro_batches, judge=judge, loss_factor=injector.loss_factor(step),
-                                       grad_norms=diagnostics.grad_norms and (every(step, tcfg.log_every) or step in (1, tcfg.steps)))
+                                       grad_norms=diagnostics.grad_norms and logs_due)
             state.step = step
             real = sum(b["num_real_tokens"] for b in micro_batches)
             positions = sum(b["input_ids"].numel() for b in micro_batches)
@@ -380,7 +381,7 @@ def train(cfg) -> TrainState:
                 [result["loss"], real, positions, samples, float(preemption.requested)], dist)
             step_s = time.perf_counter() - start
             skipped = result["skipped"]
-            logs_step = every(step, tcfg.log_every) or step in (1, tcfg.steps) or skipped is not None
+            logs_step = logs_due or skipped is not None
             state.tokens_seen += int(real)
             state.samples_seen += int(samples)
             row = {"step": state.step, "loss": loss_sum / dist.world_size, "lr": result["lr"], "grad_norm": result["grad_norm"],
@@ -434,8 +435,8 @@ def train(cfg) -> TrainState:
                 logger.log(row)
             logger.progress(state.step, row)
             guard.record(step, skipped, loss_sum / dist.world_size)  # RunStopped after max_bad_steps in a row
-            state.guard = guard.state_dict()
             if every(state.step, tcfg.checkpoint_every) or state.step == tcfg.steps or preempted:
+                state.guard = guard.state_dict()
                 path = save_checkpoint(engine, state, data, cfg, dist, config_yaml, injector)
                 logger.write(f"step {state.step}: checkpoint {path}")
             if preempted:
