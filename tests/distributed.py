@@ -1,4 +1,5 @@
-"""Run a command under torchrun from tests, on free local ports, with cached DeepSpeed extensions."""
+"""Run a command under torchrun from tests, on free local ports, with cached DeepSpeed extensions; read what the ranks
+left in a checkpoint."""
 
 from __future__ import annotations
 
@@ -38,3 +39,17 @@ def torchrun(script: str, *args: str, nproc: int = 2, timeout_s: int = 300, opti
         raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n"
                              f"--- stderr\n{result.stderr[-8000:]}")
     return result
+
+
+def complete_epochs(states: list[dict]) -> int:
+    """How many epochs from 0 every stream of these data states (one per rank, one source) has finished reading
+    and packing: the samples of those epochs have all been in batches."""
+    done = []
+    for state in states:
+        for worker in range(state["num_workers"]):
+            stream = state["worker_states"].get(str(worker))
+            if stream is None:
+                return 0
+            ((epoch, position),) = stream["sources"]
+            done.append(min([epoch if position >= 0 else 0] + [e for _, e, _ in stream["pool"]]))
+    return min(done)

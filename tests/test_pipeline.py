@@ -24,6 +24,8 @@ from omni_train.data.pipeline import DataConfig, DataPipeline, SourceConfig, exp
 from omni_train.data.sample import MODALITY_IDS
 from omni_train.data.text import Tokenizer
 
+from distributed import complete_epochs
+
 
 def make_cfg(pattern: str, **overrides) -> DataConfig:
     fields = {"seq_len": 1024, "batch_size": 2, "num_workers": 0, "pack_pool": 8, "train": [SourceConfig(shards=pattern)]}
@@ -158,6 +160,58 @@ def test_epoch_covers_every_sample_once(corpus, tmp_path, max_samples):
         for batch in DataPipeline(cfg, rank=rank, world_size=2, epochs=1):
             keys += [s["key"] for s in batch["samples"]]
     assert sorted(keys) == [f"{i:06d}" for i in range(len(corpus["entries"]))]
+
+
+def _shards(corpus, out: Path, max_samples: int) -> str:
+    from omni_train.cli import main
+
+    assert main(["shards", "build", "--manifest", str(corpus["root"] / "manifest.jsonl"), "--media-root",
+                 str(corpus["media"]), "--out", str(out), "--max-samples", str(max_samples)]) == 0
+    return str(out / "train-*.tar")
+
+
+# layouts (ranks, loader workers) in turn; 8 shards of 3 samples (read by shard) or 2 of 12 (read by sample)
+@pytest.mark.parametrize("layouts,max_samples", [
+    ([(1, 0), (2, 0)], 12), ([(2, 2), (1, 0), (2, 1)], 3),  # make test; 2 -> 1 also runs end to end (test_reliability)
+    pytest.param([(2, 0), (1, 0)], 3, marks=pytest.mark.slow), pytest.param([(1, 2), (2, 0), (1, 0)], 12, marks=pytest.mark.slow)])
+def test_resume_at_another_world_size_reads_each_sample_once(corpus, tmp_path, layouts, max_samples):
+    """A run stopped at one layout resumes at another (issue 15): counted over the keys of every batch before and
+    after each change, each sample of each finished epoch is read exactly once, and no epoch holds a key twice; a
+    resume mid-carry at the same layout gives the uninterrupted batches."""
+    pattern = _shards(corpus, tmp_path / "shards", max_samples)
+    keys = sorted(f"{i:06d}" for i in range(len(corpus["entries"])))
+    read: dict[int, list[str]] = {}
+    states = None
+    for stage, (world_size, num_workers) in enumerate(layouts):
+        cfg = make_cfg(pattern, num_workers=num_workers, seq_len=512)
+        last = stage == len(layouts) - 1
+        new_states = []
+        for rank in range(world_size):
+            pipeline = DataPipeline(cfg, rank=rank, world_size=world_size, seed=5)
+            if states is not None:
+                line = pipeline.load_state_dicts(states)
+                assert "read first, each once" in line
+            # uneven: the streams stop at different positions (and epochs)
+            batches = read_all(pipeline, (14 if last else 3) + 2 * rank)
+            if last and rank == 0:  # a stop and resume at this layout, mid-carry, is exact
+                again = DataPipeline(cfg, rank=rank, world_size=world_size, seed=5)
+                again.load_state_dicts(states)
+                head = read_all(again, 2)
+                resumed = DataPipeline(cfg, rank=rank, world_size=world_size, seed=5)
+                resumed.load_state_dict(json.loads(json.dumps(again.state_dict())))
+                for got, want in zip(head + read_all(resumed, 4), batches[:6], strict=True):
+                    assert_batches_equal(got, want)
+            for batch in batches:
+                for sample in batch["samples"]:
+                    read.setdefault(sample["epoch"], []).append(sample["key"])
+            new_states.append(json.loads(json.dumps(pipeline.state_dict())))
+        states = new_states
+    complete = complete_epochs(states)
+    assert complete >= 2, f"the test should cover whole epochs across the changes: {complete}"
+    for epoch, got in read.items():
+        assert len(got) == len(set(got)), f"epoch {epoch}: a sample read twice"
+        if epoch < complete:
+            assert sorted(got) == keys, f"epoch {epoch}: samples lost"
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distributed import REPO, torchrun, torchrun_command
+from distributed import REPO, complete_epochs, torchrun, torchrun_command
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.reliability]
 
@@ -130,6 +130,38 @@ def test_preemption_signal_checkpoints_and_exits_zero(corpus, tmp_path, referenc
     reliability_row(f"{sig.upper()} (rank 1, step 6), {workers} loader workers", "checkpoint at the step it came in, exit 0, resume=auto",
                     f"step 6 saved, exit 0 after {first:.0f} s; resumed, steps 7-{STEPS}: max |loss difference| "
                     f"{max_difference(got, want, range(7, STEPS + 1))}")
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), pytest.param(1, 2, marks=pytest.mark.slow)])
+def test_world_size_change_reads_each_sample_of_an_epoch_once(corpus, tmp_path, reliability_row, before, after):
+    """A DDP run checkpointed at step 3 on `before` ranks resumes on `after` for 3 more steps (2 loader workers per
+    rank before, none after; a step reads about one epoch of the 24 samples): samples.jsonl (train.log_samples),
+    over both runs, holds each sample of every finished epoch exactly once and no sample twice within any epoch."""
+    run = tmp_path / f"world-{before}-{after}"
+    extra = {"train.log_samples": True, "train.checkpoint_every": 3}
+    torchrun("launch/pretrain.py", *args(corpus, run, **extra, **{"train.steps": 3, "data.num_workers": 2}), nproc=before)
+    result = torchrun("launch/pretrain.py", *args(corpus, run, **extra, **{"train.steps": 6}), nproc=after)
+    output = result.stdout + result.stderr
+    assert f"data: {before} ranks x 2 loader workers before, {after} x 1 now" in output, output[-3000:]
+    rows = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert sorted({(r["step"], r["rank"]) for r in rows}) == sorted(
+        {(s, r) for s in range(1, 4) for r in range(before)} | {(s, r) for s in range(4, 7) for r in range(after)})
+    read: dict[int, list[str]] = {}
+    for row in rows:
+        for sample, epoch in zip(row["samples"], row["epochs"], strict=True):
+            read.setdefault(epoch, []).append(sample)
+    last = run / "checkpoints" / "step_00000006"
+    complete = complete_epochs([json.loads((last / f"data_rank{r}.json").read_text()) for r in range(after)])
+    assert complete >= 2, f"the runs should finish epochs after the change: {complete}"
+    everything = sorted(set(read[0]))
+    assert len(everything) == len(corpus["entries"])
+    for epoch, got in sorted(read.items()):
+        assert len(got) == len(set(got)), f"epoch {epoch}: a sample read twice: {sorted(got)}"
+        if epoch < complete:
+            assert sorted(got) == everything, f"epoch {epoch}: samples lost"
+    reliability_row(f"world size {before} -> {after} at step 3 (2 -> 0 loader workers)",
+                    "samples.jsonl: each sample of each finished epoch once",
+                    f"epochs 0-{complete - 1} ({len(everything)} samples each) read once, no repeat in epoch {max(read)}")
 
 
 def read_state(checkpoint: Path) -> dict[str, torch.Tensor]:

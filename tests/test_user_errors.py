@@ -75,7 +75,7 @@ def bad_shards(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("case", ["nothing", "missing", "remote", "pipe", "resume-missing", "resume-corrupt",
-                                  "resume-engine", "bad-key", "no-sandbox"])
+                                  "resume-engine", "resume-world", "bad-key", "no-sandbox"])
 def test_launch_errors_are_one_line_and_leave_the_run_directory_alone(corpus, run_dir, tmp_path, case):
     shards = bad_shards(tmp_path)
     corrupt = tmp_path / "ckpt"
@@ -85,6 +85,10 @@ def test_launch_errors_are_one_line_and_leave_the_run_directory_alone(corpus, ru
     (engine_mismatch / "engine").mkdir(parents=True)
     (engine_mismatch / "trainer_state.json").write_text(json.dumps({"step": 4, "tokens_seen": 1, "samples_seen": 1,
                                                                      "world_size": 1}))
+    ds_two_ranks = tmp_path / "ds-ckpt-2"
+    (ds_two_ranks / "engine").mkdir(parents=True)
+    (ds_two_ranks / "trainer_state.json").write_text(json.dumps({"step": 4, "tokens_seen": 1, "samples_seen": 1,
+                                                                 "world_size": 2}))
     override, expected = {
         "nothing": (f"data.train.0.shards={shards['nothing']}", ["data.train[0].shards", "matches no file"]),
         "missing": (f"data.train.0.shards={shards['missing']}", ["absent-000000.tar does not exist"]),
@@ -93,17 +97,21 @@ def test_launch_errors_are_one_line_and_leave_the_run_directory_alone(corpus, ru
         "resume-missing": (f"train.resume={tmp_path / 'nope'}", ["train.resume", "nope is not a checkpoint folder"]),
         "resume-corrupt": (f"train.resume={corrupt}", ["train.resume", "trainer_state.json is not a trainer state"]),
         "resume-engine": (f"train.resume={engine_mismatch}", ["train.engine=deepspeed", "train.engine=single"]),
+        # single / ddp checkpoints resume at any world size; ZeRO's optimizer partitions do not regroup
+        "resume-world": ((f"train.resume={ds_two_ranks}", "train.engine=deepspeed"),
+                         ["written by 2 ranks under DeepSpeed", "this run has 1: resume it with 2"]),
         "bad-key": ("train.stepz=3", ["train.stepz"]),
         # a probe that would run generated code (text2code items) on a machine without bubblewrap
         "no-sandbox": (f"probes=[{{name: code, shards: '{corpus['pattern']}'}}]",
                        ["probes[0] (code): execution match needs bubblewrap", "refusing to run generated code unconfined"]),
     }[case]
     path = str(Path(sys.executable).parent) if case == "no-sandbox" else None  # no bwrap on this PATH
+    overrides = override if isinstance(override, tuple) else (override,)
     before = listing(run_dir)
-    assert_one_line(pretrain(corpus, run_dir, override, path=path), "pretrain", *expected)
+    assert_one_line(pretrain(corpus, run_dir, *overrides, path=path), "pretrain", *expected)
     assert listing(run_dir) == before  # config.yaml is written only once everything is checked
 
-    debug = pretrain(corpus, run_dir, override, debug=True, path=path)
+    debug = pretrain(corpus, run_dir, *overrides, debug=True, path=path)
     assert debug.returncode == 2 and "Traceback (most recent call last)" in debug.stderr
 
 

@@ -60,6 +60,10 @@ class Packer:
 
     def pop_sequence(self) -> list[TokenizedSample]:
         """Remove and return the samples of one sequence (empty when the pool is empty)."""
+        return [item.sample for item in self.pop_pooled()]
+
+    def pop_pooled(self) -> list[Pooled]:
+        """`pop_sequence` with each sample's address."""
         if not self.pool:
             return []
         chosen = [0]
@@ -74,7 +78,7 @@ class Packer:
                 break
             chosen.append(best)
             space -= best_len
-        sequence = [self.pool[i].sample for i in chosen]
+        sequence = [self.pool[i] for i in chosen]
         taken = set(chosen)
         self.pool = [item for i, item in enumerate(self.pool) if i not in taken]
         return sequence

@@ -14,7 +14,9 @@ and the addresses of the samples waiting in the packing pool. A restored stream 
 pooled samples from their addresses and continues; the main process records each worker's state
 as its batches arrive and rotates worker ids on restore so DataLoader's round robin continues
 where it stopped. Batches after a restore are identical to the batches an uninterrupted run
-would have produced.
+would have produced. A resume at another world size or number of workers (`load_state_dicts`, `Carry`) first
+reads what the old streams left of their epochs and pools, by stride, then splits the next epoch anew: no
+sample of an epoch is lost or read twice across the change.
 
 Decoding. Each sample is decoded (audio, images, video and, for audio in video, a video's audio
 track) and rendered by the chat template into a TokenizedSample, with its per-document 3-D positions
@@ -719,20 +721,54 @@ def sample_task(members: dict[str, bytes]) -> str | None:
     return meta.get("task") if isinstance(meta, dict) else None
 
 
+@dataclass(frozen=True)
+class Carry:
+    """What the streams of an earlier layout (another world size or number of loader workers) left of one source:
+    the rest of each one's epochs up to the latest any of them reached, and its packing pool. The streams of the new
+    layout read these first, by stride, then begin the next epoch with their own shares: across the change every
+    sample of an epoch is read once. Defined by the old streams' positions, so it is a few integers, not a list."""
+    num_streams: int
+    positions: tuple[tuple[int, int], ...]   # each old stream's (epoch, position) in this source
+    pool: tuple[tuple[int, int, int], ...]   # (old stream, epoch, position) of this source's samples in their pools
+    previous: Carry | None                   # the carry the old streams themselves began with
+
+    @property
+    def last_epoch(self) -> int:
+        return max(epoch for epoch, _ in self.positions)
+
+    @classmethod
+    def of(cls, layout: dict | None, source: int) -> Carry | None:
+        """The carry of one source from a layout as `layout_of` writes it (None: no change of layout)."""
+        if layout is None:
+            return None
+        streams = layout["streams"]
+        return cls(num_streams=len(streams), positions=tuple((e, p) for e, p in (st["sources"][source] for st in streams)),
+                   pool=tuple((g, e, p) for g, st in enumerate(streams) for s, e, p in st["pool"] if s == source),
+                   previous=cls.of(layout["carry"], source))
+
+
+def start_position(carry: Carry | None) -> tuple[int, int]:
+    """A source's (epoch, position) before its first sample: with a carry, the head of the carried samples."""
+    return (carry.last_epoch + 1, -1) if carry is not None else (0, 0)
+
+
 class SourceStream:
     """The samples of one source that belong to stream g of G, epoch by epoch, addressable by position.
 
+    A position >= 0 counts the stream's samples of its epoch's plan; with a carry (a resume at another layout) the
+    stream first reads its share of the carried samples, item i at position -1 - i (its epoch the one it was left in).
     With `tasks`, the source holds only the samples whose meta.task is listed (read from each sample's
     JSON once, when its shard is indexed); samples whose JSON cannot be read stay in, to be logged."""
 
     def __init__(self, urls: list[str], source: int, *, cfg: DataConfig, seed: int, stream: int, num_streams: int,
-                 tasks: list[str] | None = None):
+                 tasks: list[str] | None = None, carry: Carry | None = None, index: dict | None = None):
         self.urls, self.source, self.cfg, self.seed, self.shuffle = urls, source, cfg, seed, cfg.shuffle
         self.tasks = set(tasks) if tasks is not None else None
-        self.stream, self.num_streams = stream, num_streams
-        self.epoch, self.position = 0, 0
+        self.stream, self.num_streams, self.carry = stream, num_streams, carry
+        self.epoch, self.position = start_position(carry)
         self._iter: Iterator | None = None
-        self._index: dict[str, list[TarEntry]] = {}
+        self._index: dict[str, list[TarEntry]] = index if index is not None else {}  # shared with the carry's streams
+        self._carried: list[tuple[int, str, str, Any]] | None = None
 
     def _entries(self, url: str) -> list[TarEntry]:
         if url not in self._index:
@@ -777,38 +813,69 @@ class SourceStream:
                 if mine:
                     yield url, key, fetch
 
+    def carried(self) -> list[tuple[int, str, str, Any]]:
+        """The carry's samples, (epoch, url, key, fetch) in order: the old streams' pools, then what each old stream
+        had still to read up to the end of the carry's last epoch. Every new stream computes the same list."""
+        if self._carried is None:
+            carry, items = self.carry, []
+            assert carry is not None
+            olds = [SourceStream(self.urls, self.source, cfg=self.cfg, seed=self.seed, stream=g, num_streams=carry.num_streams,
+                                 tasks=list(self.tasks) if self.tasks is not None else None, carry=carry.previous,
+                                 index=self._index) for g in range(carry.num_streams)]
+            for g, old in enumerate(olds):
+                pooled = [(e, p) for stream, e, p in carry.pool if stream == g]
+                found = old.fetch_at(pooled)
+                items += [(e, *found[(e, p)]) for e, p in pooled]
+            for old, (epoch, position) in zip(olds, carry.positions):
+                old.epoch, old.position = epoch, position
+                for (_, item_epoch, _), url, key, fetch in old.walk(last_epoch=carry.last_epoch):
+                    items.append((item_epoch, url, key, fetch))
+            self._carried = items
+        return self._carried
+
+    def walk(self, infinite: bool = True, last_epoch: int | None = None) -> Iterator[tuple[tuple[int, int, int], str, str, Any]]:
+        """(address, url, key, fetch) from the current (epoch, position) on, advancing them: the stream's share of
+        the carried samples, then its plans epoch by epoch (through `last_epoch`, or for ever when `infinite`)."""
+        if self.position < 0:
+            items = self.carried()
+            for i in range(-self.position - 1, len(items)):
+                if i % self.num_streams == self.stream:
+                    epoch, url, key, fetch = items[i]
+                    self.position = -i - 2
+                    yield (self.source, epoch, -i - 1), url, key, fetch
+            self.position = 0
+        while last_epoch is None or self.epoch <= last_epoch:
+            count = 0
+            for position, (url, key, fetch) in enumerate(self._plan(self.epoch)):
+                count += 1
+                if position >= self.position:
+                    self.position = position + 1
+                    yield (self.source, self.epoch, position), url, key, fetch
+            if not infinite and last_epoch is None:
+                return
+            if count == 0 and last_epoch is None:
+                raise DataError(f"shards {self.urls[0]}...: stream {self.stream} of {self.num_streams} gets no sample; "
+                                "use fewer ranks x workers or more samples")
+            self.epoch, self.position = self.epoch + 1, 0
+
     def seek(self, epoch: int, position: int) -> None:
         self.epoch, self.position = epoch, position
-        self._iter = self._plan(epoch)
-        for _ in range(position):
-            next(self._iter)
+        self._iter = None
 
     def next(self, infinite: bool) -> tuple[tuple[int, int, int], str, str, Any] | None:
         """The next (address, url, key, fetch), rolling into the next epoch when infinite; None at the end."""
         if self._iter is None:
-            self.seek(self.epoch, self.position)
-        for _attempt in range(2):
-            try:
-                url, key, fetch = next(self._iter)
-            except StopIteration:
-                if not infinite:
-                    return None
-                if self.position == 0:
-                    raise DataError(f"shards {self.urls[0]}...: stream {self.stream} of {self.num_streams} gets no sample; "
-                                    "use fewer ranks x workers or more samples") from None
-                self.epoch, self.position = self.epoch + 1, 0
-                self._iter = self._plan(self.epoch)
-                continue
-            address = (self.source, self.epoch, self.position)
-            self.position += 1
-            return address, url, key, fetch
-        return None
+            self._iter = self.walk(infinite)
+        return next(self._iter, None)
 
     def fetch_at(self, epochs_positions: list[tuple[int, int]]) -> dict[tuple[int, int], tuple[str, str, Any]]:
         """Look up several (epoch, position) addresses with one walk per epoch (used to rebuild a pool)."""
         found = {}
-        for epoch in sorted({e for e, _ in epochs_positions}):
-            wanted = {p for e, p in epochs_positions if e == epoch}
+        for epoch, position in epochs_positions:
+            if position < 0:
+                found[(epoch, position)] = self.carried()[-position - 1][1:]
+        for epoch in sorted({e for e, p in epochs_positions if p >= 0}):
+            wanted = {p for e, p in epochs_positions if e == epoch and p >= 0}
             for position, (url, key, fetch) in enumerate(self._plan(epoch)):
                 if position in wanted:
                     found[(epoch, position)] = (url, key, fetch)
@@ -837,6 +904,7 @@ class PackedStream(IterableDataset):
         self.num_workers = max(cfg.num_workers, 1)
         self.rotation = 0
         self.restore: dict[int, dict] = {}
+        self.carry: dict | None = None  # the layout of the run this one resumed at another layout (`layout_of`)
         self.cache = DecodeCache(cfg.decode_cache_mb)  # each worker fills its own copy
         self.last_error = ""  # why the last unusable sample was skipped
 
@@ -901,10 +969,11 @@ class PackedStream(IterableDataset):
         return None
 
     def _run(self, worker: int, stream: int, num_streams: int, state: dict | None) -> Iterator[dict]:
-        sources = [SourceStream(urls, i, cfg=self.cfg, seed=self.seed, stream=stream, num_streams=num_streams, tasks=tasks)
+        sources = [SourceStream(urls, i, cfg=self.cfg, seed=self.seed, stream=stream, num_streams=num_streams, tasks=tasks,
+                                carry=Carry.of(self.carry, i))
                    for i, (urls, tasks) in enumerate(zip(self.urls, self.tasks))]
         packer = Packer(self.cfg.seq_len, self.cfg.pack_pool)
-        k, failures = 0, 0
+        k, failures = self.carry["k"] if self.carry else 0, 0  # a new layout's mixing draws go on past the old ones'
         exhausted: set[int] = set()
         if state is not None:
             k, exhausted = state["k"], set(state["exhausted"])
@@ -943,12 +1012,15 @@ class PackedStream(IterableDataset):
                         continue
                     failures = 0
                     packer.add(sample, address)
-                sequence = packer.pop_sequence()
+                sequence = packer.pop_pooled()
                 if sequence:
                     sequences.append(sequence)
             if not sequences:
                 return
-            batch = collate_packed(sequences, self.cfg.seq_len, self.tokenizer.pad_id, self.cfg.audio)
+            batch = collate_packed([[item.sample for item in sequence] for sequence in sequences], self.cfg.seq_len,
+                                   self.tokenizer.pad_id, self.cfg.audio)
+            for entry, item in zip(batch["samples"], (item for sequence in sequences for item in sequence)):
+                entry["epoch"] = item.address[1]  # the epoch of its source it was read in
             batch["_data_state"] = {"worker": worker, "state": {
                 "k": k, "exhausted": sorted(exhausted),
                 "sources": [[s.epoch, s.position] for s in sources],
@@ -1015,11 +1087,11 @@ class DataPipeline:
     def state_dict(self) -> dict[str, Any]:
         return {"num_batches": self.num_batches, "num_workers": self.dataset.num_workers,
                 "rank": self.dataset.rank, "world_size": self.dataset.world_size, "seed": self.dataset.seed,
-                "worker_states": {str(w): s for w, s in self.worker_states.items()}}
+                "worker_states": {str(w): s for w, s in self.worker_states.items()}, "carry": self.dataset.carry}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()`'s output; ValueError when it is not one (a damaged or foreign state file)."""
-        if (problem := _state_problem(state)) is not None:
+        if (problem := state_problem(state)) is not None:
             raise ValueError(f"not a data pipeline state ({problem})")
         for name in ("num_workers", "rank", "world_size", "seed"):
             if state[name] != getattr(self.dataset, name):
@@ -1027,14 +1099,76 @@ class DataPipeline:
                                  f"{getattr(self.dataset, name)}; resume with the same setting")
         self.num_batches = state["num_batches"]
         self.worker_states = {int(w): s for w, s in state["worker_states"].items()}
+        self.dataset.carry = state.get("carry")
+
+    def load_state_dicts(self, states: list[dict[str, Any]]) -> str | None:
+        """Resume from the states of every rank of a run (`state_dict()` of ranks 0..n-1), at any world size and
+        number of loader workers. With the same ones it is `load_state_dict` of this rank's state, exact. With
+        others, every stream of the new layout first reads its share (by stride) of what the old streams left
+        of their epochs and pools (`Carry`), then goes on with the next epoch: no sample of an epoch is lost or
+        read twice across the change. Returns a line saying what changed, or None. ValueError on a bad state."""
+        for rank, state in enumerate(states):
+            if (problem := state_problem(state)) is not None:
+                raise ValueError(f"rank {rank}: not a data pipeline state ({problem})")
+            if state["rank"] != rank or state["world_size"] != len(states):
+                raise ValueError(f"rank {rank}: the state of rank {state['rank']} of {state['world_size']}")
+            if state["seed"] != self.dataset.seed:
+                raise ValueError(f"data state was saved with seed={state['seed']}, this run has {self.dataset.seed}; "
+                                 "resume with the same setting")
+        old = (len(states), states[0]["num_workers"])
+        if old == (self.dataset.world_size, self.dataset.num_workers):
+            self.load_state_dict(states[self.dataset.rank])
+            return None
+        if not self.dataset.infinite:
+            raise ValueError("a pipeline that reads one epoch resumes only with its own layout")
+        self.num_batches, self.worker_states = 0, {}
+        self.dataset.carry = layout_of(states, num_sources=len(self.dataset.urls))
+        return (f"data: {old[0]} ranks x {old[1]} loader workers before, {self.dataset.world_size} x "
+                f"{self.dataset.num_workers} now: the samples left of the epochs in progress are read first, each once")
 
 
-def _state_problem(state: Any) -> str | None:
+def layout_of(states: list[dict[str, Any]], num_sources: int) -> dict[str, Any]:
+    """The streams of a run (the data states of all its ranks) as the `carry` of a run with another layout:
+    each stream's (epoch, position) per source and its pool, the carry they began with, and the next mixing draw."""
+    previous = states[0].get("carry")
+    if any(state.get("carry") != previous for state in states):
+        raise ValueError("the ranks' data states began from different layouts")
+    streams = []
+    for state in states:
+        for worker in range(state["num_workers"]):
+            stream = state["worker_states"].get(str(worker))
+            if stream is None:  # it never produced a batch that was used: where it started
+                stream = {"k": previous["k"] if previous else 0, "exhausted": [], "pool": [],
+                          "sources": [list(start_position(Carry.of(previous, i))) for i in range(num_sources)]}
+            if len(stream["sources"]) != num_sources:
+                raise ValueError(f"data state has {len(stream['sources'])} data.train sources, this run has "
+                                 f"{num_sources}; resume with the same sources")
+            if stream["exhausted"]:
+                raise ValueError("a pipeline that reads one epoch resumes only with its own layout")
+            streams.append({"k": stream["k"], "sources": stream["sources"], "pool": stream["pool"]})
+    return {"streams": streams, "k": max(stream["k"] for stream in streams), "carry": previous}
+
+
+def _layout_problem(layout: Any) -> str | None:
+    while layout is not None:
+        if not (isinstance(layout, dict) and isinstance(layout.get("k"), int) and isinstance(layout.get("streams"), list)
+                and layout["streams"] and all(isinstance(st, dict) for st in layout["streams"])):
+            return "carry is not a layout"
+        for stream in layout["streams"]:
+            if not (isinstance(stream.get("k"), int) and _ints_lists(stream.get("sources"), 2)
+                    and _ints_lists(stream.get("pool"), 3)):
+                return "carry lacks k / sources / pool"
+        layout = layout.get("carry")
+    return None
+
+
+def _ints_lists(value: Any, length: int) -> bool:
+    return isinstance(value, list) and all(isinstance(item, list) and len(item) == length
+                                           and all(isinstance(v, int) for v in item) for item in value)
+
+
+def state_problem(state: Any) -> str | None:
     """What makes `state` unlike `DataPipeline.state_dict()`'s output, or None: checked before any worker uses it."""
-    def ints(value: Any, length: int | None = None) -> bool:
-        return (isinstance(value, list) and all(isinstance(v, int) for v in value)
-                and (length is None or len(value) == length))
-
     if not isinstance(state, dict):
         return "not an object"
     for name in ("num_batches", "num_workers", "rank", "world_size", "seed"):
@@ -1046,8 +1180,8 @@ def _state_problem(state: Any) -> str | None:
     for worker, stream in workers.items():
         if not (isinstance(worker, str) and worker.isdigit() and isinstance(stream, dict)):
             return f"worker_states[{worker!r}] is not a worker's state"
-        if not (isinstance(stream.get("k"), int) and ints(stream.get("exhausted"))
-                and isinstance(stream.get("sources"), list) and all(ints(s, 2) for s in stream["sources"])
-                and isinstance(stream.get("pool"), list) and all(ints(a, 3) for a in stream["pool"])):
+        if not (isinstance(stream.get("k"), int) and isinstance(stream.get("exhausted"), list)
+                and all(isinstance(v, int) for v in stream["exhausted"])
+                and _ints_lists(stream.get("sources"), 2) and _ints_lists(stream.get("pool"), 3)):
             return f"worker_states[{worker!r}] lacks k / exhausted / sources / pool"
-    return None
+    return _layout_problem(state.get("carry"))

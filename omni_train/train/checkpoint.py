@@ -3,7 +3,7 @@
     runs/<name>/checkpoints/step_00000200/
         engine/ or model.safetensors + optimizer.pt + scheduler.pt   (the engine's own format)
         trainer_state.json     step, tokens seen, the resolved config
-        data_rank{R}.json      rank R's data-pipeline state (exact resume)
+        data_rank{R}.json      rank R's data-pipeline state (exact resume; all ranks' at another world size)
         rng_rank{R}.pt         rank R's torch RNG states (tensors only)
         rng_rank{R}.json       rank R's Python and NumPy RNG states
 
@@ -83,12 +83,19 @@ def write_rank_state(directory: Path, rank: int, data_state: dict) -> None:
     (directory / f"rng_rank{rank}.json").write_text(json.dumps(plain))
 
 
-def read_rank_state(directory: Path, rank: int) -> dict:
-    data_path = directory / f"data_rank{rank}.json"
-    if not data_path.is_file():
-        raise ValueError(f"{directory}: no state for rank {rank}; resume with the world size the checkpoint was written with")
-    set_rng_state(load_state(directory / f"rng_rank{rank}.pt"), read_json(directory / f"rng_rank{rank}.json"))
-    return read_json(data_path)
+def read_rank_state(directory: Path, rank: int, num_ranks: int = 1) -> list[dict]:
+    """The data states of the `num_ranks` ranks that wrote the checkpoint (a resume at another world size reads
+    them all), and rank `rank`'s RNG states restored; a rank the checkpoint has none for (a resume with more
+    ranks) keeps the seeding it has."""
+    states = []
+    for saved_rank in range(num_ranks):
+        data_path = directory / f"data_rank{saved_rank}.json"
+        if not data_path.is_file():
+            raise ValueError(f"{directory}: no data state for rank {saved_rank} of the {num_ranks} that wrote it")
+        states.append(read_json(data_path))
+    if rank < num_ranks:
+        set_rng_state(load_state(directory / f"rng_rank{rank}.pt"), read_json(directory / f"rng_rank{rank}.json"))
+    return states
 
 
 def finalize(tmp: Path, final: Path, keep: int) -> None:

@@ -76,6 +76,7 @@ class TrainConfig:
     spike_guard: float = 0.0
     spike_window: int = 100
     deterministic: bool = False         # torch.use_deterministic_algorithms: bitwise-equal reruns and resumes
+    log_samples: bool = False           # samples.jsonl: each rank's samples of each step (shard, key, epoch)
 
     def __post_init__(self):
         if self.engine not in ENGINES:
@@ -258,21 +259,24 @@ def check_run(cfg) -> tuple[Any, Path | None, dict | None]:
             int(saved[name])
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise ValueError(f"train.resume: {state_file} is not a trainer state ({type(e).__name__}: {e})") from None
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if saved_world_size != world_size:
-        raise ValueError(f"train.resume: {checkpoint} was written by {saved_world_size} ranks, this run has {world_size}")
     written_by_deepspeed = (checkpoint / "engine").is_dir()
     if written_by_deepspeed != (cfg.train.engine == "deepspeed"):
         raise ValueError(f"train.resume: {checkpoint} was written by "
                          f"{'train.engine=deepspeed' if written_by_deepspeed else 'train.engine=single or ddp'}; "
                          f"this run has train.engine={cfg.train.engine}")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if saved_world_size != world_size and written_by_deepspeed:
+        # single / ddp checkpoints hold the whole model and optimizer; ZeRO's are partitioned by rank
+        raise ValueError(f"train.resume: {checkpoint} was written by {saved_world_size} ranks under DeepSpeed, whose "
+                         f"optimizer state is partitioned per rank; this run has {world_size}: resume it with "
+                         f"{saved_world_size} (train.engine=ddp checkpoints resume at any world size)")
     return tokenizer, checkpoint, saved
 
 
 def train(cfg) -> TrainState:
     """Run (or resume) the recipe `cfg` in this process; torchrun starts one per rank."""
     from omni_train.config import to_yaml
-    from omni_train.data.pipeline import DataPipeline
+    from omni_train.data.pipeline import DataPipeline, state_problem
     from omni_train.errors import preflight
 
     tcfg = cfg.train
@@ -329,18 +333,23 @@ def train(cfg) -> TrainState:
         state = TrainState(step=saved["step"], tokens_seen=saved["tokens_seen"], samples_seen=saved["samples_seen"],
                            guard=saved.get("guard") or {})
         guard.load_state_dict(state.guard)
-        data_state = read_rank_state(checkpoint, dist.rank)  # names the file it cannot read
-        try:
-            data.load_state_dict(data_state)
+        data_states = read_rank_state(checkpoint, dist.rank, saved["world_size"])  # names the file it cannot read
+        for saved_rank, data_state in enumerate(data_states):
+            if (problem := state_problem(data_state)) is not None:
+                raise ValueError(f"{checkpoint / f'data_rank{saved_rank}.json'}: not a data pipeline state ({problem})")
+        try:  # at another world size, every rank reads all the saved ranks' states (pipeline.py: Carry)
+            layout_change = data.load_state_dicts(data_states)
         except ValueError as e:
-            raise ValueError(f"{checkpoint / f'data_rank{dist.rank}.json'}: {e}") from None
+            raise ValueError(f"{checkpoint}: {e}") from None
 
     logger = MetricsLogger(output_dir, enabled=dist.is_main, total_steps=tcfg.steps, start_step=state.step,
                            tracker=tcfg.tracker, run_name=cfg.name, config=dataclasses.asdict(cfg), progress=tcfg.progress)
     if checkpoint is not None:
         logger.write(f"resumed from {checkpoint} at step {state.step}")
+        if layout_change:
+            logger.write(layout_change)
         if dist.is_main:  # the steps after the checkpoint run again: their rows from an attempt that crashed go
-            for name in ("metrics.jsonl", "probes.jsonl", "probe_examples.jsonl", "bad_steps.jsonl"):
+            for name in ("metrics.jsonl", "probes.jsonl", "probe_examples.jsonl", "bad_steps.jsonl", "samples.jsonl"):
                 if dropped := drop_rows_after(output_dir / name, state.step):
                     logger.write(f"{name}: dropped {dropped} rows of steps after {state.step}, which run again")
     logger.write(describe_parameters(engine.module))
@@ -403,7 +412,10 @@ def train(cfg) -> TrainState:
             if skipped is not None:
                 logger.write(f"step {step}: skipped, no update on any rank: {skipped} (bad_steps.jsonl)")
                 if dist.rank in result["bad_ranks"] or (not result["bad_ranks"] and dist.is_main):
-                    record_bad_step(output_dir / "bad_steps.jsonl", step, dist.rank, skipped, result["loss"], micro_batches)
+                    record_step(output_dir / "bad_steps.jsonl", step, dist.rank, micro_batches,
+                                reason=skipped, loss=result["loss"] if result["loss"] == result["loss"] else None)
+            if tcfg.log_samples:
+                record_step(output_dir / "samples.jsonl", step, dist.rank, micro_batches, skipped=skipped is not None)
 
             if evaluator is not None and every(state.step, tcfg.eval_every):
                 eval_loss = evaluator(engine)
@@ -464,9 +476,10 @@ def loader_faults():
                          every_rank=False) from None
 
 
-def record_bad_step(path: Path, step: int, rank: int, reason: str, loss: float, micro_batches: list[dict]) -> None:
-    """One line per rank that saw a bad step: its loss and the samples of its batch (shard and key)."""
-    line = json.dumps({"step": step, "rank": rank, "reason": reason, "loss": loss if loss == loss else None,
-                       "samples": [f"{s['shard']}:{s['key']}" for b in micro_batches for s in b["samples"]]})
+def record_step(path: Path, step: int, rank: int, micro_batches: list[dict], **fields) -> None:
+    """One line for a rank's step: `fields` and the samples of its batch (shard:key, and the epoch they were read in)."""
+    line = json.dumps({"step": step, "rank": rank, **fields,
+                       "samples": [f"{s['shard']}:{s['key']}" for b in micro_batches for s in b["samples"]],
+                       "epochs": [s["epoch"] for b in micro_batches for s in b["samples"]]})
     with open(path, "a", encoding="utf-8") as f:  # O_APPEND: the ranks' lines stay whole
         f.write(line + "\n")
