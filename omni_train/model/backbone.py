@@ -9,11 +9,20 @@ dict maps one to one (`hf_adapters`):
     layers.N.self_attn.{q,k}_norm.weight               with qk_norm (Qwen3)
     layers.N.post_attention_layernorm.weight
     layers.N.mlp.{gate,up,down}_proj.weight
+    layers.N.mlp.gate.weight, layers.N.mlp.{gate_up,down}_proj           with model.backbone.moe, on its sparse layers
     norm.weight
     lm_head.weight                                     absent with tie_embeddings
 
 Written for one device: every sequence is packed (`document_ids`, `position_ids` restarting at
 0 per document) and attention never crosses a document (`attention`).
+
+`model.backbone.moe` makes every `every`-th layer's MLP a sparse mixture of experts (`SparseMoE`: a router
+`gate` with an fp32 softmax, top-k renormalised, dropless; experts stored fused as Qwen3-MoE's
+`gate_up_proj` (E, 2I, D) and `down_proj` (E, D, I)). Tokens are sorted by expert and each expert runs one
+matrix multiply over its tokens. After a forward, `moe_terms()` gives the router's load-balance loss
+(Switch Transformer, arXiv:2101.03961, as transformers' `load_balancing_loss_func`), its z-loss (ST-MoE,
+arXiv:2202.08906) and the busiest expert's load over the mean, over the non-padding tokens; the model adds
+the weighted losses to its loss.
 
 `forward(after_layer={i: f})` runs f on the hidden states after layer i: how model.fusion
 cross_attn inserts its gated cross-attention blocks (`cross_attention.py`; their parameters live
@@ -34,7 +43,7 @@ from torch.utils.checkpoint import checkpoint
 from omni_train.model.attention import attention, attention_backend, check_backend, document_ids_to_cu_seqlens
 from omni_train.model.rope import apply_rotary, rope_cos_sin, rope_inv_freq
 
-__all__ = ["BackboneConfig", "Backbone", "document_ids_to_cu_seqlens"]
+__all__ = ["BackboneConfig", "Backbone", "MoEConfig", "SparseMoE", "document_ids_to_cu_seqlens"]
 
 
 @dataclass(kw_only=True)
@@ -55,6 +64,7 @@ class BackboneConfig:
     tie_embeddings: bool = False          # lm_head shares embed_tokens.weight
     max_position_embeddings: int = 32768  # recorded for export; RoPE itself has no table to size
     init_std: float = 0.02                # normal init of linear and embedding weights when not loading
+    moe: MoEConfig | None = None          # sparse mixture-of-experts MLPs (module docstring)
 
     def __post_init__(self):
         if not isinstance(self.vocab_size, int) or self.vocab_size < 0:
@@ -85,6 +95,31 @@ class BackboneConfig:
                                  f"head_dim // 2 = {self.head_dim // 2}, got {self.mrope_section}")
 
 
+@dataclass(kw_only=True)
+class MoEConfig:
+    """`model.backbone.moe`: sparse mixture-of-experts MLPs (None: every layer dense)."""
+    experts: int                          # E
+    intermediate: int                     # I, each expert's SwiGLU width
+    top_k: int = 2                        # experts per token, their weights renormalised to sum to 1
+    every: int = 1                        # layer i is sparse when (i + 1) % every == 0 (Qwen3-MoE decoder_sparse_step)
+    aux_loss_weight: float = 0.001        # x the load-balance loss (E x sum_e f_e P_e; k when balanced)
+    z_loss_weight: float = 0.0            # x the router z-loss (mean squared logsumexp of the router logits)
+
+    def __post_init__(self):
+        for name in ("experts", "intermediate", "top_k", "every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"model.backbone.moe.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.top_k > self.experts:
+            raise ValueError(f"model.backbone.moe.top_k ({self.top_k}) must be at most model.backbone.moe.experts "
+                             f"({self.experts})")
+        for name in ("aux_loss_weight", "z_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.backbone.moe.{name} must be >= 0, got {getattr(self, name)}")
+
+    def sparse(self, layer: int) -> bool:
+        return (layer + 1) % self.every == 0
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm (Zhang & Sennrich 2019), statistics in fp32, weight applied in the input dtype (as Qwen)."""
 
@@ -110,6 +145,63 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SparseMoE(nn.Module):
+    """Top-k routed SwiGLU experts, dropless: every token reaches its k experts (module docstring)."""
+
+    def __init__(self, dim: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = nn.Linear(dim, cfg.experts, bias=False)                                   # the router
+        self.gate_up_proj = nn.Parameter(torch.empty(cfg.experts, 2 * cfg.intermediate, dim))  # (E, 2I, D)
+        self.down_proj = nn.Parameter(torch.empty(cfg.experts, dim, cfg.intermediate))        # (E, D, I)
+        self.terms: dict[str, torch.Tensor] = {}
+
+    def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, D) -> router logits (N, E) fp32, the chosen experts (N, k) and their renormalised weights (N, k)."""
+        logits = F.linear(tokens.float(), self.gate.weight.float())                # (N, E), fp32 as Qwen3-MoE
+        weights, experts = torch.softmax(logits, dim=-1).topk(self.cfg.top_k, dim=-1)
+        return logits, experts, weights / weights.sum(dim=-1, keepdim=True)
+
+    @staticmethod
+    def expert(gate_up_proj: torch.Tensor, down_proj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, gate_up_proj).chunk(2, dim=-1)                     # (n, I) each
+        return F.linear(F.silu(gate) * up, down_proj)                              # (n, D)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """x (B, L, D), valid (B, L) bool (not padding: the router's terms count these tokens only)."""
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])                                          # (N, D)
+        logits, experts, weights = self.route(tokens)
+        flat = experts.reshape(-1)                                                 # (N k,) token-major
+        order = torch.argsort(flat, stable=True)                                   # slots sorted by expert
+        counts = torch.bincount(flat, minlength=self.cfg.experts).tolist()
+        source = order // self.cfg.top_k                                           # the token of each sorted slot
+        slot_weights = weights.reshape(-1)[order].to(x.dtype)                      # (N k,)
+        # unbound once: indexing the fused tensors per expert would give each expert's backward a whole-size gradient
+        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+        out, start = torch.zeros_like(tokens), 0
+        for e, n in enumerate(counts):  # one matrix multiply per expert over its tokens, a contiguous run of slots
+            if n:
+                chosen = source[start:start + n]
+                out.index_add_(0, chosen, self.expert(gate_up[e], down[e], tokens[chosen]) * slot_weights[start:start + n, None])
+            start += n
+        self.terms = self._terms(logits, experts, valid.reshape(-1))
+        return out.reshape(shape)
+
+    def _terms(self, logits: torch.Tensor, experts: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits, experts = logits[valid], experts[valid]
+        num_experts = self.cfg.experts
+        if not len(logits):
+            zero = logits.sum()
+            return {"load_balance": zero, "z_loss": zero, "max_load": zero.detach()}
+        counts = torch.bincount(experts.reshape(-1), minlength=num_experts).float()    # assignments per expert
+        fraction = counts / len(logits)                                                 # f_e (sums to k)
+        mean_prob = torch.softmax(logits, dim=-1).mean(dim=0)                           # P_e
+        return {"load_balance": num_experts * (fraction * mean_prob).sum(),
+                "z_loss": torch.logsumexp(logits, dim=-1).pow(2).mean(),
+                "max_load": (counts.max() / counts.mean()).detach()}
 
 
 class SelfAttention(nn.Module):
@@ -146,18 +238,22 @@ class SelfAttention(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x))."""
 
-    def __init__(self, cfg: BackboneConfig):
+    def __init__(self, cfg: BackboneConfig, index: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
         self.self_attn = SelfAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
-        self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
+        sparse = cfg.moe is not None and cfg.moe.sparse(index)
+        self.mlp = SparseMoE(cfg.dim, cfg.moe) if sparse else SwiGLU(cfg.dim, cfg.ffn_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, document_ids: torch.Tensor,
                 cu_seqlens: torch.Tensor | None, max_seqlen: int | None, backend: str) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, document_ids=document_ids, cu_seqlens=cu_seqlens,
                                max_seqlen=max_seqlen, backend=backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        normed = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, SparseMoE):
+            return x + self.mlp(normed, document_ids >= 0)
+        return x + self.mlp(normed)
 
 
 class Backbone(nn.Module):
@@ -176,7 +272,7 @@ class Backbone(nn.Module):
         self.activation_checkpointing = activation_checkpointing
         self.attn_backend = check_backend(attn_backend)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.init_weights()
@@ -189,6 +285,9 @@ class Backbone(nn.Module):
                 module.weight.normal_(0.0, self.cfg.init_std)
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
+            elif isinstance(module, SparseMoE):
+                module.gate_up_proj.normal_(0.0, self.cfg.init_std)
+                module.down_proj.normal_(0.0, self.cfg.init_std)
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
 
@@ -231,6 +330,14 @@ class Backbone(nn.Module):
             if insert is not None:
                 hidden = checkpoint(insert, hidden, use_reentrant=False) if checkpointing else insert(hidden)
         return self.norm(hidden)
+
+    def moe_terms(self) -> dict[str, torch.Tensor]:
+        """The last forward's router terms summed over the sparse layers (max_load: their mean); {} when dense."""
+        terms = [layer.mlp.terms for layer in self.layers if isinstance(layer.mlp, SparseMoE) and layer.mlp.terms]
+        if not terms:
+            return {}
+        return {"load_balance": sum(t["load_balance"] for t in terms), "z_loss": sum(t["z_loss"] for t in terms),
+                "max_load": sum(t["max_load"] for t in terms) / len(terms)}
 
     def output_weight(self) -> torch.Tensor:
         """The (vocab_size, D) output projection: embed_tokens.weight when tied."""

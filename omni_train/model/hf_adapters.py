@@ -116,6 +116,9 @@ def qwen_model_type(cfg: BackboneConfig) -> str:
 
 def hf_config_from_backbone(cfg: BackboneConfig, *, dtype: torch.dtype = torch.float32) -> dict:
     """The `config.json` dict transformers' Qwen2/Qwen3ForCausalLM loads for cfg (the reverse of backbone_config_from_hf)."""
+    if cfg.moe is not None:  # issue 16: the Qwen3-MoE / Qwen3-Omni layouts are not written yet
+        raise ValueError("model.backbone.moe: a mixture-of-experts backbone has no Hugging Face export yet; "
+                         "export a dense backbone, or keep the run's own checkpoint")
     model_type = qwen_model_type(cfg)
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.mrope_section is not None:

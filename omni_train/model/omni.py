@@ -241,8 +241,13 @@ class OmniModel(nn.Module):
                                after_layer=self.after_layer(fused.memory, fused.document_ids))  # (B, L, D)
         loss, num_loss_tokens, per_token_loss = self.next_token_loss(hidden, fused.labels, fused.document_ids)
         logits = self.backbone.logits(hidden) if return_logits else None
-        return OmniOutput(loss=loss + fused.aux_loss, num_loss_tokens=num_loss_tokens, per_token_loss=per_token_loss,
-                          logits=logits, aux=fused.aux, lm_loss=loss.detach())
+        aux_loss, aux = fused.aux_loss, dict(fused.aux)
+        if moe := self.backbone.moe_terms():  # the router's terms (backbone.SparseMoE), weighted into the loss
+            moe_cfg = self.cfg.backbone.moe
+            aux_loss = aux_loss + moe_cfg.aux_loss_weight * moe["load_balance"] + moe_cfg.z_loss_weight * moe["z_loss"]
+            aux.update({f"moe/{name}": float(value.detach()) for name, value in moe.items()})
+        return OmniOutput(loss=loss + aux_loss, num_loss_tokens=num_loss_tokens, per_token_loss=per_token_loss,
+                          logits=logits, aux=aux, lm_loss=loss.detach())
 
     def fuse(self, batch: dict[str, Any]) -> FusedInputs:
         """Everything before the backbone: the input embeddings with media features in place, and the
