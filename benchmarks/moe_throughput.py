@@ -1,6 +1,6 @@
-"""Mixture-of-experts layer throughput on CPU: backbone.SparseMoE (tokens sorted by expert, one matrix multiply
-per expert) vs transformers' Qwen3MoeSparseMoeBlock (a one-hot mask per expert, the usual per-expert loop), with
-the same weights, at 8 and 64 experts.
+"""Mixture-of-experts layer throughput on CPU: backbone.SparseMoE's two kernels (tokens sorted by expert, then
+torch's grouped GEMM, or one matrix multiply per expert) vs transformers' Qwen3MoeSparseMoeBlock (a one-hot mask
+per expert, the usual per-expert loop), with the same weights, at 8 and 64 experts.
 
     python benchmarks/moe_throughput.py [--tokens 4096] [--dim 256] [--intermediate 128] [--repeats 5]
 
@@ -32,13 +32,18 @@ def main() -> None:
     logging.set_verbosity_error()  # the block used standalone: its note that no experts implementation was set
     print(f"{args.tokens} tokens, dim {args.dim}, expert width {args.intermediate}, top {args.top_k}, "
           f"{torch.get_num_threads()} threads, forward + backward")
-    print(f"{'experts':>8} {'ours tok/s':>12} {'per-expert loop tok/s':>22} {'ratio':>6}")
+    print(f"{'experts':>8} {'grouped tok/s':>14} {'sorted loop tok/s':>18} {'transformers loop tok/s':>24} "
+          f"{'grouped/transformers':>21} {'grouped/sorted loop':>20}")
     for experts in (8, 64):
         torch.manual_seed(0)
-        ours = SparseMoE(args.dim, MoEConfig(experts=experts, intermediate=args.intermediate, top_k=args.top_k))
+        ours = SparseMoE(args.dim, MoEConfig(experts=experts, intermediate=args.intermediate, top_k=args.top_k,
+                                             kernel="grouped"))
         with torch.no_grad():
             for p in ours.parameters():
                 p.normal_(0.0, 0.05)
+        sorted_loop = SparseMoE(args.dim, MoEConfig(experts=experts, intermediate=args.intermediate, top_k=args.top_k,
+                                                    kernel="loop"))
+        sorted_loop.load_state_dict(ours.state_dict())
         loop = Qwen3MoeSparseMoeBlock(Qwen3MoeConfig(hidden_size=args.dim, moe_intermediate_size=args.intermediate,
                                                      num_experts=experts, num_experts_per_tok=args.top_k, norm_topk_prob=True))
         loop.load_state_dict({"gate.weight": ours.gate.weight.detach().clone(),
@@ -47,14 +52,17 @@ def main() -> None:
         x = torch.randn(1, args.tokens, args.dim, requires_grad=True)
         valid = torch.ones(1, args.tokens, dtype=torch.bool)
         assert torch.allclose(ours(x, valid), loop(x), atol=1e-5)
+        assert torch.allclose(sorted_loop(x, valid), loop(x), atol=1e-5)
 
         def run(block, *extra):
             block.zero_grad(set_to_none=True)
             block(x, *extra).square().mean().backward()
 
         ours_s = best_time_s(lambda: run(ours, valid), args.repeats)
+        sorted_s = best_time_s(lambda: run(sorted_loop, valid), args.repeats)
         loop_s = best_time_s(lambda: run(loop), args.repeats)
-        print(f"{experts:>8} {args.tokens / ours_s:>12,.0f} {args.tokens / loop_s:>22,.0f} {loop_s / ours_s:>5.2f}x")
+        print(f"{experts:>8} {args.tokens / ours_s:>14,.0f} {args.tokens / sorted_s:>18,.0f} {args.tokens / loop_s:>24,.0f} "
+              f"{loop_s / ours_s:>20.2f}x {sorted_s / ours_s:>19.2f}x")
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ def _model_config(model: nn.Module) -> dict:
 def export_run(run: str | Path, out: str | Path, *, step: int | None = None, merge_lora: bool = True,
                overwrite: bool = False, format: str = FORMAT) -> Path:
     """Write the export directory `out` for `run`'s checkpoint (the latest unless `step`); see the module docstring."""
-    from omni_train.train.lora import adapter_state_dict, has_lora, peft_config, remove_lora
+    from omni_train.train.lora import adapted_targets, adapter_state_dict, has_lora, peft_config, remove_lora
     from omni_train.train.runs import load_run
 
     out = Path(out)
@@ -108,8 +108,7 @@ def export_run(run: str | Path, out: str | Path, *, step: int | None = None, mer
     lora = has_lora(model)
     adapters = None
     if lora and not merge_lora:
-        adapted = [name for name, module in model.named_modules() if hasattr(module, "get_base_layer")]
-        adapters = (peft_config(cfg.train.lora, adapted), adapter_state_dict(model))
+        adapters = (peft_config(cfg.train.lora, adapted_targets(model)), adapter_state_dict(model))
     if lora:
         remove_lora(model, merge=merge_lora)
     source = {"run": str(run), "step": int(checkpoint.name.removeprefix("step_")),

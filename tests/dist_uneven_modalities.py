@@ -36,6 +36,8 @@ VARIANTS = {
     "interleave+pool": ["model.projector=pool"],
     "cross_attn": ["model.fusion=cross_attn"],
     "resampler": ["model.fusion=resampler", "model.resampler.queries=4"],
+    # issue 16: 64 small experts, so rank 1's few text tokens leave some experts without a token (checked below)
+    "moe": ["model.preset=tiny-moe", "model.backbone.moe.experts=64", "model.backbone.moe.intermediate=16"],
 }
 
 
@@ -73,6 +75,12 @@ def check_variant(variant: str, cfg, tokenizer, media: list, d) -> None:
     engine = Engine(build_model(cfg.model, vocab_size=tokenizer.vocab_size), cfg.train, d, micro_batch_size=2)
     for _ in range(2):
         engine.train_step([both[d.rank]])
+    if cfg.model.backbone.moe is not None:  # the step above finished although some expert got no token on this rank
+        idle = [int((m.terms["load"] == 0).sum()) for m in engine.module.modules() if hasattr(m, "terms") and m.terms]
+        assert d.rank == 0 or min(idle) > 0, f"every expert got a token on rank {d.rank}: {idle}"
+        if d.rank == 1:
+            print(f"moe: rank 1 left {idle} of {cfg.model.backbone.moe.experts} experts without a token "
+                  f"in its sparse layers", flush=True)
 
     import deepspeed
 

@@ -21,8 +21,10 @@ Written for one device: every sequence is packed (`document_ids`, `position_ids`
 `gate_up_proj` (E, 2I, D) and `down_proj` (E, D, I)). Tokens are sorted by expert and each expert runs one
 matrix multiply over its tokens. After a forward, `moe_terms()` gives the router's load-balance loss
 (Switch Transformer, arXiv:2101.03961, as transformers' `load_balancing_loss_func`), its z-loss (ST-MoE,
-arXiv:2202.08906) and the busiest expert's load over the mean, over the non-padding tokens; the model adds
-the weighted losses to its loss.
+arXiv:2202.08906), each expert's load over the mean (`load`, (E,): 1 everywhere when balanced) and the share of
+assignments that a router with capacity factor `capacity_factor` would have dropped (`capacity_drop`: a figure only,
+routing is dropless), over the non-padding tokens, which are the only ones routed; the model adds the weighted
+losses to its loss and logs the figures as `moe/*`.
 
 `forward(after_layer={i: f})` runs f on the hidden states after layer i: how model.fusion
 cross_attn inserts its gated cross-attention blocks (`cross_attention.py`; their parameters live
@@ -32,8 +34,9 @@ its own. Without it (the default) the forward is exactly the plain stack of laye
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +61,7 @@ class BackboneConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
     mrope_section: list[int] | None = None  # (time, height, width) rotary bands for 3-D positions; sum = head_dim // 2
+    mrope_interleaved: bool = False       # height and width frequencies interleaved with time (Qwen3-Omni; rope.py)
     qk_norm: bool = False                 # RMSNorm on q and k per head (Qwen3)
     qkv_bias: bool = False                # bias on q/k/v projections (Qwen2)
     o_bias: bool = False                  # bias on the output projection (Qwen3 with attention_bias)
@@ -93,6 +97,15 @@ class BackboneConfig:
             if len(self.mrope_section) != 3 or sum(self.mrope_section) != self.head_dim // 2 or min(self.mrope_section) < 0:
                 raise ValueError(f"model.backbone.mrope_section must be 3 non-negative sizes (time, height, width) summing to "
                                  f"head_dim // 2 = {self.head_dim // 2}, got {self.mrope_section}")
+            if self.mrope_interleaved and 3 * max(self.mrope_section[1:]) > self.head_dim // 2:
+                raise ValueError(f"model.backbone.mrope_section {self.mrope_section}: interleaved, the height and width "
+                                 f"bands take every third of the first 3 x size frequencies, which must fit in head_dim // 2 "
+                                 f"= {self.head_dim // 2}")
+        elif self.mrope_interleaved:
+            raise ValueError("model.backbone.mrope_interleaved needs model.backbone.mrope_section (time, height, width)")
+
+
+MOE_KERNELS = ("auto", "grouped", "loop")  # auto: grouped where torch has F.grouped_mm, else loop
 
 
 @dataclass(kw_only=True)
@@ -104,6 +117,10 @@ class MoEConfig:
     every: int = 1                        # layer i is sparse when (i + 1) % every == 0 (Qwen3-MoE decoder_sparse_step)
     aux_loss_weight: float = 0.001        # x the load-balance loss (E x sum_e f_e P_e; k when balanced)
     z_loss_weight: float = 0.0            # x the router z-loss (mean squared logsumexp of the router logits)
+    dense_layers: list[int] = field(default_factory=list)  # layers kept dense whatever `every` says (mlp_only_layers)
+    normalize_top_k: bool = True          # the k chosen probabilities renormalised to sum to 1 (norm_topk_prob)
+    capacity_factor: float = 1.25         # only for the moe/capacity_drop figure: routing never drops a token
+    kernel: str = "auto"                  # MOE_KERNELS: grouped (torch's grouped GEMM), loop (a matmul per expert); auto
 
     def __post_init__(self):
         for name in ("experts", "intermediate", "top_k", "every"):
@@ -112,12 +129,22 @@ class MoEConfig:
         if self.top_k > self.experts:
             raise ValueError(f"model.backbone.moe.top_k ({self.top_k}) must be at most model.backbone.moe.experts "
                              f"({self.experts})")
+        self.dense_layers = list(self.dense_layers)
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.dense_layers):
+            raise ValueError(f"model.backbone.moe.dense_layers must be layer indices >= 0, got {self.dense_layers!r}")
+        if self.kernel not in MOE_KERNELS:
+            raise ValueError(f"model.backbone.moe.kernel must be one of {', '.join(MOE_KERNELS)}, got {self.kernel!r}")
+        if self.kernel == "grouped" and not hasattr(F, "grouped_mm"):
+            raise ValueError(f"model.backbone.moe.kernel=grouped needs torch.nn.functional.grouped_mm (torch >= 2.10), "
+                             f"this is torch {torch.__version__}: use kernel=loop or auto")
+        if not self.capacity_factor > 0:
+            raise ValueError(f"model.backbone.moe.capacity_factor must be > 0, got {self.capacity_factor!r}")
         for name in ("aux_loss_weight", "z_loss_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"model.backbone.moe.{name} must be >= 0, got {getattr(self, name)}")
 
     def sparse(self, layer: int) -> bool:
-        return (layer + 1) % self.every == 0
+        return layer not in self.dense_layers and (layer + 1) % self.every == 0
 
 
 class RMSNorm(nn.Module):
@@ -159,10 +186,15 @@ class SparseMoE(nn.Module):
         self.terms: dict[str, torch.Tensor] = {}
 
     def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(N, D) -> router logits (N, E) fp32, the chosen experts (N, k) and their renormalised weights (N, k)."""
-        logits = F.linear(tokens.float(), self.gate.weight.float())                # (N, E), fp32 as Qwen3-MoE
+        """(N, D) -> router logits (N, E) fp32, the chosen experts (N, k) and their weights (N, k), renormalised
+        unless normalize_top_k is off.
+
+        The logits in the model's dtype, their softmax in fp32, as Qwen3-MoE; through the module (LoRA on the router)."""
+        logits = self.gate(tokens).float()                                         # (N, E)
         weights, experts = torch.softmax(logits, dim=-1).topk(self.cfg.top_k, dim=-1)
-        return logits, experts, weights / weights.sum(dim=-1, keepdim=True)
+        if self.cfg.normalize_top_k:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, experts, weights
 
     @staticmethod
     def expert(gate_up_proj: torch.Tensor, down_proj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -170,38 +202,69 @@ class SparseMoE(nn.Module):
         return F.linear(F.silu(gate) * up, down_proj)                              # (n, D)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """x (B, L, D), valid (B, L) bool (not padding: the router's terms count these tokens only)."""
+        """x (B, L, D), valid (B, L) bool -> (B, L, D). Only valid (non-padding) tokens are routed; padding gets 0."""
         shape = x.shape
-        tokens = x.reshape(-1, shape[-1])                                          # (N, D)
+        at = valid.reshape(-1).nonzero().squeeze(1)                                # (N,) the valid tokens
+        tokens = x.reshape(-1, shape[-1])[at]                                      # (N, D)
         logits, experts, weights = self.route(tokens)
         flat = experts.reshape(-1)                                                 # (N k,) token-major
         order = torch.argsort(flat, stable=True)                                   # slots sorted by expert
-        counts = torch.bincount(flat, minlength=self.cfg.experts).tolist()
+        counts = torch.bincount(flat, minlength=self.cfg.experts)
         source = order // self.cfg.top_k                                           # the token of each sorted slot
         slot_weights = weights.reshape(-1)[order].to(x.dtype)                      # (N k,)
-        # unbound once: indexing the fused tensors per expert would give each expert's backward a whole-size gradient
+        if not self._grouped(tokens):
+            out = self._per_expert(tokens, source, slot_weights, counts)
+        else:  # one grouped GEMM per projection over the sorted slots, each expert's run given by its end offset
+            offsets = counts.cumsum(0).to(torch.int32)
+            routed = tokens[source]                                                # (N k, D) sorted by expert
+            gate, up = F.grouped_mm(routed, self.gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+            slots = F.grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)  # (N k, D)
+            out = torch.zeros_like(tokens).index_add_(0, source, slots * slot_weights[:, None])
+        self.terms = self._terms(logits, counts)
+        return x.new_zeros(shape[0] * shape[1], shape[-1]).index_copy(0, at, out).reshape(shape)
+
+    def _grouped(self, tokens: torch.Tensor) -> bool:
+        """Whether this forward takes the grouped GEMM: kernel=grouped, or auto where torch runs it (on the CPU in any
+        dtype; on CUDA in bf16 from SM 8.0, as F.grouped_mm's documentation asks)."""
+        if self.cfg.kernel != "auto":
+            return self.cfg.kernel == "grouped"
+        if not hasattr(F, "grouped_mm"):
+            return False
+        if tokens.device.type == "cpu":
+            return True
+        return (tokens.device.type == "cuda" and tokens.dtype == torch.bfloat16
+                and torch.cuda.get_device_capability(tokens.device)[0] >= 8)
+
+    def _per_expert(self, tokens: torch.Tensor, source: torch.Tensor, slot_weights: torch.Tensor,
+                    counts: torch.Tensor) -> torch.Tensor:
+        """The loop kernel: one matrix multiply per expert over its tokens, a contiguous run of the sorted slots."""
+        # unbound once: indexing the fused tensors per expert would give each expert's backward a whole-size gradient;
+        # an expert without tokens still gets its (zero) gradient slice, so every rank reduces the same tensors (ZeRO-3)
         gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
         out, start = torch.zeros_like(tokens), 0
-        for e, n in enumerate(counts):  # one matrix multiply per expert over its tokens, a contiguous run of slots
+        for e, n in enumerate(counts.tolist()):
             if n:
                 chosen = source[start:start + n]
                 out.index_add_(0, chosen, self.expert(gate_up[e], down[e], tokens[chosen]) * slot_weights[start:start + n, None])
             start += n
-        self.terms = self._terms(logits, experts, valid.reshape(-1))
-        return out.reshape(shape)
+        return out
 
-    def _terms(self, logits: torch.Tensor, experts: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits, experts = logits[valid], experts[valid]
-        num_experts = self.cfg.experts
+    def _terms(self, logits: torch.Tensor, counts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The router's terms over the routed tokens: logits (N, E), counts (E,) assignments per expert."""
+        num_experts, assignments = self.cfg.experts, counts.sum()
         if not len(logits):
             zero = logits.sum()
-            return {"load_balance": zero, "z_loss": zero, "max_load": zero.detach()}
-        counts = torch.bincount(experts.reshape(-1), minlength=num_experts).float()    # assignments per expert
+            return {"load_balance": zero, "z_loss": zero, "max_load": zero.detach(),
+                    "load": torch.zeros(num_experts), "capacity_drop": zero.detach()}
+        counts = counts.float()
         fraction = counts / len(logits)                                                 # f_e (sums to k)
         mean_prob = torch.softmax(logits, dim=-1).mean(dim=0)                           # P_e
+        capacity = math.ceil(self.cfg.capacity_factor * float(assignments) / num_experts)
         return {"load_balance": num_experts * (fraction * mean_prob).sum(),
                 "z_loss": torch.logsumexp(logits, dim=-1).pow(2).mean(),
-                "max_load": (counts.max() / counts.mean()).detach()}
+                "max_load": (counts.max() / counts.mean()).detach(),
+                "load": (counts / counts.mean()).detach().cpu(),
+                "capacity_drop": ((counts - capacity).clamp(min=0).sum() / assignments).detach()}
 
 
 class SelfAttention(nn.Module):
@@ -243,15 +306,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
         self.self_attn = SelfAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
-        sparse = cfg.moe is not None and cfg.moe.sparse(index)
-        self.mlp = SparseMoE(cfg.dim, cfg.moe) if sparse else SwiGLU(cfg.dim, cfg.ffn_dim)
+        # a flag, not isinstance: LoRA on the experts wraps the SparseMoE (train/lora.py)
+        self.sparse = cfg.moe is not None and cfg.moe.sparse(index)
+        self.mlp = SparseMoE(cfg.dim, cfg.moe) if self.sparse else SwiGLU(cfg.dim, cfg.ffn_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, document_ids: torch.Tensor,
                 cu_seqlens: torch.Tensor | None, max_seqlen: int | None, backend: str) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, document_ids=document_ids, cu_seqlens=cu_seqlens,
                                max_seqlen=max_seqlen, backend=backend)
         normed = self.post_attention_layernorm(x)
-        if isinstance(self.mlp, SparseMoE):
+        if self.sparse:
             return x + self.mlp(normed, document_ids >= 0)
         return x + self.mlp(normed)
 
@@ -318,7 +382,8 @@ class Backbone(nn.Module):
         # model.to(bf16) and left uninitialized by meta-device (ZeRO-3 / FSDP) construction.
         # Once per forward, shared by all layers, it costs nothing.
         inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, device=hidden.device)
-        cos, sin = rope_cos_sin(position_ids, inv_freq, self.cfg.mrope_section)  # (B, L, Dh) fp32
+        cos, sin = rope_cos_sin(position_ids, inv_freq, self.cfg.mrope_section,
+                                interleaved=self.cfg.mrope_interleaved)  # (B, L, Dh) fp32
         layer_kwargs = dict(document_ids=document_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=backend)
         checkpointing = self.activation_checkpointing and torch.is_grad_enabled()
         for index, layer in enumerate(self.layers):
@@ -332,12 +397,16 @@ class Backbone(nn.Module):
         return self.norm(hidden)
 
     def moe_terms(self) -> dict[str, torch.Tensor]:
-        """The last forward's router terms summed over the sparse layers (max_load: their mean); {} when dense."""
-        terms = [layer.mlp.terms for layer in self.layers if isinstance(layer.mlp, SparseMoE) and layer.mlp.terms]
+        """The last forward's router terms, taken (a second call gives {}): the losses summed over the sparse layers,
+        the figures (max_load, load, capacity_drop) their mean; {} when dense."""
+        terms = [m.terms for m in self.modules() if isinstance(m, SparseMoE) and m.terms]
+        for m in self.modules():  # read once: the model keeps no graph (a deepcopy of it would fail)
+            if isinstance(m, SparseMoE):
+                m.terms = {}
         if not terms:
             return {}
-        return {"load_balance": sum(t["load_balance"] for t in terms), "z_loss": sum(t["z_loss"] for t in terms),
-                "max_load": sum(t["max_load"] for t in terms) / len(terms)}
+        summed = {name: sum(t[name] for t in terms) for name in terms[0]}
+        return {name: value if name in ("load_balance", "z_loss") else value / len(terms) for name, value in summed.items()}
 
     def output_weight(self) -> torch.Tensor:
         """The (vocab_size, D) output projection: embed_tokens.weight when tied."""

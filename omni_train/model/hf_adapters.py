@@ -10,6 +10,9 @@ its keys map; the strict loader then refuses any missing, unexpected or mis-shap
 Qwen HF key                             Backbone key
 model.embed_tokens.weight               embed_tokens.weight
 model.layers.N.<...>                    layers.N.<...>   (same names below the prefix)
+model.layers.N.mlp.experts.E.gate_proj  layers.N.mlp.gate_up_proj[E, :I]  (Qwen3-MoE, Qwen3-Omni text: per expert on
+model.layers.N.mlp.experts.E.up_proj    layers.N.mlp.gate_up_proj[E, I:]   disk; transformers' fused
+model.layers.N.mlp.experts.E.down_proj  layers.N.mlp.down_proj[E]          mlp.experts.{gate_up,down}_proj too)
 model.norm.weight                       norm.weight
 lm_head.weight                          lm_head.weight   (absent when tie_word_embeddings)
 
@@ -30,6 +33,7 @@ head.*, text_model.*, logit_*           skipped (the pooling head and the text t
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -37,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from omni_train.model.audio_encoder import AudioEncoder, AudioEncoderConfig
-from omni_train.model.backbone import Backbone, BackboneConfig
+from omni_train.model.backbone import Backbone, BackboneConfig, MoEConfig
 from omni_train.model.vision_encoder import VisionEncoder, VisionEncoderConfig
 
 CONFIG_FILE = "config.json"
@@ -58,7 +62,30 @@ def _qwen3_fields(hf: dict) -> dict:
     return {"qkv_bias": bias, "o_bias": bias, "qk_norm": True, "head_dim": hf.get("head_dim", 128)}
 
 
-FAMILIES = {"qwen2": _qwen2_fields, "qwen3": _qwen3_fields}
+def _qwen3_moe_fields(hf: dict) -> dict:
+    # Qwen3-MoE: Qwen3's attention, a routed mixture of experts in every decoder_sparse_step-th layer but mlp_only_layers
+    moe = None
+    experts = hf.get("num_experts") or hf.get("num_local_experts") or 0  # transformers 5 writes num_local_experts
+    if experts > 0:
+        moe = MoEConfig(experts=experts, intermediate=hf["moe_intermediate_size"],
+                        top_k=hf.get("num_experts_per_tok", 8), every=hf.get("decoder_sparse_step", 1),
+                        dense_layers=list(hf.get("mlp_only_layers") or []),
+                        normalize_top_k=bool(hf.get("norm_topk_prob", False)),
+                        aux_loss_weight=float(hf.get("router_aux_loss_coef", 0.001)))
+    return {**_qwen3_fields(hf), "moe": moe}
+
+
+def _qwen3_omni_text_fields(hf: dict) -> dict:
+    # Qwen3-Omni's thinker text model: Qwen3-MoE (norm_topk_prob defaults to true here) with interleaved M-RoPE,
+    # which transformers' rotary embedding applies whatever rope_parameters says
+    return {**_qwen3_moe_fields({"norm_topk_prob": True, **hf}), "mrope_interleaved": True}
+
+
+FAMILIES = {"qwen2": _qwen2_fields, "qwen3": _qwen3_fields, "qwen3_moe": _qwen3_moe_fields,
+            "qwen3_omni_moe_text": _qwen3_omni_text_fields}
+# a routed expert's tensors as transformers writes them to disk (per expert) and holds them in memory (fused)
+EXPERT_ON_DISK = re.compile(r"(.*\.mlp)\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
+EXPERT_FUSED = re.compile(r"(.*\.mlp)\.experts\.(gate_up_proj|down_proj)")
 
 
 def _rope_settings(hf: dict, where: str) -> tuple[float, list[int] | None]:
@@ -151,7 +178,13 @@ def hf_config_from_backbone(cfg: BackboneConfig, *, dtype: torch.dtype = torch.f
 
 
 def hf_to_backbone_state_dict(hf_state: dict[str, torch.Tensor], cfg: BackboneConfig) -> dict[str, torch.Tensor]:
-    """HF Qwen keys -> Backbone keys. Keys it does not know pass through unchanged for the strict check to report."""
+    """HF Qwen keys -> Backbone keys. Keys it does not know pass through unchanged for the strict check to report.
+
+    Routed experts (Qwen3-MoE, Qwen3-Omni) come per expert as on disk (`mlp.experts.E.{gate,up,down}_proj.weight`,
+    fused here into `mlp.gate_up_proj` (E, 2I, D) and `mlp.down_proj` (E, D, I)) or fused as transformers holds them
+    in memory (`mlp.experts.gate_up_proj`); a layer with an expert missing keeps the ones it has, unfused, for the
+    strict check to name."""
+    hf_state = _fuse_experts(hf_state)
     state = {}
     for key, tensor in hf_state.items():
         if key.endswith("rotary_emb.inv_freq"):
@@ -160,6 +193,28 @@ def hf_to_backbone_state_dict(hf_state: dict[str, torch.Tensor], cfg: BackboneCo
             continue  # tied: the output projection is embed_tokens.weight (some checkpoints still store a copy)
         state[key.removeprefix("model.")] = tensor
     return state
+
+
+def _fuse_experts(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-expert and transformers' fused expert keys -> SparseMoE's fused ones (hf_to_backbone_state_dict)."""
+    per_expert: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    out = {}
+    for key, tensor in hf_state.items():
+        if match := EXPERT_ON_DISK.fullmatch(key):
+            per_expert.setdefault(match[1], {}).setdefault(int(match[2]), {})[match[3]] = tensor
+        elif match := EXPERT_FUSED.fullmatch(key):
+            out[f"{match[1]}.{match[2]}"] = tensor
+        else:
+            out[key] = tensor
+    for mlp, experts in per_expert.items():
+        complete = sorted(experts) == list(range(len(experts))) and all(len(e) == 3 for e in experts.values())
+        if not complete:  # left as they were: the strict loader names them
+            out.update({f"{mlp}.experts.{i}.{name}_proj.weight": t for i, e in experts.items() for name, t in e.items()})
+            continue
+        ordered = [experts[i] for i in range(len(experts))]
+        out[f"{mlp}.gate_up_proj"] = torch.stack([torch.cat([e["gate"], e["up"]]) for e in ordered])  # (E, 2I, D)
+        out[f"{mlp}.down_proj"] = torch.stack([e["down"] for e in ordered])                           # (E, D, I)
+    return out
 
 
 def backbone_to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -245,7 +245,9 @@ class OmniModel(nn.Module):
         if moe := self.backbone.moe_terms():  # the router's terms (backbone.SparseMoE), weighted into the loss
             moe_cfg = self.cfg.backbone.moe
             aux_loss = aux_loss + moe_cfg.aux_loss_weight * moe["load_balance"] + moe_cfg.z_loss_weight * moe["z_loss"]
+            load = moe.pop("load")  # (E,) each expert's share over the mean: moe/load/e000 ...
             aux.update({f"moe/{name}": float(value.detach()) for name, value in moe.items()})
+            aux.update({f"moe/load/e{e:03d}": float(v) for e, v in enumerate(load.tolist())})
         return OmniOutput(loss=loss + aux_loss, num_loss_tokens=num_loss_tokens, per_token_loss=per_token_loss,
                           logits=logits, aux=aux, lm_loss=loss.detach())
 

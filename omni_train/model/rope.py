@@ -9,6 +9,11 @@ arXiv:2503.20215): `position_ids` is (3, B, L) holding time, height and width id
 `mrope_section = (t, h, w)` splits the head_dim // 2 rotary frequencies into three contiguous
 bands, each rotated by its own position stream. Text tokens carry the same id in all three
 streams, where 3-D RoPE equals 1-D RoPE.
+
+Interleaved M-RoPE (Qwen3-Omni, Qwen3-VL: `interleaved=True`) spreads the height and width streams
+over the whole frequency range instead: frequency j takes the height stream when j % 3 == 1 and
+j < 3 * h, the width stream when j % 3 == 2 and j < 3 * w, and time otherwise (transformers'
+`Qwen3OmniMoeThinkerTextRotaryEmbedding.recomposition_frequencies`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ def rope_inv_freq(head_dim: int, theta: float, device: torch.device | str | None
 
 
 def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor,
-                 mrope_section: tuple[int, int, int] | list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 mrope_section: tuple[int, int, int] | list[int] | None = None, *,
+                 interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables for `apply_rotary`, float32, each (B, L, head_dim).
 
     position_ids: (B, L) for 1-D RoPE, or (3, B, L) (time, height, width) with `mrope_section`
@@ -39,12 +45,24 @@ def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor,
         if position_ids.shape[0] != 3 or len(mrope_section) != 3 or sum(mrope_section) != inv_freq.shape[0]:
             raise ValueError(f"mrope_section {list(mrope_section)} must be 3 sizes summing to head_dim // 2 = "
                              f"{inv_freq.shape[0]}, for position_ids (3, B, L); got position_ids {tuple(position_ids.shape)}")
-        bands = freqs.split(list(mrope_section), dim=-1)
-        freqs = torch.cat([band[stream] for stream, band in enumerate(bands)], dim=-1)  # (B, L, Dh/2)
+        freqs = freqs.gather(0, mrope_streams(mrope_section, interleaved, position_ids.device)
+                             .expand(1, *freqs.shape[1:])).squeeze(0)  # (B, L, Dh/2): each frequency's stream
     elif position_ids.dim() != 2:
         raise ValueError(f"position_ids must be (B, L) or (3, B, L), got shape {tuple(position_ids.shape)}")
     angles = torch.cat((freqs, freqs), dim=-1)  # (B, L, Dh): both halves of "rotate half" share a frequency
     return angles.cos(), angles.sin()
+
+
+def mrope_streams(mrope_section: tuple[int, int, int] | list[int], interleaved: bool,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+    """(1, 1, 1, Dh/2) int64: the position stream (0 time, 1 height, 2 width) each rotary frequency turns with."""
+    t, h, w = mrope_section
+    if interleaved:
+        stream = torch.zeros(t + h + w, dtype=torch.int64, device=device)
+        stream[1:3 * h:3], stream[2:3 * w:3] = 1, 2
+    else:
+        stream = torch.repeat_interleave(torch.arange(3, device=device), torch.tensor([t, h, w], device=device))
+    return stream.view(1, 1, 1, -1)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -40,12 +40,19 @@ ADAPTER_NAME = "default"
 TARGET_GROUPS: dict[str, str] = {
     "backbone.attention": r"backbone\.layers\.\d+\.self_attn\.(q|k|v|o)_proj",
     "backbone.mlp": r"backbone\.layers\.\d+\.mlp\.(gate|up|down)_proj",
+    "backbone.router": r"backbone\.layers\.\d+\.mlp\.gate",   # model.backbone.moe's routers
     "projectors": r"(audio|vision)_projector\..+",
     "audio_projector": r"audio_projector\..+",
     "vision_projector": r"vision_projector\..+",
     "audio_encoder": r"audio_encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|fc1|fc2)",
     "vision_encoder": r"vision_encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|fc1|fc2|(gate|up|down)_proj)",
 }  # not `fusion`: a fusion's modules train whole (lora.full_modules; module docstring)
+# target group -> full-match pattern over `model.named_parameters()` names: parameters that are no nn.Linear's weight,
+# adapted through peft's `target_parameters` (lora.ParamWrapper: one low-rank pair per expert of a fused (E, out, in)
+# tensor, W_e + B_e A_e alpha / r)
+PARAMETER_GROUPS: dict[str, str] = {
+    "backbone.experts": r"backbone\.layers\.\d+\.mlp\.(gate_up|down)_proj",  # model.backbone.moe's experts
+}
 TOP_LEVEL_MODULES = ("audio_encoder", "audio_projector", "vision_encoder", "vision_projector", "backbone", "transfer",
                      "fusion")
 
@@ -71,9 +78,13 @@ class LoraConfig:
         if "fusion" in self.targets:
             raise ValueError("lora.targets: fusion cannot take adapters (its modules are new and randomly initialised, "
                              "cross_attn's gates are no linear layer): list it in lora.full_modules to train it whole")
-        unknown = [t for t in self.targets if t not in TARGET_GROUPS]
+        unknown = [t for t in self.targets if t not in TARGET_GROUPS and t not in PARAMETER_GROUPS]
         if unknown:
-            raise ValueError(f"lora.targets: unknown group {unknown[0]!r} (allowed: {', '.join(TARGET_GROUPS)})")
+            raise ValueError(f"lora.targets: unknown group {unknown[0]!r} "
+                             f"(allowed: {', '.join([*TARGET_GROUPS, *PARAMETER_GROUPS])})")
+        if self.dropout and any(t in PARAMETER_GROUPS for t in self.targets):
+            raise ValueError(f"lora.dropout must be 0 with lora.targets {', '.join(PARAMETER_GROUPS)}: an expert's "
+                             f"adapter is added to its weight, where there is no input to drop out")
         unknown = [m for m in self.full_modules if m not in TOP_LEVEL_MODULES]
         if unknown:
             raise ValueError(f"lora.full_modules: unknown module {unknown[0]!r} (allowed: {', '.join(TOP_LEVEL_MODULES)})")
@@ -99,30 +110,37 @@ def check_lora_fusion(lora: LoraConfig | None, fusion: str, modules: dict) -> No
 
 
 def lora_targets(model: nn.Module, targets: list[str]) -> list[str]:
-    """Names of the nn.Linear layers that the target groups cover, in model order; ValueError for a group that covers none."""
+    """Names of the nn.Linear layers and the parameters (PARAMETER_GROUPS) that the target groups cover, in model
+    order; ValueError for a group that covers none."""
     linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    parameters = [name for name, _ in model.named_parameters()]
     chosen: set[str] = set()
     for group in targets:
-        pattern = re.compile(TARGET_GROUPS[group])
-        found = [name for name in linear if pattern.fullmatch(name)]
+        pattern = re.compile(TARGET_GROUPS.get(group) or PARAMETER_GROUPS[group])
+        found = [name for name in (linear if group in TARGET_GROUPS else parameters) if pattern.fullmatch(name)]
         if not found:
-            raise ValueError(f"train.lora.targets: {group} covers no linear layer of this model "
+            kind = "linear layer" if group in TARGET_GROUPS else "parameter"
+            raise ValueError(f"train.lora.targets: {group} covers no {kind} of this model "
                              f"(is the module part of model.*?)")
         chosen.update(found)
-    return [name for name in linear if name in chosen]
+    return [name for name in linear + parameters if name in chosen]
 
 
-def peft_config(cfg: LoraConfig, target_modules: list[str]):
+def peft_config(cfg: LoraConfig, targets: list[str]):
+    """peft's LoraConfig for `targets` (lora_targets' names: layers, and parameters of PARAMETER_GROUPS)."""
     import peft
 
-    return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(target_modules),
-                           bias="none")
+    parameter = re.compile("|".join(PARAMETER_GROUPS.values()))
+    modules = [t for t in targets if not parameter.fullmatch(t)]
+    parameters = [t for t in targets if parameter.fullmatch(t)]
+    return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=modules or None,
+                           target_parameters=parameters or None, bias="none")
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
     """Inject adapters in place into the layers of `cfg.targets`; only they (and `cfg.full_modules`) stay trainable.
 
-    Returns the adapted layers' names.
+    Returns the adapted layers' (and parameters') names.
     """
     import peft
 
@@ -138,6 +156,21 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
 
 def is_adapter_parameter(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
+
+
+def adapted_targets(model: nn.Module) -> list[str]:
+    """What `apply_lora` adapted, as lora_targets names it (peft_config's input): the adapted linear layers, and
+    `<module>.<parameter>` for each adapted parameter (a ParamWrapper: nested ones are one module's parameters)."""
+    from peft.tuners.lora import LoraLayer, ParamWrapper
+
+    targets = []
+    for name, module in model.named_modules():
+        plain = re.sub(r"\.base_layer(?=\.|$)", "", name)  # the name without the wrappers around it
+        if isinstance(module, ParamWrapper):
+            targets.append(f"{plain}.{module.parameter_name}")
+        elif isinstance(module, LoraLayer):
+            targets.append(plain)
+    return targets
 
 
 def has_lora(model: nn.Module) -> bool:
@@ -171,12 +204,13 @@ def remove_lora(model: nn.Module, *, merge: bool) -> nn.Module:
     from peft.tuners.lora import LoraLayer
 
     adapted = [name for name, module in model.named_modules() if isinstance(module, LoraLayer)]
-    for name in adapted:
+    # innermost first: adapters on two parameters of one module (an MoE's experts) are wrappers nested in each other
+    for name in sorted(adapted, key=lambda n: -n.count(".")):
         layer = model.get_submodule(name)
         if merge:
             layer.merge(adapter_names=[ADAPTER_NAME])
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer.get_base_layer())
+        setattr(model.get_submodule(parent_name), child, layer.base_layer)
     if hasattr(model, "peft_config"):
         del model.peft_config
     return model
