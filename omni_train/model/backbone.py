@@ -18,8 +18,8 @@ Written for one device: every sequence is packed (`document_ids`, `position_ids`
 
 `model.backbone.moe` makes every `every`-th layer's MLP a sparse mixture of experts (`SparseMoE`: a router
 `gate` with an fp32 softmax, top-k renormalised, dropless; experts stored fused as Qwen3-MoE's
-`gate_up_proj` (E, 2I, D) and `down_proj` (E, D, I)). Tokens are sorted by expert and each expert runs one
-matrix multiply over its tokens. After a forward, `moe_terms()` gives the router's load-balance loss
+`gate_up_proj` (E, 2I, D) and `down_proj` (E, D, I)). Tokens are sorted by expert, then torch's grouped GEMM
+(`moe.kernel` grouped) or one matrix multiply per expert (loop) computes each expert over its run of tokens. After a forward, `moe_terms()` gives the router's load-balance loss
 (Switch Transformer, arXiv:2101.03961, as transformers' `load_balancing_loss_func`), its z-loss (ST-MoE,
 arXiv:2202.08906), each expert's load over the mean (`load`, (E,): 1 everywhere when balanced) and the share of
 assignments that a router with capacity factor `capacity_factor` would have dropped (`capacity_drop`: a figure only,
@@ -399,9 +399,10 @@ class Backbone(nn.Module):
     def moe_terms(self) -> dict[str, torch.Tensor]:
         """The last forward's router terms, taken (a second call gives {}): the losses summed over the sparse layers,
         the figures (max_load, load, capacity_drop) their mean; {} when dense."""
-        terms = [m.terms for m in self.modules() if isinstance(m, SparseMoE) and m.terms]
-        for m in self.modules():  # read once: the model keeps no graph (a deepcopy of it would fail)
-            if isinstance(m, SparseMoE):
+        terms = []
+        for m in self.modules():  # taken: the model keeps no graph between steps (a deepcopy of it would fail)
+            if isinstance(m, SparseMoE) and m.terms:
+                terms.append(m.terms)
                 m.terms = {}
         if not terms:
             return {}
