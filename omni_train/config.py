@@ -89,6 +89,10 @@ def check_model_matches_data(model: OmniConfig, data: DataConfig) -> None:
                   ("model.audio.conv1_stride * 2 * pool", model.audio.downsample, "data.audio.downsample",
                    data.audio.downsample),
                   ("model.audio.pool_tail", model.audio.pool_tail, "data.audio.pool_tail", data.audio.pool_tail)]
+        # tokens per window are counted per chunk where a chunk's positions do not tile its window (Qwen3-Omni: 13 per 1 s)
+        chunk = model.audio.chunk_frames
+        if data.audio.chunk_frames is not None or (chunk is not None and chunk % model.audio.downsample):
+            pairs.append(("model.audio.chunk_frames", chunk, "data.audio.chunk_frames", data.audio.chunk_frames))
     if model.vision is not None:
         pairs += [("model.vision.patch_size", model.vision.patch_size, "data.image.patch_size", data.image.patch_size),
                   ("model.vision.merge_size", model.vision.merge_size, "data.image.merge_size", data.image.merge_size),

@@ -46,7 +46,8 @@ def test_config_validation():
     assert AudioConfig(num_mel_bins=80).window_frames == 3000
     for field, value in [("sample_rate_hz", 0), ("num_mel_bins", 0), ("num_mel_bins", 500), ("n_fft", 1),
                          ("hop_length", 0), ("hop_length", 401), ("window_s", 0.0), ("window_s", 30.001),
-                         ("max_duration_s", -1.0), ("downsample", 3), ("downsample", 0)]:
+                         ("max_duration_s", -1.0), ("downsample", 3), ("downsample", 0), ("dynamic_range_db", 0),
+                         ("dynamic_range_db", True), ("chunk_frames", 7), ("chunk_frames", 0)]:
         with pytest.raises(ValueError, match=f"audio.{field}"):
             AudioConfig(**{field: value})
 
@@ -148,6 +149,23 @@ def test_log_mel_matches_whisper_25s_tone_and_speech(tmp_path, speech_7s, num_me
     num_frames = mix.shape[0] // 160
     assert ours.shape == (num_mel_bins, num_frames)
     assert np.abs(ours.numpy() - whisper_features(mix, num_mel_bins)[:, :num_frames]).max() < 1e-3
+
+
+def test_dynamic_range_floors_below_the_peak_and_hides_quiet_noise(speech_7s):
+    """dynamic_range_db 40: every value within 4 log10 units of the window's peak (Whisper's 80: 8), and white noise
+    at 20 dB SNR moves the features several times less than under Whisper's range."""
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(speech_7s.shape[0], generator=generator)
+    noisy = speech_7s + noise * (speech_7s.square().mean() / noise.square().mean() / 100.0).sqrt()  # 20 dB
+    moved = {}
+    for range_db in (80.0, 40.0):
+        cfg = AudioConfig(dynamic_range_db=range_db)
+        clean = log_mel(speech_7s, cfg)
+        span = (clean.max() - clean.min()).item() * 4.0                                 # back to log10 units
+        assert span == pytest.approx(range_db / 10.0, abs=1e-4)
+        moved[range_db] = ((log_mel(noisy, cfg) - clean).abs().mean() / clean.std()).item()
+    print(f"white noise at 20 dB, mean feature change / std: 80 dB range {moved[80.0]:.3f}, 40 dB {moved[40.0]:.3f}")
+    assert moved[40.0] < moved[80.0] / 3
 
 
 @pytest.mark.parametrize("num_samples", [400, 1234, 31_999, 479_850, 480_000])

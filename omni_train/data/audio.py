@@ -53,7 +53,6 @@ if TYPE_CHECKING:
 _SAMPLES_PER_BATCH = 1_000_000
 _MELS_PER_BLOCK = 16
 _LOG_FLOOR = 1e-10        # Whisper: log10(clamp(mel, 1e-10))
-_DYNAMIC_RANGE = 8.0      # Whisper: maximum(log_spec, log_spec.max() - 8.0)
 VALID_FRAMES = ("floor", "ceil")
 POOL_TAILS = ("keep", "drop")
 
@@ -71,6 +70,12 @@ class AudioConfig:
     downsample: int = 4             # frames per token: the encoder's stride-2 convs (kernel 3, padding 1)
     valid_frames: str = "floor"     # VALID_FRAMES: floor(samples / hop) | ceil (WhisperFeatureExtractor's mask: Qwen2.5-Omni)
     pool_tail: str = "keep"         # POOL_TAILS: the last factor 2 keeps an odd last position | drops it (AvgPool1d(2))
+    # None: a window is subsampled whole; 100: each 1 s chunk is subsampled on its own (Qwen3-Omni's audio encoder:
+    # 100 frames -> 13 tokens), so tokens are counted per chunk; = model.audio.chunk_frames where the counts differ
+    chunk_frames: int | None = None
+    # log-mel floor below each window's peak: 80 is Whisper's maximum(log_spec, log_spec.max() - 8.0); a narrower
+    # range hides low-level noise under the floor (40 dB: white noise at 20 dB SNR moves the features 10x less)
+    dynamic_range_db: float = 80.0
     # training only: ops of degrade.OPS applied to each waveform (a video's track too) before its features (augment.py)
     augment: list[dict[str, Any]] = field(default_factory=list)
 
@@ -94,10 +99,18 @@ class AudioConfig:
         if not isinstance(self.downsample, int) or self.downsample < 1 or self.downsample & (self.downsample - 1):
             raise ValueError(f"audio.downsample must be a power of 2 (1, 2, 4, 8, ...; one stride-2 conv per factor 2), "
                              f"got {self.downsample!r}")
+        if (isinstance(self.dynamic_range_db, bool) or not isinstance(self.dynamic_range_db, (int, float))
+                or not 0 < self.dynamic_range_db <= 200):
+            raise ValueError(f"audio.dynamic_range_db must be a number of decibels in (0, 200] (80 for Whisper), "
+                             f"got {self.dynamic_range_db!r}")
         if self.valid_frames not in VALID_FRAMES:
             raise ValueError(f"audio.valid_frames must be one of {', '.join(VALID_FRAMES)}, got {self.valid_frames!r}")
         if self.pool_tail not in POOL_TAILS:
             raise ValueError(f"audio.pool_tail must be one of {', '.join(POOL_TAILS)}, got {self.pool_tail!r}")
+        if self.chunk_frames is not None and (not isinstance(self.chunk_frames, int) or isinstance(self.chunk_frames, bool)
+                                              or self.chunk_frames <= 0 or self.window_frames % self.chunk_frames):
+            raise ValueError(f"audio.chunk_frames must be null or a positive integer dividing the window's "
+                             f"{self.window_frames} frames (100 for Qwen3-Omni), got {self.chunk_frames!r}")
         # Dropping per window equals dropping per item only when full windows have an even number of positions.
         if self.pool_tail == "drop" and (self.downsample < 2 or self.window_frames % self.downsample):
             raise ValueError(f"audio.pool_tail drop needs audio.downsample >= 2 dividing the window's "
@@ -275,7 +288,7 @@ def _log_mel_windows(windows: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
                      _mel_blocks(cfg.sample_rate_hz, cfg.n_fft, cfg.num_mel_bins)], dim=-1)  # (B, T, M)
     log_spec = mel.clamp_(min=_LOG_FLOOR).log10_()
     peak = log_spec.amax(dim=(1, 2), keepdim=True)                                     # (B, 1, 1)
-    return torch.maximum(log_spec, peak - _DYNAMIC_RANGE, out=log_spec).add_(4.0).div_(4.0)
+    return torch.maximum(log_spec, peak - cfg.dynamic_range_db / 10.0, out=log_spec).add_(4.0).div_(4.0)
 
 
 def num_mel_frames(num_samples: int, cfg: AudioConfig) -> int:
@@ -323,13 +336,24 @@ def _window_frame_counts(num_frames: int, cfg: AudioConfig) -> list[int]:
 
 
 def _tokens_in_window(frames: int, cfg: AudioConfig) -> int:
-    """Positions after the encoder's factors 2 of `frames` valid frames of one window (ints or a tensor of them)."""
-    num_stages = cfg.downsample.bit_length() - 1
+    """Positions after the encoder's factors 2 of `frames` valid frames of one window (ints or a tensor of them).
+
+    With cfg.chunk_frames each chunk is subsampled on its own: full chunks times a chunk's positions, plus the rest's."""
+    if cfg.chunk_frames is None:
+        return _subsampled(frames, cfg.downsample, cfg.pool_tail)
+    full, rest = frames // cfg.chunk_frames, frames % cfg.chunk_frames
+    return full * _subsampled(cfg.chunk_frames, cfg.downsample, cfg.pool_tail) + _subsampled(rest, cfg.downsample, cfg.pool_tail)
+
+
+def _subsampled(frames: int, downsample: int, pool_tail: str) -> int:
+    """ceil(n / 2) per factor 2 of `downsample` (a stride-2 conv, kernel 3, padding 1, or a pool keeping the tail);
+    the last factor is floor(n / 2) with pool_tail drop. 0 frames give 0 positions."""
+    num_stages = downsample.bit_length() - 1
     for stage in range(num_stages):
-        if stage == num_stages - 1 and cfg.pool_tail == "drop":
+        if stage == num_stages - 1 and pool_tail == "drop":
             frames = frames // 2  # AvgPool1d(2): (n - 2) // 2 + 1, an odd last position is dropped
         else:
-            frames = (frames - 1) // 2 + 1  # a stride-2 conv (kernel 3, padding 1), or a pool keeping the tail
+            frames = (frames - 1) // 2 + 1
     return frames
 
 
@@ -339,10 +363,13 @@ def num_audio_tokens(num_frames: int, cfg: AudioConfig) -> int:
 
 
 def audio_token_timestamps(num_frames: int, cfg: AudioConfig) -> torch.Tensor:
-    """(num_tokens,) float32 start time of each encoder position: window start + j * hop * downsample / rate."""
+    """(num_tokens,) float32 start time of each encoder position: window (and chunk) start + j * hop * downsample / rate."""
     token_s = cfg.hop_length * cfg.downsample / cfg.sample_rate_hz
-    parts = [w * cfg.window_s + torch.arange(_tokens_in_window(f, cfg), dtype=torch.float64) * token_s
-             for w, f in enumerate(_window_frame_counts(num_frames, cfg))]
+    span = cfg.chunk_frames or cfg.window_frames                     # frames subsampled together
+    span_s = span * cfg.hop_length / cfg.sample_rate_hz
+    parts = [w * cfg.window_s + c * span_s + torch.arange(_subsampled(min(span, f - c * span), cfg.downsample, cfg.pool_tail),
+                                                           dtype=torch.float64) * token_s
+             for w, f in enumerate(_window_frame_counts(num_frames, cfg)) for c in range(-(-f // span))]
     return torch.cat(parts).to(torch.float32) if parts else torch.zeros(0, dtype=torch.float32)
 
 

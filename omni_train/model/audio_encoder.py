@@ -1,4 +1,5 @@
-"""The audio encoder: Whisper-style conv subsampling + bidirectional transformer over independent 30 s windows.
+"""The audio encoder: Whisper-style conv subsampling + bidirectional transformer over independent 30 s windows
+(or Qwen3-Omni's Conv2d stem and 8 s attention runs across an item's windows).
 
     mel (W, num_mel_bins, T) + valid frames (W,)
       [-> cut into chunks of chunk_frames               (W * T / chunk_frames, num_mel_bins, chunk_frames)]
@@ -52,6 +53,22 @@ so the chunks of a window are the item's chunks, and a full window has an even n
 positions (window_frames is a multiple of downsample), so the pool's pairs never straddle two
 windows and only the item's last window can have an odd tail to drop.
 
+Qwen3-Omni's audio tower (transformers' `Qwen3OmniMoeAudioEncoder`; the mapping is in
+`qwen3_omni.py`) takes three more options:
+- `stem: conv2d`: three Conv2d (kernel 3, stride 2, padding 1, GELU) over (mel, time) with
+  `stem_channels`, flattened channel-major and mapped to `dim` by `conv_out` (no bias): 8 frames per
+  position. It runs per `chunk_frames: 100` chunk, each zero-padded to 100 frames, with nothing
+  masked between the convs (transformers pads each chunk to the batch's longest, so its outputs for a
+  batch of clips all shorter than 1 s differ slightly at their last positions; ours never depend on
+  the batch). A 100-frame chunk gives 13 positions, which do not tile a window, so the data layer
+  counts tokens per chunk (`data.audio.chunk_frames: 100`).
+- `attention_window_frames: 800`: the chunks' valid positions attend in runs of 8 chunks' positions
+  (104) counted from each item's start, across our 30 s windows (390 positions each): the forward
+  takes `windows_per_item` from the batch. The runs are the zero-padded rows of one batch, so no
+  item-sized mask is ever built.
+- `key_bias: true`. Then `ln_post` is our `layer_norm`, and `proj1 -> GELU -> proj2` the `mlp` audio
+  projector (hidden width `dim`, no input norm).
+
 Parameter names follow transformers' `WhisperEncoder` (`conv1`, `conv2`, `embed_positions`,
 `layers.N.self_attn.{q,k,v,out}_proj`, `self_attn_layer_norm`, `fc1`, `fc2`,
 `final_layer_norm`, `layer_norm`), so a Whisper checkpoint maps one to one.
@@ -70,7 +87,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from omni_train.data.audio import POOL_TAILS, AudioConfig, _tokens_in_window
+from omni_train.data.audio import POOL_TAILS, AudioConfig, _subsampled, _tokens_in_window
 from omni_train.model.attention import attention, attention_backend, check_backend, document_ids_to_cu_seqlens
 from omni_train.model.backbone import RMSNorm
 from omni_train.model.rope import apply_rotary
@@ -85,6 +102,7 @@ def check_activation(activation: str, key: str) -> None:
 
 
 AUDIO_POSITIONS = ("learned", "sinusoid")
+AUDIO_STEMS = ("conv1d", "conv2d")
 
 
 @dataclass(kw_only=True)
@@ -129,6 +147,14 @@ class AudioEncoderConfig:
     pool_tail: str = "keep"        # POOL_TAILS: keep an odd last position (averaged alone) | drop it; = data.audio.pool_tail
     chunk_frames: int | None = None  # None: one sequence per window; 200: convs, positions, attention per 2 s (Qwen2.5-Omni)
     positions: str = "learned"     # AUDIO_POSITIONS: learned (embed_positions, sinusoid init) | sinusoid (fixed)
+    # AUDIO_STEMS: conv1d (conv1, conv2: Whisper) | conv2d (Qwen3-Omni: conv2d1..3, stride 2 over mel and time, GELU,
+    # then conv_out, a Linear without bias from stem_channels x the mel bins left to dim; 8 frames per position)
+    stem: str = "conv1d"
+    stem_channels: int = 480       # conv2d: the convs' channels (Qwen3-Omni's downsample_hidden_size)
+    # None: attention within each window (or chunk); frames: within runs of this many frames' positions of the whole
+    # item, counted from its start across the data layer's windows (Qwen3-Omni's n_window_infer: 8 s); needs chunk_frames
+    attention_window_frames: int | None = None
+    key_bias: bool = False         # a bias on k_proj (Qwen3-Omni's; without rotary positions softmax cancels it)
     layer_norm_eps: float = 1e-5   # Whisper's
     init_std: float = 0.02
     spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)  # training-time masks; default off
@@ -144,6 +170,17 @@ class AudioEncoderConfig:
             raise ValueError(f"model.audio.dim ({self.dim}) must be a multiple of model.audio.num_heads ({self.num_heads})")
         if self.dim % 2:
             raise ValueError(f"model.audio.dim must be even (sinusoidal positions pair sin and cos), got {self.dim}")
+        if self.stem not in AUDIO_STEMS:
+            raise ValueError(f"model.audio.stem must be one of {', '.join(AUDIO_STEMS)}, got {self.stem!r}")
+        if self.stem == "conv2d" and (not isinstance(self.stem_channels, int) or isinstance(self.stem_channels, bool)
+                                      or self.stem_channels <= 0):
+            raise ValueError(f"model.audio.stem_channels must be a positive integer, got {self.stem_channels!r}")
+        if self.stem == "conv2d" and (self.chunk_frames is None or self.pool != 1):
+            raise ValueError("model.audio.stem conv2d runs per chunk and has no pool: set model.audio.chunk_frames "
+                             f"(100 for Qwen3-Omni) and leave pool at 1, got chunk_frames {self.chunk_frames!r} and pool {self.pool}")
+        if self.stem == "conv2d" and self.conv1_stride != 2:
+            raise ValueError("model.audio.conv1_stride is the conv1d stem's; the conv2d stem's convs all have stride 2 "
+                             f"(leave conv1_stride at 2), got {self.conv1_stride!r}")
         if self.conv1_stride not in (1, 2):
             raise ValueError(f"model.audio.conv1_stride must be 1 (Whisper) or 2, got {self.conv1_stride!r}")
         if self.pool & (self.pool - 1):
@@ -156,12 +193,21 @@ class AudioEncoderConfig:
                              f"model.audio.window_frames a multiple of {self.downsample}, got pool {self.pool} and "
                              f"window_frames {self.window_frames}")
         if self.chunk_frames is not None:
-            conv_stride = self.conv1_stride * 2
+            # conv1d chunks lie end to end in their window, so a chunk must give whole positions; conv2d chunks are
+            # gathered by their valid positions (a 100-frame chunk gives 13)
+            conv_stride = self.conv1_stride * 2 if self.stem == "conv1d" else 1
             if (not isinstance(self.chunk_frames, int) or isinstance(self.chunk_frames, bool) or self.chunk_frames <= 0
                     or self.window_frames % self.chunk_frames or self.chunk_frames % conv_stride):
                 raise ValueError(f"model.audio.chunk_frames must be null or a positive integer that divides "
-                                 f"model.audio.window_frames ({self.window_frames}) and is a multiple of the convs' "
-                                 f"stride {conv_stride}, got {self.chunk_frames!r}")
+                                 f"model.audio.window_frames ({self.window_frames})"
+                                 + (f" and is a multiple of the convs' stride {conv_stride}" if conv_stride > 1 else "")
+                                 + f", got {self.chunk_frames!r}")
+        if self.attention_window_frames is not None and (
+                self.chunk_frames is None or not isinstance(self.attention_window_frames, int)
+                or isinstance(self.attention_window_frames, bool) or self.attention_window_frames <= 0
+                or self.attention_window_frames % self.chunk_frames):
+            raise ValueError(f"model.audio.attention_window_frames must be null or a positive multiple of "
+                             f"model.audio.chunk_frames ({self.chunk_frames}), got {self.attention_window_frames!r}")
         if self.positions not in AUDIO_POSITIONS:
             raise ValueError(f"model.audio.positions must be one of {', '.join(AUDIO_POSITIONS)}, got {self.positions!r}")
         if self.layer_norm_eps <= 0 or self.init_std <= 0:
@@ -172,13 +218,13 @@ class AudioEncoderConfig:
     @property
     def downsample(self) -> int:
         """Mel frames per output token: must equal data.audio.downsample."""
-        return self.conv1_stride * 2 * self.pool
+        return (self.conv1_stride * 2 if self.stem == "conv1d" else 8) * self.pool
 
     @property
     def num_positions(self) -> int:
         """Positions of a full window (or chunk) after the convs, the size of embed_positions (750, Whisper's 1500, 100)."""
         span = self.window_frames if self.chunk_frames is None else self.chunk_frames
-        return int(_tokens_in_window(span, _token_layout(self.num_mel_bins, self.conv1_stride * 2)))
+        return int(_subsampled(span, self.downsample // self.pool, "keep"))
 
 
 def _token_layout(num_mel_bins: int, downsample: int, pool_tail: str = "keep") -> AudioConfig:
@@ -298,7 +344,7 @@ def run_layers(layers: nn.ModuleList, x: torch.Tensor, document_ids: torch.Tenso
 def init_encoder_weights(module: nn.Module, std: float) -> None:
     """Normal(0, std) linear and conv weights, zero biases, unit LayerNorms and RMSNorms: the backbone's initializer."""
     for sub in module.modules():
-        if isinstance(sub, (nn.Linear, nn.Conv1d)):
+        if isinstance(sub, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             sub.weight.normal_(0.0, std)
             if sub.bias is not None:
                 sub.bias.zero_()
@@ -321,10 +367,18 @@ class AudioEncoder(nn.Module):
         self._layouts = [_token_layout(cfg.num_mel_bins, cfg.conv1_stride),
                          _token_layout(cfg.num_mel_bins, cfg.conv1_stride * 2),
                          _token_layout(cfg.num_mel_bins, cfg.downsample, cfg.pool_tail)]
-        self.conv1 = nn.Conv1d(cfg.num_mel_bins, cfg.dim, kernel_size=3, stride=cfg.conv1_stride, padding=1)
-        self.conv2 = nn.Conv1d(cfg.dim, cfg.dim, kernel_size=3, stride=2, padding=1)
+        if cfg.stem == "conv1d":
+            self.conv1 = nn.Conv1d(cfg.num_mel_bins, cfg.dim, kernel_size=3, stride=cfg.conv1_stride, padding=1)
+            self.conv2 = nn.Conv1d(cfg.dim, cfg.dim, kernel_size=3, stride=2, padding=1)
+        else:
+            channels = cfg.stem_channels
+            self.conv2d1 = nn.Conv2d(1, channels, kernel_size=3, stride=2, padding=1)
+            self.conv2d2 = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1)
+            self.conv2d3 = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1)
+            self.conv_out = nn.Linear(channels * _subsampled(cfg.num_mel_bins, 8, "keep"), cfg.dim, bias=False)
         self.embed_positions = nn.Embedding(cfg.num_positions, cfg.dim) if cfg.positions == "learned" else None
-        self.layers = nn.ModuleList(EncoderLayer(cfg.dim, cfg.num_heads, cfg.ffn_dim, cfg.layer_norm_eps)
+        self.layers = nn.ModuleList(EncoderLayer(cfg.dim, cfg.num_heads, cfg.ffn_dim, cfg.layer_norm_eps,
+                                                 key_bias=cfg.key_bias)
                                     for _ in range(cfg.num_layers))
         self.layer_norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
         self.init_weights()
@@ -334,13 +388,19 @@ class AudioEncoder(nn.Module):
         init_encoder_weights(self, self.cfg.init_std)
         # He initialization for the stem: with std init_std the log-mel reaches the first layer ~40x smaller
         # than the sinusoidal positions (std 0.016 vs 0.66 on the demo's speech), which LayerNorm then hides.
-        for conv in (self.conv1, self.conv2):
+        for conv in self._stem_convs():
             nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
         if self.embed_positions is not None:
             self.embed_positions.weight.copy_(sinusoids(self.cfg.num_positions, self.cfg.dim))
 
+    def _stem_convs(self) -> list[nn.Module]:
+        return [self.conv1, self.conv2] if self.cfg.stem == "conv1d" else [self.conv2d1, self.conv2d2, self.conv2d3]
+
     def num_tokens(self, window_frames: torch.Tensor) -> torch.Tensor:
         """(W,) valid frames -> (W,) encoder positions per window: `data.audio._tokens_in_window`."""
+        if self.cfg.stem == "conv2d":  # per chunk: full chunks' positions plus the rest's
+            chunk = self.cfg.chunk_frames
+            return window_frames // chunk * _subsampled(chunk, 8, "keep") + _subsampled(window_frames % chunk, 8, "keep")
         return _tokens_in_window(window_frames, self._layouts[-1])
 
     def dummy_input(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,7 +409,10 @@ class AudioEncoder(nn.Module):
         return (torch.zeros(1, self.cfg.num_mel_bins, num_frames, device=device),
                 torch.full((1,), num_frames, dtype=torch.long, device=device))
 
-    def forward(self, mel: torch.Tensor, window_frames: torch.Tensor) -> torch.Tensor:
+    def forward(self, mel: torch.Tensor, window_frames: torch.Tensor,
+                windows_per_item: torch.Tensor | None = None) -> torch.Tensor:
+        """windows_per_item (items,): consecutive windows of one item (attention_window_frames counts from the item's
+        start across them); None: every window is an item."""
         num_windows, num_mels, num_frames = mel.shape
         if num_mels != self.cfg.num_mel_bins:
             raise ValueError(f"audio windows have {num_mels} mel bins but model.audio.num_mel_bins is "
@@ -362,7 +425,9 @@ class AudioEncoder(nn.Module):
         mel = mel[..., : max(int(window_frames.max()), 1)]  # (W, M, T)
         if self.training and self.cfg.spec_augment.enabled:
             mel = spec_augment(mel, window_frames, self.cfg.spec_augment)
-        mel = mel.to(self.conv1.weight.dtype)
+        mel = mel.to(self.layer_norm.weight.dtype)
+        if self.cfg.stem == "conv2d":
+            return self.layer_norm(self._encode_conv2d(mel, window_frames, windows_per_item))  # (num_tokens, D)
         if self.cfg.chunk_frames is None:
             x = self._encode_sequences(mel, window_frames)                   # (W, L, D), L = T / (2 * conv1_stride)
         else:
@@ -374,15 +439,73 @@ class AudioEncoder(nn.Module):
             is_valid = _prefix_mask(x.shape[1], self.num_tokens(window_frames))
         return self.layer_norm(x)[is_valid]                                               # (num_tokens, D)
 
+    def _positions(self, length: int, like: torch.Tensor) -> torch.Tensor:
+        """(length, D) positions of a sequence's first `length` positions, in like's device and dtype."""
+        if self.embed_positions is not None:
+            return self.embed_positions.weight[:length]
+        return _fixed_sinusoids(self.cfg.num_positions, self.cfg.dim)[:length].to(like.device, like.dtype)
+
+    def _encode_conv2d(self, mel: torch.Tensor, window_frames: torch.Tensor,
+                       windows_per_item: torch.Tensor | None) -> torch.Tensor:
+        """(W, M, T) windows -> (num_tokens, D) before the final norm: Qwen3-Omni's audio encoder.
+
+        Each chunk of chunk_frames is zero-padded to chunk_frames and goes through the three stride-2 Conv2d over
+        (mel, time) and conv_out; its positions restart at 0. Nothing past a chunk's valid frames is masked between
+        the convs, as in transformers, whose chunks are padded to the batch's longest (a whole chunk whenever an
+        item is 1 s or longer; a batch of only shorter clips there gives slightly different last positions). The
+        valid positions of every chunk, in order, then attend in runs of attention_window_frames' positions counted
+        from each item's start (across its 30 s windows), or within their chunk.
+        """
+        num_windows, num_mels, num_frames = mel.shape
+        chunk = self.cfg.chunk_frames
+        num_chunks = -(-num_frames // chunk)
+        mel = F.pad(mel, (0, num_chunks * chunk - num_frames))                            # (W, M, n * c)
+        chunks = mel.reshape(num_windows, num_mels, num_chunks, chunk).transpose(1, 2)    # (W, n, M, c)
+        starts = torch.arange(num_chunks, device=mel.device) * chunk                      # (n,)
+        chunk_frames = (window_frames[:, None] - starts).clamp(0, chunk).flatten()        # (W * n,)
+        has_frames = chunk_frames > 0
+        x = chunks.reshape(num_windows * num_chunks, 1, num_mels, chunk)[has_frames]      # (K, 1, M, c)
+        for conv in self._stem_convs():
+            x = F.gelu(conv(x))                                                           # (K, C, M / 8, c / 8)
+        num_seqs, channels, mels, length = x.shape
+        x = self.conv_out(x.permute(0, 3, 1, 2).reshape(num_seqs, length, channels * mels))  # (K, P, D)
+        x = x + self._positions(length, x)
+        per_chunk = _subsampled(chunk_frames[has_frames], 8, "keep")                      # (K,) valid positions
+        tokens = x[_prefix_mask(length, per_chunk)]                                       # (N, D): windows, chunks in order
+        if self.cfg.attention_window_frames is None:
+            segments = torch.repeat_interleave(torch.arange(num_seqs, device=x.device), per_chunk)
+        else:
+            per_window = self.num_tokens(window_frames)                                   # (W,)
+            if windows_per_item is None:
+                windows_per_item = torch.ones(num_windows, dtype=torch.long)
+            windows_per_item = windows_per_item.to(x.device)
+            item_of_window = torch.repeat_interleave(torch.arange(len(windows_per_item), device=x.device), windows_per_item)
+            item = torch.repeat_interleave(item_of_window, per_window)                    # (N,) each token's item
+            per_item = torch.zeros(len(windows_per_item), dtype=torch.long, device=x.device).index_add_(0, item_of_window, per_window)
+            index_in_item = torch.arange(tokens.shape[0], device=x.device) - (per_item.cumsum(0) - per_item)[item]
+            window_tokens = self.cfg.attention_window_frames // chunk * int(_subsampled(chunk, 8, "keep"))
+            segments = item * (tokens.shape[0] + 1) + index_in_item // window_tokens
+        return self._attend_in_segments(tokens, segments)
+
+    def _attend_in_segments(self, tokens: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+        """(N, D) tokens with (N,) segment keys, equal keys in consecutive runs -> the layers' (N, D), attention within
+        each run. The runs become the zero-padded rows of a (runs, longest run, D) batch, so no N x N mask is built."""
+        _, run, sizes = torch.unique_consecutive(segments, return_inverse=True, return_counts=True)
+        width = int(sizes.max()) if sizes.numel() else 1
+        offset = torch.arange(tokens.shape[0], device=tokens.device) - (sizes.cumsum(0) - sizes)[run]
+        slot = run * width + offset                                                       # (N,) row in the padded batch
+        rows = tokens.new_zeros(len(sizes) * width, tokens.shape[-1]).index_copy(0, slot, tokens)
+        document_ids = torch.full((len(sizes) * width,), -1, dtype=torch.long, device=tokens.device).index_fill_(0, slot, 0)
+        out = run_layers(self.layers, rows.view(len(sizes), width, -1), document_ids.view(len(sizes), width),
+                         backend=self.attn_backend, activation_checkpointing=self.activation_checkpointing)
+        return out.reshape(-1, tokens.shape[-1])[slot]
+
     def _encode_sequences(self, mel: torch.Tensor, num_frames: torch.Tensor) -> torch.Tensor:
         """(S, M, T) mel sequences + (S,) valid frames -> (S, T / (2 * conv1_stride), D): convs, positions, layers."""
         x = F.gelu(self.conv1(mel))                                                       # (S, D, T / conv1_stride)
         x = x * _prefix_mask(x.shape[-1], _tokens_in_window(num_frames, self._layouts[0]))[:, None].to(x.dtype)
         x = F.gelu(self.conv2(x)).transpose(1, 2)                            # (S, L, D), L = T / (2 * conv1_stride)
-        if self.embed_positions is not None:
-            x = x + self.embed_positions.weight[: x.shape[1]]
-        else:
-            x = x + _fixed_sinusoids(self.cfg.num_positions, self.cfg.dim)[: x.shape[1]].to(x.device, x.dtype)
+        x = x + self._positions(x.shape[1], x)
         is_valid = _prefix_mask(x.shape[1], _tokens_in_window(num_frames, self._layouts[1]))  # (S, L)
         document_ids = torch.where(is_valid, 0, -1)  # one document per row: each sequence attends only to itself
         return run_layers(self.layers, x, document_ids, backend=self.attn_backend,

@@ -375,7 +375,8 @@ class OmniModel(nn.Module):
         unused: list[torch.Tensor] = []
         if self.audio_encoder is not None:
             if "audio_mel" in batch:  # the items' token counts: the pool projector groups within each item only
-                features["audio"] = self.audio_projector(self.audio_encoder(batch["audio_mel"], batch["audio_window_frames"]),
+                features["audio"] = self.audio_projector(self.audio_encoder(batch["audio_mel"], batch["audio_window_frames"],
+                                                                            batch.get("audio_windows_per_item")),
                                                          batch["audio_num_tokens"].tolist())
             else:
                 unused.append(self.audio_projector(self.audio_encoder(*self.audio_encoder.dummy_input(device))))
@@ -471,7 +472,7 @@ def load_pretrained_encoders(model: OmniModel) -> None:
     cfg = model.cfg
     if cfg.pretrained_audio:
         model.audio_encoder, _ = load_whisper_encoder(
-            cfg.pretrained_audio, downsample=cfg.audio.downsample, dtype=model.audio_encoder.conv1.weight.dtype,
+            cfg.pretrained_audio, downsample=cfg.audio.downsample, dtype=model.audio_encoder.layer_norm.weight.dtype,
             activation_checkpointing=cfg.activation_checkpointing)
     if cfg.pretrained_vision:
         model.vision_encoder, _ = load_siglip_vision(

@@ -44,6 +44,18 @@ QWEN_OMNI_AUDIO_DATA = {"downsample": 4, "valid_frames": "ceil", "pool_tail": "d
 AUDIO_SKIPPED_KEYS = ("positional_embedding.positional_embedding", "audio_bos_eos_token.weight")
 
 
+def check_audio_tower_fields(hf: dict, positive_ints: tuple[str, ...], *, where: str) -> None:
+    """An Omni audio tower's config (defaults filled in): exact GELU, no dropout, `positive_ints` positive integers."""
+    if hf["activation_function"] != "gelu":
+        raise ValueError(f"{where}: activation_function {hf['activation_function']!r} is not supported (supported: gelu)")
+    for key in ("dropout", "attention_dropout", "activation_dropout"):
+        if hf[key] != 0:
+            raise ValueError(f"{where}: {key}={hf[key]} is not supported (the audio encoder has no dropout: 0)")
+    for key in positive_ints:
+        if not isinstance(hf[key], int) or isinstance(hf[key], bool) or hf[key] <= 0:
+            raise ValueError(f"{where}: {key} must be a positive integer, got {hf[key]!r}")
+
+
 def audio_tower_config(hf_audio: dict, *, where: str) -> AudioEncoderConfig:
     """The thinker's `audio_config` (config.json) as an AudioEncoderConfig; its `proj` is a `linear` projector to output_dim.
 
@@ -52,14 +64,7 @@ def audio_tower_config(hf_audio: dict, *, where: str) -> AudioEncoderConfig:
     that drops an odd last position. One ValueError naming `where` and the key for anything else.
     """
     hf = {**QWEN_OMNI_AUDIO_DEFAULTS, **hf_audio}
-    if hf["activation_function"] != "gelu":
-        raise ValueError(f"{where}: activation_function {hf['activation_function']!r} is not supported (supported: gelu)")
-    for key in ("dropout", "attention_dropout", "activation_dropout"):
-        if hf[key] != 0:
-            raise ValueError(f"{where}: {key}={hf[key]} is not supported (the audio encoder has no dropout: 0)")
-    for key in ("n_window", "max_source_positions", "output_dim"):
-        if not isinstance(hf[key], int) or isinstance(hf[key], bool) or hf[key] <= 0:
-            raise ValueError(f"{where}: {key} must be a positive integer, got {hf[key]!r}")
+    check_audio_tower_fields(hf, ("n_window", "max_source_positions", "output_dim"), where=where)
     # transformers adds the first n_window rows of its max_source_positions sinusoids to each chunk
     if hf["n_window"] > hf["max_source_positions"]:
         raise ValueError(f"{where}: n_window={hf['n_window']} is over max_source_positions={hf['max_source_positions']} "
@@ -79,13 +84,17 @@ def audio_tower_config(hf_audio: dict, *, where: str) -> AudioEncoderConfig:
         raise ValueError(f"{where}: {message}") from None
 
 
-def audio_tower_state_dict(hf_state: dict[str, torch.Tensor], prefix: str) -> tuple[dict[str, torch.Tensor],
-                                                                                      dict[str, torch.Tensor]]:
+def audio_tower_state_dict(hf_state: dict[str, torch.Tensor], prefix: str, *,
+                           projector_keys: dict[str, str] | None = None) -> tuple[dict[str, torch.Tensor],
+                                                                                  dict[str, torch.Tensor]]:
     """(AudioEncoder state, audio projector state) from the keys under `prefix` ("thinker.audio_tower.", "audio_tower.").
 
-    Keys outside the prefix are ignored; the ones it does not know pass through to the encoder's
-    state unchanged, for the strict loader (`hf_adapters.load_state_strict`) to name.
+    projector_keys: the tower's projection key prefixes -> the projector's (Qwen2.5-Omni's `proj.` -> `fc.`;
+    Qwen3-Omni's `proj1.` / `proj2.` -> `fc1.` / `fc2.`). Keys outside the prefix are ignored; the ones it
+    does not know pass through to the encoder's state unchanged, for the strict loader
+    (`hf_adapters.load_state_strict`) to name.
     """
+    projector_keys = {"proj.": "fc."} if projector_keys is None else projector_keys
     encoder: dict[str, torch.Tensor] = {}
     projector: dict[str, torch.Tensor] = {}
     for key, tensor in hf_state.items():
@@ -94,8 +103,9 @@ def audio_tower_state_dict(hf_state: dict[str, torch.Tensor], prefix: str) -> tu
         name = key[len(prefix):]
         if name in AUDIO_SKIPPED_KEYS:
             continue
-        if name.startswith("proj."):
-            projector["fc." + name[len("proj."):]] = tensor
+        hf_projector = next((p for p in projector_keys if name.startswith(p)), None)
+        if hf_projector is not None:
+            projector[projector_keys[hf_projector] + name[len(hf_projector):]] = tensor
         elif name.startswith("ln_post."):
             encoder["layer_norm." + name[len("ln_post."):]] = tensor
         else:
