@@ -112,7 +112,7 @@ def test_batch_placeholders_are_what_the_model_produces(documents, variant):
     encoded = []
     model.audio_encoder.register_forward_hook(lambda module, args, out: encoded.append(out.shape[0]))
     with torch.no_grad():
-        features, unused = model._encode(batch)
+        features, unused, _ = model._encode(batch)
         if variant == "resampler":
             features = model._resample(features, batch, unused)
         model._check_seq_tokens(batch, features)  # each item's placeholders against the model's count

@@ -97,7 +97,7 @@ def test_kind_none_is_the_plain_composition_bit_for_bit(media):
     with torch.no_grad():
         out, out_explicit = model(batch), explicit(batch)
         # the composition as it was before model.transfer existed
-        features, unused = model._encode(batch)
+        features, unused, _ = model._encode(batch)
         embeds = fuse_interleave(model.backbone.embed(batch["input_ids"]), batch["modality_ids"], features)
         hidden = model.backbone(inputs_embeds=embeds, position_ids=batch["position_ids"], document_ids=batch["document_ids"])
         loss, num_loss_tokens, _ = model.next_token_loss(hidden, batch["labels"], batch["document_ids"])
@@ -327,7 +327,7 @@ def test_eval_compresses_every_audio_item_from_its_greedy_labels(media):
     batch = collate([[p] for p in prompts])  # no transcripts: none is needed at inference
     with torch.no_grad():
         fused = model.fuse(batch)
-        features, _ = model._encode(batch)
+        features, _, _ = model._encode(batch)
         logits = model.transfer.ctc_head(features["audio"])
         spans = greedy_spans(features["audio"], logits.argmax(-1), batch["audio_num_tokens"].tolist(), model.transfer.blank)
         text_embeds = model.backbone.embed(batch["input_ids"])
@@ -450,7 +450,7 @@ def test_ctc_learns_the_digits_opens_the_gate_and_eval_sees_the_token_rate_prefi
     model.eval()
     with torch.no_grad():
         fused = model.fuse(batch)
-        features, _ = model._encode(batch)
+        features, _, _ = model._encode(batch)
         logits = model.transfer.ctc_head(features["audio"])
     spans = greedy_spans(features["audio"], logits.argmax(-1), batch["audio_num_tokens"].tolist(), model.transfer.blank)
     recognized = [i for i, labels in enumerate(spans.label.split(spans.counts)) if TOKENIZER.decode(labels.tolist()) == DIGITS[i]]

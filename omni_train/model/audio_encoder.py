@@ -315,12 +315,14 @@ class EncoderLayer(nn.Module):
 
 def run_layers(layers: nn.ModuleList, x: torch.Tensor, document_ids: torch.Tensor, *, backend: str,
                rotary: tuple[torch.Tensor, torch.Tensor] | None = None, activation_checkpointing: bool = False,
-               window_ids: torch.Tensor | None = None, full_attention_layers: tuple[int, ...] = ()) -> torch.Tensor:
+               window_ids: torch.Tensor | None = None, full_attention_layers: tuple[int, ...] = (),
+               take_after: tuple[int, ...] = (), taken: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Apply encoder layers to x (B, L, D) with attention inside each document of document_ids (B, L), -1 = padding.
 
     With window_ids (B, L) (-1 = padding; a window is a run of one id, nested in a document), the
     layers whose index is not in full_attention_layers attend inside each window instead
     (Qwen2.5-VL's window attention). The varlen kernels' cu_seqlens are computed once per mask.
+    The outputs of the layers in take_after are appended to `taken`, in layer order (deepstack).
     """
     if backend == "auto":
         backend = attention_backend(x.device, x.dtype)
@@ -337,6 +339,8 @@ def run_layers(layers: nn.ModuleList, x: torch.Tensor, document_ids: torch.Tenso
             x = checkpoint(layer, x, rotary, use_reentrant=False, **kwargs)
         else:
             x = layer(x, rotary, **kwargs)
+        if index in take_after:
+            taken.append(x)
     return x
 
 

@@ -45,6 +45,7 @@ Submodule names (`audio_encoder`, `vision_encoder`, `audio_projector`, `vision_p
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +105,15 @@ class OmniConfig:
             self.cross_attn.check(self.backbone)
         if self.transfer.kind != "none" and self.audio is None:
             raise ValueError(f"model.transfer.kind={self.transfer.kind} needs an audio encoder, but model.audio is not set")
+        if self.vision is not None and self.vision.deepstack_layers:
+            if self.fusion != "interleave" or self.projector_kinds()["image"] == "pool" or self.transfer.kind != "none":
+                raise ValueError("model.vision.deepstack_layers adds features at the visual positions of the sequence: it "
+                                 "needs model.fusion interleave, a vision projector that is not pool and "
+                                 f"model.transfer.kind none, got {self.fusion}, {self.projector_kinds()['image']} and "
+                                 f"{self.transfer.kind}")
+            if len(self.vision.deepstack_layers) > self.backbone.num_layers:
+                raise ValueError(f"model.vision.deepstack_layers has {len(self.vision.deepstack_layers)} layers, more than "
+                                 f"the backbone's {self.backbone.num_layers} to add them after")
         self._check_sequence_tokens()
 
     def projector_kinds(self) -> dict[str, str]:
@@ -188,6 +198,7 @@ class FusedInputs:
     aux_loss: torch.Tensor | float = 0.0                  # auxiliary losses of a fusion/transfer mechanism
     aux: dict[str, float] = field(default_factory=dict)   # their values, for metrics.jsonl
     memory: MediaMemory | None = None                     # fusion cross_attn: the media the blocks read
+    deepstack: list[torch.Tensor] | None = None           # model.vision.deepstack_layers: (B, L, D) added after layer j
 
 
 @dataclass
@@ -220,6 +231,14 @@ class OmniModel(nn.Module):
         # built last, so that kind none draws the same random initialization as before the option existed
         self.transfer = build_transfer(cfg.transfer, dim=dim, vocab_size=cfg.backbone.vocab_size,
                                        init_std=cfg.backbone.init_std)
+        # deepstack (model.vision.deepstack_layers, Qwen3-Omni's merger_list): one projector per taken layer, an input
+        # LayerNorm over the merged m^2 D (its "postshuffle" norm), hidden width m^2 D; absent (None) without deepstack
+        self.vision_deepstack = None
+        if cfg.vision is not None and cfg.vision.deepstack_layers:
+            self.vision_deepstack = nn.ModuleList(
+                build_projector("mlp", cfg.vision.out_dim, dim, input_norm=True,
+                                options=ProjectorOptions(kind="mlp", hidden_dim=cfg.vision.out_dim))
+                for _ in cfg.vision.deepstack_layers)
         self.fusion = None  # the fusion's own modules; after transfer, so interleave draws today's initialization
         if cfg.fusion == "cross_attn":
             self.fusion = CrossAttentionBlocks(cfg.cross_attn, cfg.backbone)
@@ -238,7 +257,7 @@ class OmniModel(nn.Module):
         fused = self.fuse(batch)                                                 # encoders -> projectors -> fusion
         hidden = self.backbone(inputs_embeds=fused.embeds, position_ids=fused.position_ids,
                                document_ids=fused.document_ids,
-                               after_layer=self.after_layer(fused.memory, fused.document_ids))  # (B, L, D)
+                               after_layer=self.after_layer(fused.memory, fused.document_ids, fused.deepstack))  # (B, L, D)
         loss, num_loss_tokens, per_token_loss = self.next_token_loss(hidden, fused.labels, fused.document_ids)
         logits = self.backbone.logits(hidden) if return_logits else None
         aux_loss, aux = fused.aux_loss, dict(fused.aux)
@@ -254,7 +273,7 @@ class OmniModel(nn.Module):
     def fuse(self, batch: dict[str, Any]) -> FusedInputs:
         """Everything before the backbone: the input embeddings with media features in place, and the
         positions, documents and labels that go with them (generation starts from this too)."""
-        features, unused = self._encode(batch)                                   # encoders -> projectors
+        features, unused, deepstack = self._encode(batch)                        # encoders -> projectors
         embeds = self.backbone.embed(batch["input_ids"])                         # (B, L, D)
         memory = None
         if self.cfg.fusion == "cross_attn":  # the media stay out of the sequence: the blocks read them in the backbone
@@ -269,14 +288,18 @@ class OmniModel(nn.Module):
         if unused:  # modalities absent from this batch: keep their modules in the graph (module docstring)
             embeds = embeds + sum(0.0 * out.sum() for out in unused).to(embeds.dtype)
         fused = FusedInputs(embeds=embeds, position_ids=batch["position_ids"], document_ids=batch["document_ids"],
-                            labels=batch["labels"], memory=memory)
+                            labels=batch["labels"], memory=memory,
+                            deepstack=deepstack_additions(embeds, batch["modality_ids"], deepstack))
         if self.transfer is not None:  # e.g. token_rate: a compressed speech prefix, rows repacked (transfer.py)
             fused = self.transfer.compress(fused, batch, features.get("audio"), self.backbone.embed_tokens)
         return fused
 
-    def after_layer(self, media, document_ids: torch.Tensor) -> dict | None:
-        """Backbone.forward's `after_layer` for the fusion: the cross_attn blocks reading `media` (a MediaMemory,
-        or the MediaCache of `fusion.cache`) from the positions of document_ids (B, L); None for other fusions."""
+    def after_layer(self, media, document_ids: torch.Tensor, deepstack: list[torch.Tensor] | None = None) -> dict | None:
+        """Backbone.forward's `after_layer`: the cross_attn blocks reading `media` (a MediaMemory, or the MediaCache of
+        `fusion.cache`) from the positions of document_ids (B, L), or deepstack's (B, L, D) additions (FusedInputs),
+        the j-th after layer j; None when there is neither."""
+        if deepstack:
+            return {j: functools.partial(torch.add, other=addition) for j, addition in enumerate(deepstack)}
         if self.cfg.fusion != "cross_attn":
             return None
         assert media is not None, "fusion cross_attn: no media memory (FusedInputs.memory)"
@@ -317,7 +340,7 @@ class OmniModel(nn.Module):
         Runs every encoder once, as forward does (safe under ZeRO-3 whatever the batch holds);
         probes wrap it in torch.no_grad(), a contrastive loss keeps the graph.
         """
-        features, _ = self._encode(batch)
+        features, _, _ = self._encode(batch)
         if not pooled:
             return features
         return {modality: torch.stack([item.mean(dim=0) for item in feats.split(self._feature_counts(batch, modality))])
@@ -363,8 +386,10 @@ class OmniModel(nn.Module):
                                  f"model.fusion={self.cfg.fusion} with these projectors makes {expected} of them; "
                                  "data.sequence_tokens disagrees with the model (load both from one recipe)")
 
-    def _encode(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-        """Run every encoder + projector once: ({present modality: (num_tokens, D)}, [outputs of dummy inputs])."""
+    def _encode(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor],
+                                                      dict[str, list[torch.Tensor]]]:
+        """Run every encoder + projector once: ({present modality: (num_tokens, D)}, [outputs of dummy inputs],
+        {image / video: [(num_tokens, D) per deepstack layer]}, empty without model.vision.deepstack_layers)."""
         for modality, key, module in (("audio", "audio_mel", self.audio_encoder), ("image", "image_patches", self.vision_encoder),
                                       ("video", "video_patches", self.vision_encoder)):
             if key in batch and module is None:
@@ -373,6 +398,7 @@ class OmniModel(nn.Module):
         device = batch["input_ids"].device
         features: dict[str, torch.Tensor] = {}
         unused: list[torch.Tensor] = []
+        deepstack: dict[str, list[torch.Tensor]] = {}
         if self.audio_encoder is not None:
             if "audio_mel" in batch:  # the items' token counts: the pool projector groups within each item only
                 features["audio"] = self.audio_projector(self.audio_encoder(batch["audio_mel"], batch["audio_window_frames"],
@@ -386,11 +412,24 @@ class OmniModel(nn.Module):
                 patches = torch.cat([batch[f"{m}_patches"] for m in present])
                 grid_thw = torch.cat([batch[f"{m}_grid_thw"] for m in present])
                 num_tokens = [n for m in present for n in batch[f"{m}_num_tokens"].tolist()]
-                out = self.vision_projector(self.vision_encoder(patches, grid_thw), num_tokens)
-                features.update(zip(present, out.split([sum(self._feature_counts(batch, m)) for m in present])))
+                encoded, levels = self._encode_vision(patches, grid_thw)
+                out = self.vision_projector(encoded, num_tokens)
+                sizes = [sum(self._feature_counts(batch, m)) for m in present]
+                features.update(zip(present, out.split(sizes)))
+                for level in levels:
+                    for modality, part in zip(present, level.split(sizes)):
+                        deepstack.setdefault(modality, []).append(part)
             else:
-                unused.append(self.vision_projector(self.vision_encoder(*self.vision_encoder.dummy_input(device))))
-        return features, unused
+                encoded, levels = self._encode_vision(*self.vision_encoder.dummy_input(device))
+                unused += [self.vision_projector(encoded), *levels]
+        return features, unused, deepstack
+
+    def _encode_vision(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The vision encoder's merged outputs, and each deepstack layer's through its projector ([] without)."""
+        if self.vision_deepstack is None:
+            return self.vision_encoder(patches, grid_thw), []
+        encoded, taken = self.vision_encoder(patches, grid_thw, deepstack=True)
+        return encoded, [projector(level) for projector, level in zip(self.vision_deepstack, taken)]
 
     def num_parameters(self) -> dict[str, int]:
         """Parameters per submodule (absent encoders count 0) and in total."""
@@ -400,6 +439,24 @@ class OmniModel(nn.Module):
                                        ("backbone", self.backbone), ("transfer", self.transfer), ("fusion", self.fusion))}
         counts["total"] = sum(counts.values())
         return counts
+
+
+def deepstack_additions(embeds: torch.Tensor, modality_ids: torch.Tensor,
+                        deepstack: dict[str, list[torch.Tensor]]) -> list[torch.Tensor] | None:
+    """{image / video: [(N_m, D) per deepstack layer]} -> [(B, L, D) per layer]: zeros but at the modality's placeholder
+    positions (row-major, as fuse_interleave), which Backbone.forward adds after layer j (transformers'
+    `_deepstack_process`); None when the batch has no image or video."""
+    if not deepstack:
+        return None
+    num_levels = len(next(iter(deepstack.values())))
+    additions = []
+    for level in range(num_levels):
+        addition = torch.zeros_like(embeds)
+        for modality, levels in deepstack.items():
+            positions = (modality_ids == MODALITY_IDS[modality]).nonzero(as_tuple=True)
+            addition = addition.index_put(positions, levels[level].to(embeds.dtype))
+        additions.append(addition)
+    return additions
 
 
 def fuse_interleave(embeds: torch.Tensor, modality_ids: torch.Tensor, features: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Qwen3-Omni's thinker (transformers' `qwen3_omni_moe`, read as the specification) <-> omni_train modules.
 
-So far the audio tower; the text thinker is the `qwen3_omni_moe_text` family of `hf_adapters`.
+So far the audio and vision towers; the text thinker is the `qwen3_omni_moe_text` family of `hf_adapters`.
 
 Audio tower: an AudioEncoder with `stem: conv2d` (three stride-2 Conv2d over mel x time, GELU, then
 `conv_out`: 8 frames per position), `chunk_frames` = n_window * 2 (1 s: 100 frames -> 13 positions,
@@ -22,9 +22,12 @@ per 1 s chunk, `_get_feat_extract_output_lengths`: (frames // 100) * 13 + the re
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from omni_train.model.audio_encoder import AudioEncoderConfig
+from omni_train.model.vision_encoder import VisionEncoderConfig
 from omni_train.model.qwen2_5_omni import audio_tower_state_dict, check_audio_tower_fields
 
 # transformers' Qwen3OmniMoeAudioEncoderConfig defaults (5.x): a config.json may leave them out.
@@ -76,3 +79,102 @@ def qwen3_audio_tower_state_dict(hf_state: dict[str, torch.Tensor], prefix: str)
                                                                                            dict[str, torch.Tensor]]:
     """(AudioEncoder state, audio projector state) from the keys under `prefix` ("thinker.audio_tower.", "audio_tower.")."""
     return audio_tower_state_dict(hf_state, prefix, projector_keys=AUDIO_PROJECTOR_KEYS)
+
+
+# ------------------------------------------------------------------------------------ vision tower
+# Qwen3-Omni's vision tower (Qwen3-VL's) is a VisionEncoder with positions learned_rope2d (a 48 x 48 table resized
+# bilinearly with align_corners, plus 2-D rotary), a biased patch embedding, fused qkv with biases, LayerNorms and a
+# tanh-GELU MLP; its merger is post_layernorm + the `mlp` projector (hidden m^2 D, no input norm), and its
+# merger_list (deepstack) the model's `vision_deepstack` projectors (LayerNorm over the merged m^2 D, then the MLP):
+#
+# HF key under `prefix` (thinker.visual. / visual.)      ours
+# patch_embed.proj.{weight (D, C, tp, p, p), bias}       encoder patch_embedding.{weight (D, C * tp * p * p), bias}
+# pos_embed.weight                                       encoder position_embedding.weight
+# blocks.N.norm1 / norm2                                 encoder layers.N.self_attn_layer_norm / final_layer_norm
+# blocks.N.attn.qkv (3 D, D)                             encoder layers.N.self_attn.{q_proj, k_proj, v_proj} (split)
+# blocks.N.attn.proj                                     encoder layers.N.self_attn.out_proj
+# blocks.N.mlp.linear_fc1 / linear_fc2                   encoder layers.N.fc1 / fc2
+# merger.ln_q / merger.mlp.0 / merger.mlp.2              encoder post_layernorm / projector fc1 / fc2
+# merger_list.J.ln_q / mlp.0 / mlp.2                     vision_deepstack.J.norm / fc1 / fc2
+
+# Qwen3OmniMoeVisionEncoderConfig's defaults (5.x).
+QWEN3_OMNI_VISION_DEFAULTS = {
+    "depth": 27, "hidden_size": 1152, "hidden_act": "gelu_pytorch_tanh", "intermediate_size": 4304, "num_heads": 16,
+    "in_channels": 3, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 3584,
+    "num_position_embeddings": 2304, "deepstack_visual_indexes": [8, 16, 24], "initializer_range": 0.02,
+}
+_VISION_LAYER_KEYS = {  # blocks.N.<HF> -> layers.N.<ours>; attn.qkv is split
+    "norm1.": "self_attn_layer_norm.", "norm2.": "final_layer_norm.", "attn.proj.": "self_attn.out_proj.",
+    "mlp.linear_fc1.": "fc1.", "mlp.linear_fc2.": "fc2.",
+}
+_MERGER_KEYS = {"ln_q.": "norm.", "mlp.0.": "fc1.", "mlp.2.": "fc2."}  # merger_list.J.<HF> -> vision_deepstack.J.<ours>
+
+
+def qwen3_vision_tower_config(hf_vision: dict, *, where: str) -> VisionEncoderConfig:
+    """The thinker's `vision_config` as a VisionEncoderConfig (deepstack_layers from deepstack_visual_indexes); one
+    ValueError naming `where` and the key otherwise. out_hidden_size belongs to the projectors (the text width)."""
+    hf = {**QWEN3_OMNI_VISION_DEFAULTS, **hf_vision}
+    for key in ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
+                "spatial_merge_size", "temporal_patch_size", "out_hidden_size", "num_position_embeddings"):
+        if not isinstance(hf[key], int) or isinstance(hf[key], bool) or hf[key] <= 0:
+            raise ValueError(f"{where}.{key} must be a positive integer, got {hf[key]!r}")
+    if hf["hidden_act"] not in ("gelu_pytorch_tanh", "gelu"):
+        raise ValueError(f"{where}.hidden_act {hf['hidden_act']!r} is not supported (gelu_pytorch_tanh, gelu)")
+    side = math.isqrt(hf["num_position_embeddings"])
+    if side * side != hf["num_position_embeddings"]:
+        raise ValueError(f"{where}.num_position_embeddings must be a square (a side x side table), "
+                         f"got {hf['num_position_embeddings']}")
+    rope = hf.get("rope_parameters") or {}
+    if not isinstance(rope, dict) or rope.get("rope_type", "axial") not in ("axial", "default"):
+        raise ValueError(f"{where}.rope_parameters {rope!r} is not supported (axial 2-D rotary only)")
+    try:
+        return VisionEncoderConfig(
+            dim=hf["hidden_size"], num_layers=hf["depth"], num_heads=hf["num_heads"], ffn_dim=hf["intermediate_size"],
+            patch_size=hf["patch_size"], temporal_patch_size=hf["temporal_patch_size"],
+            merge_size=hf["spatial_merge_size"], num_channels=hf["in_channels"], positions="learned_rope2d",
+            image_size=side * hf["patch_size"], activation="gelu_tanh" if hf["hidden_act"] != "gelu" else "gelu",
+            key_bias=True, patch_bias=True, deepstack_layers=list(hf["deepstack_visual_indexes"]),
+            rope_theta=float(rope.get("rope_theta", 10000.0)),
+            layer_norm_eps=1e-6,  # fixed in Qwen3OmniMoeVisionBlock and its mergers, not a config key
+            init_std=float(hf["initializer_range"]))
+    except ValueError as e:
+        message = str(e).replace("model.vision.deepstack_layers", "deepstack_visual_indexes")
+        raise ValueError(f"{where}: {message}") from None
+
+
+def qwen3_vision_tower_state_dict(hf_state: dict[str, torch.Tensor], prefix: str) -> tuple[
+        dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(VisionEncoder state, vision projector state, vision_deepstack state) from the keys under `prefix`; other keys
+    are ignored, unknown ones under it pass into the encoder state for the strict load to name."""
+    encoder: dict[str, torch.Tensor] = {}
+    projector: dict[str, torch.Tensor] = {}
+    deepstack: dict[str, torch.Tensor] = {}
+    for key, value in hf_state.items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix):]
+        parts = name.split(".", 2)
+        if name.startswith("patch_embed.proj."):  # Conv3d, kernel = stride: a Linear on the (C, tp, p, p) patch rows
+            encoder["patch_embedding." + parts[2]] = value.reshape(value.shape[0], -1) if value.ndim > 1 else value
+        elif name == "pos_embed.weight":
+            encoder["position_embedding.weight"] = value
+        elif name.startswith("merger."):
+            rest = name[len("merger."):]
+            if rest.startswith("ln_q."):
+                encoder["post_layernorm." + rest[len("ln_q."):]] = value
+            else:
+                projector[next((ours + rest[len(hf):] for hf, ours in _MERGER_KEYS.items() if rest.startswith(hf)), rest)] = value
+        elif name.startswith("merger_list.") and len(parts) == 3:
+            ours = next((o + parts[2][len(hf):] for hf, o in _MERGER_KEYS.items() if parts[2].startswith(hf)), parts[2])
+            deepstack[f"{parts[1]}.{ours}"] = value
+        elif name.startswith("blocks.") and len(parts) == 3:
+            layer = f"layers.{parts[1]}."
+            if parts[2].startswith("attn.qkv."):
+                for proj, chunk in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                    encoder[f"{layer}self_attn.{proj}.{parts[2][len('attn.qkv.'):]}"] = chunk
+            else:
+                encoder[layer + next((ours + parts[2][len(hf):] for hf, ours in _VISION_LAYER_KEYS.items()
+                                      if parts[2].startswith(hf)), parts[2])] = value
+        else:
+            encoder[name] = value
+    return encoder, projector, deepstack

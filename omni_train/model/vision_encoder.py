@@ -31,6 +31,11 @@ with the patch row, half with the patch column, so any resolution and aspect rat
 interpolating a position table. The data layer orders patches (t, h / m, w / m, m, m), which puts
 each merge block in m**2 consecutive rows: the merge is a reshape.
 
+`positions: learned_rope2d` is Qwen3-VL's (the vision tower of Qwen3-Omni, `qwen3_omni.py`): a learned
+table resized bilinearly with align_corners=True, added to the patch embeddings, and the 2-D rotary in the
+layers. `deepstack_layers` (Qwen3-VL's deepstack) makes forward(..., deepstack=True) also return the
+merged patches after those layers, before post_layernorm, for OmniModel's `vision_deepstack` projectors.
+
 `positions: learned` is SigLIP's layout (arXiv:2303.15343), for loading its weights
 (`hf_adapters.load_siglip_vision`): one learned vector per patch of an `image_size` square,
 resized bicubically for any other grid exactly as transformers' `interpolate_pos_encoding`
@@ -52,7 +57,7 @@ from omni_train.model.audio_encoder import EncoderLayer, check_activation, init_
 from omni_train.model.backbone import RMSNorm
 from omni_train.model.rope import rope_inv_freq
 
-POSITIONS = ("rope2d", "learned")
+POSITIONS = ("rope2d", "learned", "learned_rope2d")
 
 
 @dataclass(kw_only=True)
@@ -65,8 +70,13 @@ class VisionEncoderConfig:
     temporal_patch_size: int = 2   # must equal data.image.temporal_patch_size
     merge_size: int = 2            # must equal data.image.merge_size
     num_channels: int = 3
-    positions: str = "rope2d"      # POSITIONS: rope2d (Qwen2-VL, any grid) | learned (SigLIP's table)
-    image_size: int | None = None  # learned: pixels per side of the square the table covers
+    # POSITIONS: rope2d (Qwen2-VL, any grid) | learned (SigLIP's table, bicubic) | learned_rope2d (Qwen3-VL / Qwen3-Omni:
+    # a table resized bilinearly with align_corners, plus 2-D rotary)
+    positions: str = "rope2d"
+    image_size: int | None = None  # learned, learned_rope2d: pixels per side of the square the table covers
+    # deepstack (Qwen3-VL, arXiv:2406.04334): the layers after which the merged patches are also taken; each goes
+    # through its own projector (OmniModel.vision_deepstack) and is added at the visual positions after backbone layer j
+    deepstack_layers: list[int] = field(default_factory=list)
     activation: str = "gelu"       # mlp=gelu only: gelu (exact) | gelu_tanh (SigLIP)
     norm: str = "layer"            # EncoderLayer.NORMS, also post_layernorm's: layer | rms (Qwen2.5-VL)
     mlp: str = "gelu"              # EncoderLayer.MLPS: gelu (fc1, fc2) | swiglu (gate_proj, up_proj, down_proj; Qwen2.5-VL)
@@ -88,13 +98,18 @@ class VisionEncoderConfig:
             raise ValueError(f"model.vision.dim ({self.dim}) must be a multiple of model.vision.num_heads ({self.num_heads})")
         if self.positions not in POSITIONS:
             raise ValueError(f"model.vision.positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
-        if self.positions == "rope2d" and (self.dim // self.num_heads) % 4:
+        if self.positions != "learned" and (self.dim // self.num_heads) % 4:
             raise ValueError(f"model.vision.dim / model.vision.num_heads must be a multiple of 4 (2-D rotary: "
                              f"row and column bands of pairs), got {self.dim} / {self.num_heads}")
-        if self.positions == "learned" and (not isinstance(self.image_size, int) or self.image_size <= 0
-                                            or self.image_size % self.patch_size):
+        if self.positions != "rope2d" and (not isinstance(self.image_size, int) or self.image_size <= 0
+                                           or self.image_size % self.patch_size):
             raise ValueError(f"model.vision.image_size must be a positive multiple of model.vision.patch_size="
-                             f"{self.patch_size} with positions=learned, got {self.image_size!r}")
+                             f"{self.patch_size} with positions={self.positions}, got {self.image_size!r}")
+        self.deepstack_layers = list(self.deepstack_layers)  # YAML / OmegaConf give list-likes
+        if (any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.num_layers for i in self.deepstack_layers)
+                or self.deepstack_layers != sorted(set(self.deepstack_layers))):
+            raise ValueError(f"model.vision.deepstack_layers must hold ascending layer indices in [0, {self.num_layers}) "
+                             f"(the j-th is added after backbone layer j), got {self.deepstack_layers!r}")
         check_activation(self.activation, "model.vision.activation")
         if self.norm not in EncoderLayer.NORMS:
             raise ValueError(f"model.vision.norm must be one of {', '.join(EncoderLayer.NORMS)}, got {self.norm!r}")
@@ -208,7 +223,7 @@ class VisionEncoder(nn.Module):
         self.activation_checkpointing = activation_checkpointing
         self.attn_backend = check_backend(attn_backend)
         self.patch_embedding = nn.Linear(cfg.patch_dim, cfg.dim, bias=cfg.patch_bias)
-        self.position_embedding = nn.Embedding(cfg.num_positions, cfg.dim) if cfg.positions == "learned" else None
+        self.position_embedding = nn.Embedding(cfg.num_positions, cfg.dim) if cfg.positions != "rope2d" else None
         self.layers = nn.ModuleList(EncoderLayer(cfg.dim, cfg.num_heads, cfg.ffn_dim, cfg.layer_norm_eps, cfg.activation,
                                                  norm=cfg.norm, mlp=cfg.mlp, key_bias=cfg.key_bias)
                                     for _ in range(cfg.num_layers))
@@ -236,11 +251,13 @@ class VisionEncoder(nn.Module):
         return angles.cos(), angles.sin()
 
     def learned_positions(self, grid_thw: list[list[int]]) -> torch.Tensor:
-        """(P, dim): the position table resized to each group's (h, w) grid, in data order (positions=learned).
+        """(P, dim): the position table resized to each group's (h, w) grid, in data order (positions=learned*).
 
-        The resize is transformers' `SiglipVisionEmbeddings.interpolate_pos_encoding`: the table as a
-        square image, bicubic, align_corners=False; the table itself for its own square grid.
+        learned: transformers' `SiglipVisionEmbeddings.interpolate_pos_encoding`, the table as a square
+        image, bicubic, align_corners=False; learned_rope2d: Qwen3-VL's `pos_embed` resize, bilinear,
+        align_corners=True. The table itself for its own square grid.
         """
+        mode, align_corners = ("bicubic", False) if self.cfg.positions == "learned" else ("bilinear", True)
         table = self.position_embedding.weight                                     # (side**2, D)
         side, dim = self.cfg.image_size // self.cfg.patch_size, table.shape[1]
         resized: dict[tuple[int, int], torch.Tensor] = {}
@@ -250,13 +267,16 @@ class VisionEncoder(nn.Module):
                 grid = table
                 if (h, w) != (side, side):
                     square = table.reshape(1, side, side, dim).permute(0, 3, 1, 2)    # (1, D, side, side)
-                    grid = F.interpolate(square.float(), size=(h, w), mode="bicubic", align_corners=False)
+                    grid = F.interpolate(square.float(), size=(h, w), mode=mode, align_corners=align_corners)
                     grid = grid.permute(0, 2, 3, 1).reshape(h * w, dim).to(table.dtype)  # (h * w, D), raster order
                 resized[h, w] = grid[raster_index(h, w, self.cfg.merge_size).to(grid.device)]
             parts += [resized[h, w]] * t
         return torch.cat(parts)
 
-    def forward(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    def forward(self, patches: torch.Tensor, grid_thw: torch.Tensor, *,
+                deepstack: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """(P / m**2, m**2 * dim) merged outputs; with `deepstack`, also the merged outputs of each layer of
+        cfg.deepstack_layers (before post_layernorm), in the data order too."""
         cfg = self.cfg
         if patches.shape[-1] != cfg.patch_dim:
             raise ValueError(f"patches have {patches.shape[-1]} values, model.vision expects num_channels * "
@@ -270,17 +290,25 @@ class VisionEncoder(nn.Module):
             raise ValueError(f"grid_thw covers {num_patches} patches but {patches.shape[0]} were given")
         device = patches.device
         x = self.patch_embedding(patches.to(self.patch_embedding.weight.dtype))  # (P, D)
-        if cfg.positions == "learned":
+        if self.position_embedding is not None:
             x = x + self.learned_positions(grid)
 
         index, is_valid, window_ids = row_layout(grid, cfg.merge_size, cfg.window_blocks, device)  # (G, S) each
         rotary = None
-        if cfg.positions == "rope2d":
+        if cfg.positions != "learned":
             rotary = self.rotary(rows.to(device, torch.float32)[index], cols.to(device, torch.float32)[index])
+        taken: list[torch.Tensor] = []
         x = run_layers(self.layers, x[index], torch.where(is_valid, 0, -1), backend=self.attn_backend, rotary=rotary,
                        activation_checkpointing=self.activation_checkpointing, window_ids=window_ids,
-                       full_attention_layers=tuple(cfg.full_attention_layers))     # (G, S, D)
-        x = self.post_layernorm(x[is_valid])                                         # (P, D), row order
-        if window_ids is not None:
-            x = x.new_empty(x.shape).index_copy(0, index[is_valid], x)               # (P, D), back to data order
-        return x.reshape(num_patches // cfg.merge_size ** 2, cfg.out_dim)             # (P / m**2, m**2 * D)
+                       full_attention_layers=tuple(cfg.full_attention_layers),
+                       take_after=tuple(cfg.deepstack_layers) if deepstack else (), taken=taken)  # (G, S, D)
+
+        def merged(rows_out: torch.Tensor) -> torch.Tensor:
+            """(G, S, D) layer outputs -> (P / m**2, m**2 * D) in data order."""
+            out = rows_out[is_valid]                                                 # (P, D), row order
+            if window_ids is not None:
+                out = out.new_empty(out.shape).index_copy(0, index[is_valid], out)  # (P, D), back to data order
+            return out.reshape(num_patches // cfg.merge_size ** 2, cfg.out_dim)      # (P / m**2, m**2 * D)
+
+        out = merged(self.post_layernorm(x))
+        return (out, [merged(t) for t in taken]) if deepstack else out

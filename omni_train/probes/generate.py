@@ -51,8 +51,9 @@ def _fuse_prompts(model: nn.Module, prompts: Sequence[TokenizedSample], tokenize
     """Collate one prompt per row, fuse, and leave `room` free positions after each row's end.
 
     Returns embeds (B, L, D), position_ids (B, L) or (3, B, L), document_ids (B, L), the index of
-    each row's last real position (B,), the position id of each row's next token (B,) and the
-    fusion's media memory (FusedInputs.memory: None but for cross_attn).
+    each row's last real position (B,), the position id of each row's next token (B,) and
+    (the fusion's media memory: FusedInputs.memory, None but for cross_attn; deepstack's (B, L, D)
+    additions, None without model.vision.deepstack_layers).
     """
     assert prompts, "no prompts"
     batch = collate_packed([[p] for p in prompts], max(len(p) for p in prompts) + room, tokenizer.pad_id, audio_cfg)
@@ -71,7 +72,12 @@ def _fuse_prompts(model: nn.Module, prompts: Sequence[TokenizedSample], tokenize
     documents[:, :min(fused_len, length)] = fused.document_ids[:, :length]
     streams_max = fused.position_ids if fused.position_ids.dim() == 2 else fused.position_ids.amax(dim=0)  # (B, L)
     next_position = torch.where(real, streams_max, -1).amax(dim=1) + 1                                      # (B,)
-    return embeds, positions, documents, last, next_position, fused.memory
+    deepstack = None
+    if fused.deepstack:  # model.vision.deepstack_layers: the additions laid out as embeds, zero in the room
+        deepstack = [addition.new_zeros(num_rows, length, dim) for addition in fused.deepstack]
+        for padded, addition in zip(deepstack, fused.deepstack):
+            padded[:, :min(fused_len, length)] = addition[:, :length]
+    return embeds, positions, documents, last, next_position, (fused.memory, deepstack)
 
 
 @torch.no_grad()
@@ -84,7 +90,7 @@ def generate_ids(model: nn.Module, prompts: Sequence[TokenizedSample], tokenizer
     `max_new_tokens` tokens, as when comparing with another implementation's greedy decoding).
     `cache_media=False` recomputes the cross_attn media keys and values at every step (tests compare).
     """
-    embeds, positions, documents, last, next_position, memory = _fuse_prompts(
+    embeds, positions, documents, last, next_position, (memory, deepstack) = _fuse_prompts(
         model, prompts, tokenizer, room=max_new_tokens, audio_cfg=audio_cfg)
     media = model.fusion.cache(memory) if memory is not None and cache_media else memory
     backbone = model.backbone
@@ -100,7 +106,8 @@ def generate_ids(model: nn.Module, prompts: Sequence[TokenizedSample], tokenizer
         width = int(last.max()) + 1  # positions after every row's end are padding or unwritten: leave them out
         hidden = backbone(inputs_embeds=embeds[:, :width], position_ids=positions[..., :width],
                           document_ids=documents[:, :width],
-                          after_layer=model.after_layer(media, documents[:, :width]))   # (B, width, D)
+                          after_layer=model.after_layer(media, documents[:, :width],
+                                                        deepstack and [d[:, :width] for d in deepstack]))  # (B, width, D)
         next_ids = backbone.logits(hidden[rows, last]).argmax(dim=-1)                   # (B,)
         stops = torch.isin(next_ids, stop_ids)
         write = ~done & ~stops                                                          # rows that go on
@@ -150,9 +157,10 @@ def mean_hidden(model: nn.Module, prompts: Sequence[TokenizedSample], tokenizer:
     the end of the turn), which fusion leaves as they are; a media span in between may be shortened,
     and its markers dropped, so those are found by their embedding rather than by position.
     """
-    embeds, positions, documents, last, _, memory = _fuse_prompts(model, prompts, tokenizer, room=0, audio_cfg=audio_cfg)
+    embeds, positions, documents, last, _, (memory, deepstack) = _fuse_prompts(model, prompts, tokenizer, room=0,
+                                                                                audio_cfg=audio_cfg)
     hidden = model.backbone(inputs_embeds=embeds, position_ids=positions, document_ids=documents,
-                            after_layer=model.after_layer(memory, documents))            # (B, L, D)
+                            after_layer=model.after_layer(memory, documents, deepstack))  # (B, L, D)
     columns = torch.arange(hidden.shape[1], device=hidden.device)
     start = torch.tensor([t[0] for t in trims], device=hidden.device)
     end = last + 1 - torch.tensor([t[1] for t in trims], device=hidden.device)

@@ -41,7 +41,7 @@ TARGET_GROUPS: dict[str, str] = {
     "backbone.attention": r"backbone\.layers\.\d+\.self_attn\.(q|k|v|o)_proj",
     "backbone.mlp": r"backbone\.layers\.\d+\.mlp\.(gate|up|down)_proj",
     "backbone.router": r"backbone\.layers\.\d+\.mlp\.gate",   # model.backbone.moe's routers
-    "projectors": r"(audio|vision)_projector\..+",
+    "projectors": r"((audio|vision)_projector|vision_deepstack\.\d+)\..+",
     "audio_projector": r"audio_projector\..+",
     "vision_projector": r"vision_projector\..+",
     "audio_encoder": r"audio_encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|fc1|fc2)",
@@ -53,8 +53,8 @@ TARGET_GROUPS: dict[str, str] = {
 PARAMETER_GROUPS: dict[str, str] = {
     "backbone.experts": r"backbone\.layers\.\d+\.mlp\.(gate_up|down)_proj",  # model.backbone.moe's experts
 }
-TOP_LEVEL_MODULES = ("audio_encoder", "audio_projector", "vision_encoder", "vision_projector", "backbone", "transfer",
-                     "fusion")
+TOP_LEVEL_MODULES = ("audio_encoder", "audio_projector", "vision_encoder", "vision_projector", "vision_deepstack",
+                     "backbone", "transfer", "fusion")
 
 
 @dataclass(kw_only=True)
