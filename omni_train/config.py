@@ -73,7 +73,7 @@ class RecipeConfig:
 def check_model_matches_data(model: OmniConfig, data: DataConfig) -> None:
     """The encoders must expect what the data layer produces; say which keys disagree."""
     if data.video.use_audio_in_video and model.positions == "mrope":
-        raise ValueError("data.video.use_audio_in_video=true needs model.positions tmrope (or 1d), not mrope: "
+        raise ValueError("data.video.use_audio_in_video=true needs model.positions tmrope or tmrope_qwen3 (or 1d), not mrope: "
                          "audio in video shares TMRoPE's time axis with the frames")
     if data.video.use_audio_in_video and data.sequence_tokens.kind != "encoder":
         what = f"model.fusion={model.fusion}" if model.fusion != "interleave" else "model.projector pool"

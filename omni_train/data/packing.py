@@ -113,7 +113,11 @@ def collate_packed(sequences: list[list[TokenizedSample]], seq_len: int, pad_id:
     input_ids = torch.full((batch_size, seq_len), pad_id, dtype=torch.long)
     labels = torch.full((batch_size, seq_len), IGNORE_INDEX, dtype=torch.long)
     three_d = any(sample.position_ids is not None for sequence in sequences for sample in sequence)
-    position_ids = torch.zeros((3, batch_size, seq_len) if three_d else (batch_size, seq_len), dtype=torch.long)
+    # float32 where a sample's are (model.positions tmrope_qwen3: fractional video time ids), else int64
+    floating = any(sample.position_ids is not None and sample.position_ids.is_floating_point()
+                   for sequence in sequences for sample in sequence)
+    position_ids = torch.zeros((3, batch_size, seq_len) if three_d else (batch_size, seq_len),
+                               dtype=torch.float32 if floating else torch.long)
     document_ids = torch.full((batch_size, seq_len), -1, dtype=torch.long)
     modality_ids = torch.zeros((batch_size, seq_len), dtype=torch.int8)
     timestamps_s = torch.full((batch_size, seq_len), -1.0, dtype=torch.float32)

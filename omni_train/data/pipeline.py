@@ -591,7 +591,7 @@ def _features(clean: CleanPart, name: str, unchanged: bool, compute) -> EncodedM
 def _audio_in_video(raw: dict[str, bytes], part: dict, at: str, cfg: DataConfig) -> torch.Tensor:
     """The audio waveform interleaved with a video part's frames: the video's own track, or its `audio_member`."""
     if cfg.positions == "mrope":
-        raise MediaError(f"{at}: audio in video needs model.positions tmrope (or 1d), not mrope; set the part's "
+        raise MediaError(f"{at}: audio in video needs model.positions tmrope or tmrope_qwen3 (or 1d), not mrope; set the part's "
                          "use_audio_in_video to false or data.video.use_audio_in_video: false")
     if cfg.sequence_tokens.kind != "encoder":
         raise MediaError(f"{at}: audio in video interleaves encoder tokens, not data.sequence_tokens.kind="

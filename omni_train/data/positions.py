@@ -49,8 +49,9 @@ import torch
 
 from omni_train.data.sample import EncodedMedia
 
-POSITION_KINDS = ("1d", "mrope", "tmrope")
+POSITION_KINDS = ("1d", "mrope", "tmrope", "tmrope_qwen3")
 POSITION_IDS_PER_SECOND = 25  # Qwen2.5-Omni's position_id_per_seconds
+QWEN3_POSITION_IDS_PER_SECOND = 13.0  # Qwen3-Omni's (its processor's and the released config's; the config class says 25)
 SECONDS_PER_CHUNK = 2         # Qwen2.5-Omni's seconds_per_chunk: audio in video is interleaved in chunks this long
 IMAGE_SECONDS_PER_GRID = 1.0  # get_rope_index multiplies an image's temporal index by 1 second
 
@@ -112,10 +113,12 @@ def vision_span(item: EncodedMedia) -> VisionSpan:
 
 
 def time_ids(span: VisionSpan, kind: str) -> torch.Tensor:
-    """(grid_t,) int64 time id of each temporal patch, relative to the span's start."""
+    """(grid_t,) time id of each temporal patch, relative to the span's start: int64, float32 for tmrope_qwen3."""
     steps = torch.arange(span.grid_t)
     if kind == "mrope":
         return steps
+    if kind == "tmrope_qwen3":  # the same float32 product, not truncated: 13 ids per second of nominal time
+        return steps * torch.tensor(span.seconds_per_grid, dtype=torch.float32) * QWEN3_POSITION_IDS_PER_SECOND
     # transformers: (torch.arange(grid_t) * second_per_grids[i].float() * position_id_per_seconds).long(), where
     # second_per_grids holds temporal_patch_size / fps as float32: int64 * float32 -> float32, truncated
     return (steps * torch.tensor(span.seconds_per_grid, dtype=torch.float32) * POSITION_IDS_PER_SECOND).long()
@@ -146,6 +149,30 @@ def chunk_ranges(values: torch.Tensor, per_chunk: int) -> list[tuple[int, int]]:
     return ranges
 
 
+def audio_in_video_runs(span: AudioInVideoSpan, kind: str) -> list[tuple[str, int, int]]:
+    """The token layout of a video with its audio, between its markers: ("video" | "audio", first, end) runs in order.
+
+    tmrope_qwen3: Qwen3-Omni's processor (`replace_video_with_audio_token`), token by token by time id, a
+    video token first where its time id is <= the audio token's (13 ids per second both); any other kind:
+    Qwen2.5-Omni's 2 s chunks (`audio_in_video_chunks`)."""
+    runs: list[tuple[str, int, int]] = []
+    if kind != "tmrope_qwen3":
+        for video, audio in audio_in_video_chunks(span):
+            runs += [(name, *part) for name, part in (("video", video), ("audio", audio)) if part is not None]
+        return runs
+    video_t = _vision_block(span.video, kind)[0].tolist()
+    v = a = 0
+    while v < len(video_t) or a < span.num_audio_tokens:
+        take_video = a == span.num_audio_tokens or (v < len(video_t) and video_t[v] <= a)
+        name, first = ("video", v) if take_video else ("audio", a)
+        if runs and runs[-1][0] == name:
+            runs[-1] = (name, runs[-1][1], first + 1)
+        else:
+            runs.append((name, first, first + 1))
+        v, a = (v + 1, a) if take_video else (v, a + 1)
+    return runs
+
+
 def audio_in_video_chunks(span: AudioInVideoSpan) -> list[tuple[tuple[int, int] | None, tuple[int, int] | None]]:
     """The layout of a video with its audio: per chunk, (video token slice, audio token slice), either None.
 
@@ -161,7 +188,8 @@ def audio_in_video_chunks(span: AudioInVideoSpan) -> list[tuple[tuple[int, int] 
 
 
 def document_positions(spans: Sequence[Span], kind: str) -> torch.Tensor | None:
-    """(3, n) int64 positions of one document rendered as `spans` (n = their tokens), or None for `1d`."""
+    """(3, n) positions of one document rendered as `spans` (n = their tokens), or None for `1d`: int64, float32 for
+    tmrope_qwen3 (whose video time ids are fractions where seconds_per_grid * 13 is no whole number)."""
     if kind not in POSITION_KINDS:
         raise ValueError(f"model.positions must be one of {', '.join(POSITION_KINDS)}, got {kind!r}")
     if kind == "1d":
@@ -169,13 +197,15 @@ def document_positions(spans: Sequence[Span], kind: str) -> torch.Tensor | None:
     blocks: list[torch.Tensor] = []
     start = 0  # where the next block starts: the maximum of the last block appended + 1
 
+    dtype = torch.float32 if kind == "tmrope_qwen3" else torch.int64
+
     def append(block: torch.Tensor) -> None:
         nonlocal start
-        blocks.append(block)
-        start = int(block.max()) + 1
+        blocks.append(block.to(dtype))
+        start = block.max().item() + 1
 
     def sequential(n: int) -> torch.Tensor:
-        return torch.arange(start, start + n).expand(3, -1)
+        return (torch.arange(n) + start).expand(3, -1)
 
     for span in spans:
         if isinstance(span, (TextSpan, AudioSpan)):
@@ -183,9 +213,20 @@ def document_positions(spans: Sequence[Span], kind: str) -> torch.Tensor | None:
                 append(sequential(span.num_tokens))
         elif isinstance(span, VisionSpan):
             append(_vision_block(span, kind) + start)
+        elif kind == "tmrope_qwen3":  # both start markers, then the runs, then both end markers: each its own id
+            append(sequential(2))
+            video = _vision_block(span.video, kind) + start
+            audio = (torch.arange(span.num_audio_tokens) + start).expand(3, -1)
+            runs = audio_in_video_runs(span, kind)
+            blocks += [(video if name == "video" else audio)[:, first:end] for name, first, end in runs[:-1]]
+            name, first, end = runs[-1]
+            # transformers appends token by token and then the longer one's remainder: the next start is the
+            # maximum of that last piece (the last token alone when the remainder is one token long)
+            append((video if name == "video" else audio)[:, first:end])
+            append(sequential(2))
         else:
             if kind != "tmrope":
-                raise ValueError(f"audio in video needs model.positions tmrope (or 1d), not {kind}: "
+                raise ValueError(f"audio in video needs model.positions tmrope or tmrope_qwen3 (or 1d), not {kind}: "
                                  "its audio and frames share TMRoPE's time axis")
             markers = sequential(1)
             blocks.append(markers)  # <|video_start|> and <|audio_start|> share one position
@@ -201,8 +242,8 @@ def document_positions(spans: Sequence[Span], kind: str) -> torch.Tensor | None:
             blocks.append(markers)  # <|audio_end|> and <|video_end|> too
             append(markers)
     if not blocks:
-        return torch.zeros(3, 0, dtype=torch.long)
-    return torch.cat(blocks, dim=1).contiguous()
+        return torch.zeros(3, 0, dtype=dtype)
+    return torch.cat([block.to(dtype) for block in blocks], dim=1).contiguous()
 
 
 def check_model_positions(positions: str, mrope_section: Sequence[int] | None, transfer_kind: str) -> None:

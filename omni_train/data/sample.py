@@ -62,7 +62,7 @@ class TokenizedSample:
     labels: torch.Tensor        # (L,) int64; -100 where no loss (everything but assistant turns)
     modality_ids: torch.Tensor  # (L,) int8; MODALITY_IDS
     timestamps_s: torch.Tensor  # (L,) float32; media positions' timestamps, -1 for text
-    # (3, L) int64 (time, height, width) positions of this document for model.positions mrope / tmrope
+    # (3, L) int64 (time, height, width) positions of this document for model.positions mrope / tmrope (float32: tmrope_qwen3)
     # (data/positions.py); None for 1d, where collate_packed numbers the tokens 0..L-1
     position_ids: torch.Tensor | None = None
     media: list[EncodedMedia] = field(default_factory=list)  # in placeholder order

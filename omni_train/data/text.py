@@ -389,7 +389,7 @@ def render_chat(messages: list[dict], media: Sequence[EncodedMedia], tokenizer: 
     _check_media(messages, media, where)
     if not any(m["role"] == "assistant" and _has_content(m) for m in messages):
         raise ValueError(f"{_prefix(where)}no assistant turn with content: nothing to train on")
-    seq = _Sequence()
+    seq = _Sequence(positions)
     for message in messages:
         _render_message(seq, message, media, tokenizer)
     seq.add([tokenizer.endoftext_id], train=messages[-1]["role"] == "assistant")
@@ -407,7 +407,7 @@ def render_prompt(messages: list[dict], media: Sequence[EncodedMedia], tokenizer
     if messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
         media = media[:sum(1 for m in messages for p in m["content"] if p["type"] in MODALITIES)]
-    seq = _Sequence()
+    seq = _Sequence(positions)
     for message in messages:
         _render_message(seq, message, media, tokenizer, train=False)
     seq.add([tokenizer.im_start_id, *tokenizer.encode("assistant\n")], train=False)
@@ -418,7 +418,8 @@ class _Sequence:
     """Chunks of ids, labels, modality ids and timestamps, concatenated once (a long meeting has 10^5 pads),
     and the document's structure as `positions` spans (text runs, media grids), from which its positions follow."""
 
-    def __init__(self):
+    def __init__(self, positions: str = "1d"):
+        self.positions = positions  # model.positions: the audio-in-video layout follows it (positions.audio_in_video_runs)
         self.ids: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
         self.modality_ids: list[torch.Tensor] = []
@@ -455,14 +456,12 @@ class _Sequence:
         audio_start, audio_pad, audio_end = tokenizer.media_ids["audio"]
         span = positions_lib.AudioInVideoSpan(video=positions_lib.vision_span(video), num_audio_tokens=audio.num_tokens)
         self._append([video_start, audio_start])
-        for video_chunk, audio_chunk in positions_lib.audio_in_video_chunks(span):
-            for item, pad_id, chunk in ((video, video_pad, video_chunk), (audio, audio_pad, audio_chunk)):
-                if chunk is not None:
-                    first, end = chunk
-                    self._append(torch.full((end - first,), pad_id), modality=item.modality,
-                                 timestamps_s=item.token_timestamps_s[first:end])
+        for name, first, end in positions_lib.audio_in_video_runs(span, self.positions):
+            item, pad_id = (video, video_pad) if name == "video" else (audio, audio_pad)
+            self._append(torch.full((end - first,), pad_id), modality=item.modality,
+                         timestamps_s=item.token_timestamps_s[first:end])
         self._append([audio_end, video_end])
-        self.spans.append(span)  # markers included: the two start and the two end markers share a position each
+        self.spans.append(span)  # markers included (tmrope: the two start and the two end markers share a position each)
 
     def _append(self, ids: list[int] | torch.Tensor, *, train: bool = False, modality: str = "text",
                 timestamps_s: torch.Tensor | None = None) -> torch.Tensor:
