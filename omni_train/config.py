@@ -51,12 +51,13 @@ class RecipeConfig:
         if self.output_dir is None:
             self.output_dir = str(Path("runs") / self.name)
         if self.model.pretrained:
-            from omni_train.model.qwen2_5_omni import QWEN_OMNI_AUDIO_DATA
+            from omni_train.model.qwen2_5_omni import pretrained_data_fields
 
             if self.data.tokenizer == "byte":
                 self.data.tokenizer = self.model.pretrained  # an Omni checkpoint's tokenizer and chat markers come with it
-            # the thinker's audio preprocessing (transformers' processor): the token count its encoder produces
-            self.data.audio = dataclasses.replace(self.data.audio, **QWEN_OMNI_AUDIO_DATA)
+            # the thinker's preprocessing (transformers' processor): the token counts its encoders produce, its patches
+            for section, fields in pretrained_data_fields(self.model.pretrained).items():
+                setattr(self.data, section, dataclasses.replace(getattr(self.data, section), **fields))
         self.data.positions = self.model.positions  # the data layer renders the positions the model applies
         if self.model.fusion == "resampler" and self.model.resampler.span_s is not None:
             from omni_train.model.resampler import span_tokens_of

@@ -101,6 +101,9 @@ def export_run(run: str | Path, out: str | Path, *, step: int | None = None, mer
     if format == "hf" and not cfg.model.pretrained:
         raise ValueError(f"--format hf: {run} did not start from model.pretrained (a Qwen2.5-Omni directory), so there "
                          f"is no release layout to write; export it in the omni_train format")
+    if format == "hf" and cfg.model.positions == "tmrope_qwen3":
+        raise ValueError(f"--format hf: {run} started from a Qwen3-Omni thinker, whose release layout is not written "
+                         "yet; export it in the omni_train format")
     if format == "hf" and (cfg.model.fusion != "interleave" or "pool" in cfg.model.projector_kinds().values()):
         raise ValueError(f"--format hf: {run} uses model.fusion={cfg.model.fusion} with projectors "
                          f"{cfg.model.projector_kinds()}, which the Qwen2.5-Omni layout has no place for; export it in "

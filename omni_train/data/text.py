@@ -46,6 +46,13 @@ QWEN_OMNI_TOKENS: dict[str, str] = {
     "<|image_start|>": "<|vision_bos|>", "<|image_pad|>": "<|IMAGE|>", "<|image_end|>": "<|vision_eos|>",
     "<|video_start|>": "<|vision_bos|>", "<|video_pad|>": "<|VIDEO|>", "<|video_end|>": "<|vision_eos|>",
 }
+# Qwen3-Omni's (Qwen3-VL's vision markers, its own audio ones): <|vision_start|> / <|vision_end|> around images and videos
+QWEN3_OMNI_TOKENS: dict[str, str] = {
+    "<|pad|>": "<|endoftext|>",
+    "<|audio_start|>": "<|audio_start|>", "<|audio_pad|>": "<|audio_pad|>", "<|audio_end|>": "<|audio_end|>",
+    "<|image_start|>": "<|vision_start|>", "<|image_pad|>": "<|image_pad|>", "<|image_end|>": "<|vision_end|>",
+    "<|video_start|>": "<|vision_start|>", "<|video_pad|>": "<|video_pad|>", "<|video_end|>": "<|vision_end|>",
+}
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
 NUM_BYTES = 256
 BYTE_TOKENIZER_FILE = "omni_tokenizer.json"  # what `Tokenizer.save` writes for the byte-level backend
@@ -204,7 +211,8 @@ class Tokenizer:
         `<|vision_start|>` would make image and video spans indistinguishable, so our per-modality
         markers are added as new tokens instead (`num_added` of them, plus `<|pad|>`).
 
-        A Qwen2.5-Omni tokenizer (it holds every token of QWEN_OMNI_TOKENS) is the exception: its
+        A Qwen2.5-Omni or Qwen3-Omni tokenizer (it holds every token of QWEN_OMNI_TOKENS or QWEN3_OMNI_TOKENS) is the
+        exception: its
         markers were trained with the thinker's own encoders, which are ours when the model is loaded
         from `model.pretrained`, so the template uses them and nothing is added.
         """
@@ -218,8 +226,15 @@ class Tokenizer:
         except (OSError, ValueError, TypeError) as e:
             raise ValueError(f"'{path}' holds no loadable HF tokenizer ({str(e).strip().splitlines()[0]})") from None
         vocab = hf.get_vocab()
-        if all(token in vocab for token in QWEN_OMNI_TOKENS.values()):
-            return cls(_HFBackend(hf), source=str(path), native=QWEN_OMNI_TOKENS)
+        natives = (QWEN_OMNI_TOKENS, QWEN3_OMNI_TOKENS)
+        try:  # a Qwen3-Omni checkpoint directory says so; its vocabulary may hold Qwen2.5-Omni's markers too
+            if str(json.loads((path / "config.json").read_text()).get("model_type", "")).startswith("qwen3_omni"):
+                natives = (QWEN3_OMNI_TOKENS,)
+        except (OSError, ValueError, AttributeError):
+            pass
+        for native in natives:
+            if all(token in vocab for token in native.values()):
+                return cls(_HFBackend(hf), source=str(path), native=native)
         missing = [token for token in SPECIAL_TOKENS if token not in vocab]
         num_added = hf.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
         return cls(_HFBackend(hf), source=str(path), num_added=num_added)

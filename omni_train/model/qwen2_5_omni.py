@@ -236,6 +236,7 @@ class OmniCheckpoint:
     config: dict      # config.json as read
     thinker: dict     # the thinker's config: config["thinker_config"] (release) or config itself
     prefix: str       # "thinker." (release layout) or "" (the thinker's own save_pretrained)
+    family: str = "qwen2_5"  # "qwen2_5" (Qwen2.5-Omni) | "qwen3" (Qwen3-Omni: qwen3_omni.py maps it)
 
     @property
     def where(self) -> str:
@@ -243,20 +244,37 @@ class OmniCheckpoint:
 
 
 def read_omni_checkpoint(path: str | Path) -> OmniCheckpoint:
-    """The config of a Qwen2.5-Omni release directory or of a saved thinker; one error naming the file otherwise."""
+    """The config of a Qwen2.5-Omni or Qwen3-Omni release directory or of a saved thinker; one error naming the file
+    otherwise."""
+    from omni_train.model import qwen3_omni
+
     path = Path(path)
-    config = read_hf_config(path, "Qwen2.5-Omni")
+    config = read_hf_config(path, "Qwen2.5-Omni / Qwen3-Omni")
     where = str(path / CONFIG_FILE)
     model_type = config.get("model_type")
-    if model_type == RELEASE_MODEL_TYPE:
+    releases = {RELEASE_MODEL_TYPE: "qwen2_5", qwen3_omni.RELEASE_MODEL_TYPE: "qwen3"}
+    thinkers = {THINKER_MODEL_TYPE: "qwen2_5", qwen3_omni.THINKER_MODEL_TYPE: "qwen3"}
+    if model_type in releases:
         thinker = config.get("thinker_config")
         if not isinstance(thinker, dict):
-            raise ValueError(f"{where}: model_type {RELEASE_MODEL_TYPE} needs a 'thinker_config' object")
-        return OmniCheckpoint(path=path, config=config, thinker=thinker, prefix="thinker.")
-    if model_type == THINKER_MODEL_TYPE:
-        return OmniCheckpoint(path=path, config=config, thinker=config, prefix="")
-    raise ValueError(f"{where}: model_type {model_type!r} is not a Qwen2.5-Omni checkpoint "
-                     f"(supported: {RELEASE_MODEL_TYPE}, {THINKER_MODEL_TYPE})")
+            raise ValueError(f"{where}: model_type {model_type} needs a 'thinker_config' object")
+        return OmniCheckpoint(path=path, config=config, thinker=thinker, prefix="thinker.", family=releases[model_type])
+    if model_type in thinkers:
+        return OmniCheckpoint(path=path, config=config, thinker=config, prefix="", family=thinkers[model_type])
+    raise ValueError(f"{where}: model_type {model_type!r} is not a Qwen2.5-Omni or Qwen3-Omni checkpoint "
+                     f"(supported: {', '.join([*releases, *thinkers])})")
+
+
+def pretrained_data_fields(path: str | Path) -> dict[str, dict[str, Any]]:
+    """{data section: fields} the checkpoint's processor implies (model.pretrained): Qwen2.5-Omni's audio counts, or
+    Qwen3-Omni's audio counts and 16-pixel patches. The recipe has read the checkpoint already (OmniConfig)."""
+    checkpoint = read_omni_checkpoint(path)
+    if checkpoint.family == "qwen3":
+        from omni_train.model.qwen3_omni import QWEN3_OMNI_IMAGE_DATA, qwen3_audio_data, qwen3_audio_tower_config
+
+        audio = qwen3_audio_tower_config(checkpoint.thinker.get("audio_config") or {}, where=checkpoint.where)
+        return {"audio": qwen3_audio_data(audio), "image": QWEN3_OMNI_IMAGE_DATA}
+    return {"audio": QWEN_OMNI_AUDIO_DATA}
 
 
 def thinker_backbone_config(checkpoint: OmniCheckpoint) -> BackboneConfig:
@@ -272,6 +290,10 @@ def thinker_backbone_config(checkpoint: OmniCheckpoint) -> BackboneConfig:
 
 def thinker_model_fields(checkpoint: OmniCheckpoint) -> dict[str, Any]:
     """OmniConfig fields that reproduce the thinker: backbone, encoders, projectors, positions."""
+    if checkpoint.family == "qwen3":
+        from omni_train.model.qwen3_omni import qwen3_thinker_model_fields
+
+        return qwen3_thinker_model_fields(checkpoint)
     thinker, where = checkpoint.thinker, checkpoint.where
     for key in ("audio_config", "vision_config"):
         if not isinstance(thinker.get(key), dict):
@@ -331,7 +353,11 @@ def load_thinker(model: nn.Module, path: str | Path) -> None:
     Every key is mapped; a missing, unexpected or mis-shaped one is named in one error with the weights file.
     """
     checkpoint = read_omni_checkpoint(path)
-    state = thinker_to_omni_state_dict(dict(iter_checkpoint_tensors(checkpoint)), model.cfg.backbone)
+    if checkpoint.family == "qwen3":
+        from omni_train.model.qwen3_omni import qwen3_thinker_to_omni_state_dict as to_omni
+    else:
+        to_omni = thinker_to_omni_state_dict
+    state = to_omni(dict(iter_checkpoint_tensors(checkpoint)), model.cfg.backbone)
     dtype = next(model.parameters()).dtype
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     load_state_strict(model, state, where=weights_label(checkpoint.path))

@@ -1,6 +1,7 @@
 """Qwen3-Omni's thinker (transformers' `qwen3_omni_moe`, read as the specification) <-> omni_train modules.
 
-So far the audio and vision towers; the text thinker is the `qwen3_omni_moe_text` family of `hf_adapters`.
+The audio and vision towers, and the whole thinker for `model.pretrained` (read by `qwen2_5_omni.read_omni_checkpoint`,
+family qwen3); the text model is the `qwen3_omni_moe_text` family of `hf_adapters`.
 
 Audio tower: an AudioEncoder with `stem: conv2d` (three stride-2 Conv2d over mel x time, GELU, then
 `conv_out`: 8 frames per position), `chunk_frames` = n_window * 2 (1 s: 100 frames -> 13 positions,
@@ -23,9 +24,11 @@ per 1 s chunk, `_get_feat_extract_output_lengths`: (frames // 100) * 13 + the re
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
+from omni_train.data.positions import QWEN3_POSITION_IDS_PER_SECOND
 from omni_train.model.audio_encoder import AudioEncoderConfig
 from omni_train.model.vision_encoder import VisionEncoderConfig
 from omni_train.model.qwen2_5_omni import audio_tower_state_dict, check_audio_tower_fields
@@ -178,3 +181,68 @@ def qwen3_vision_tower_state_dict(hf_state: dict[str, torch.Tensor], prefix: str
         else:
             encoder[name] = value
     return encoder, projector, deepstack
+
+
+# ------------------------------------------------------------------------------------------ thinker
+# Qwen3-Omni HF key (release: under thinker.; the thinker's save_pretrained: no prefix)   OmniModel key
+# audio_tower.<...>, audio_tower.proj1 / proj2                audio_encoder.<...>, audio_projector.fc1 / fc2
+# visual.<...>, visual.merger, visual.merger_list.J           vision_encoder.<...>, vision_projector, vision_deepstack.J
+# model.<...> (experts per key on disk, or fused)             backbone.<...> (experts fused: hf_adapters._fuse_experts)
+# lm_head.weight                                              backbone.lm_head.weight
+# talker.*, code2wav.* (release only)                         not read
+RELEASE_MODEL_TYPE = "qwen3_omni_moe"
+THINKER_MODEL_TYPE = "qwen3_omni_moe_thinker"
+# data fields the thinker's processor implies beyond data.audio: 16-pixel patches (Qwen3-VL's), SigLIP's 0.5 norms
+QWEN3_OMNI_IMAGE_DATA = {"patch_size": 16}
+
+
+def qwen3_thinker_model_fields(checkpoint) -> dict[str, Any]:
+    """OmniConfig fields that reproduce a Qwen3-Omni thinker (`qwen2_5_omni.OmniCheckpoint` of family qwen3): the
+    MoE backbone with interleaved M-RoPE, both towers, their projectors, deepstack, and positions tmrope_qwen3."""
+    from omni_train.model.hf_adapters import backbone_config_from_hf
+    from omni_train.model.projectors import ProjectorOptions
+
+    thinker, where = checkpoint.thinker, checkpoint.where
+    prefix = "thinker_config." if checkpoint.prefix else ""
+    for key in ("text_config", "audio_config", "vision_config"):
+        if not isinstance(thinker.get(key), dict):
+            raise ValueError(f"{where}: {prefix}{key} is missing (the thinker's {key.split('_')[0]} config)")
+    text = {**thinker["text_config"], "model_type": "qwen3_omni_moe_text",
+            "tie_word_embeddings": bool(thinker.get("tie_word_embeddings", False))}
+    backbone = backbone_config_from_hf(text, where=f"{where}: {prefix}text_config")
+    if backbone.mrope_section is None:
+        raise ValueError(f"{where}: {prefix}text_config.rope_parameters has no mrope_section (TMRoPE needs its bands)")
+    audio = qwen3_audio_tower_config(thinker["audio_config"], where=f"{where}: {prefix}audio_config")
+    vision = qwen3_vision_tower_config(thinker["vision_config"], where=f"{where}: {prefix}vision_config")
+    for key, out_dim in (("audio_config.output_dim", thinker["audio_config"].get("output_dim")),
+                         ("vision_config.out_hidden_size", thinker["vision_config"].get("out_hidden_size"))):
+        if out_dim is not None and out_dim != backbone.dim:
+            raise ValueError(f"{where}: {prefix}{key}={out_dim} differs from text_config.hidden_size={backbone.dim}")
+    # the config class's default is 25, the released model's config.json and processor say 13: read what is there
+    per_second = thinker.get("position_id_per_seconds", 25)
+    if per_second != QWEN3_POSITION_IDS_PER_SECOND:
+        raise ValueError(f"{where}: {prefix}position_id_per_seconds={per_second} is not supported (positions "
+                         f"tmrope_qwen3 use {QWEN3_POSITION_IDS_PER_SECOND:g}, the released model's)")
+    return {
+        "backbone": backbone, "audio": audio, "vision": vision, "positions": "tmrope_qwen3",
+        "audio_projector": ProjectorOptions(kind="mlp", hidden_dim=audio.dim, input_norm=False),
+        "vision_projector": ProjectorOptions(kind="mlp", hidden_dim=vision.out_dim, input_norm=False),
+    }
+
+
+def qwen3_thinker_to_omni_state_dict(hf_state: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
+    """Qwen3-Omni thinker keys (prefix removed) -> OmniModel keys; unknown keys pass through for the strict check."""
+    from omni_train.model.hf_adapters import hf_to_backbone_state_dict
+
+    audio = {k: v for k, v in hf_state.items() if k.startswith("audio_tower.")}
+    vision = {k: v for k, v in hf_state.items() if k.startswith("visual.")}
+    text = {k: v for k, v in hf_state.items() if k.startswith("model.") or k == "lm_head.weight"}
+    state = {k: v for k, v in hf_state.items() if k not in audio and k not in vision and k not in text}
+    encoder, projector = qwen3_audio_tower_state_dict(audio, "audio_tower.")
+    state.update({f"audio_encoder.{k}": v for k, v in encoder.items()})
+    state.update({f"audio_projector.{k}": v for k, v in projector.items()})
+    for name, part in zip(("vision_encoder", "vision_projector", "vision_deepstack"),
+                          qwen3_vision_tower_state_dict(vision, "visual.")):
+        state.update({f"{name}.{k}": v for k, v in part.items()})
+    state.update({f"backbone.{k}": v for k, v in hf_to_backbone_state_dict(text, cfg).items()})
+    return state
