@@ -21,10 +21,10 @@ The model config is the built model's (`model.cfg`: vocabulary and any pretraine
 shape filled in) with every `pretrained*` path cleared, so loading never reads anything outside
 the directory.
 
-`--format hf` writes a run that started from `model.pretrained` (a Qwen2.5-Omni directory) back in
-that model's release layout, LoRA merged: transformers (`Qwen2_5OmniForConditionalGeneration`,
-`Qwen2_5OmniThinkerForConditionalGeneration`) and vLLM load it (`qwen2_5_omni.save_release` says
-what is written). `omni_train_export.json` beside it records the source run and step.
+`--format hf` writes a run that started from `model.pretrained` (a Qwen2.5-Omni or Qwen3-Omni directory)
+back in that model's release layout, LoRA merged: transformers (`Qwen2_5OmniForConditionalGeneration`,
+`Qwen3OmniMoeForConditionalGeneration` and their thinker classes) and vLLM load it
+(`qwen2_5_omni.save_release` says what is written). `omni_train_export.json` beside it records the source run and step.
 """
 
 from __future__ import annotations
@@ -99,11 +99,8 @@ def export_run(run: str | Path, out: str | Path, *, step: int | None = None, mer
         raise ValueError("--format hf merges LoRA into the weights: --keep-lora applies to the omni_train format only")
     model, cfg, tokenizer, checkpoint = load_run(run, step)
     if format == "hf" and not cfg.model.pretrained:
-        raise ValueError(f"--format hf: {run} did not start from model.pretrained (a Qwen2.5-Omni directory), so there "
+        raise ValueError(f"--format hf: {run} did not start from model.pretrained (a Qwen2.5-Omni or Qwen3-Omni directory), so there "
                          f"is no release layout to write; export it in the omni_train format")
-    if format == "hf" and cfg.model.positions == "tmrope_qwen3":
-        raise ValueError(f"--format hf: {run} started from a Qwen3-Omni thinker, whose release layout is not written "
-                         "yet; export it in the omni_train format")
     if format == "hf" and (cfg.model.fusion != "interleave" or "pool" in cfg.model.projector_kinds().values()):
         raise ValueError(f"--format hf: {run} uses model.fusion={cfg.model.fusion} with projectors "
                          f"{cfg.model.projector_kinds()}, which the Qwen2.5-Omni layout has no place for; export it in "

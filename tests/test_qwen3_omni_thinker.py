@@ -83,3 +83,86 @@ def test_a_checkpoint_with_other_position_ids_per_second_is_one_error(omni3, tmp
     (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(RecipeError, match=r"thinker_config.position_id_per_seconds=25 is not supported"):
         recipe_for(bad)
+
+
+@pytest.mark.parametrize("layout", ["release", "thinker"])
+def test_streaming_into_zero3_partitions_gives_the_whole_map(omni3, thinker3, layout):
+    """iter_thinker_state (ZeRO-3's loader: one tensor at a time, one layer's experts held until fused) yields exactly
+    the tensors the whole-checkpoint map gives, and every one of the model's."""
+    from omni_train.model.qwen2_5_omni import iter_checkpoint_tensors, iter_thinker_state, read_omni_checkpoint
+    from omni_train.model.qwen3_omni import qwen3_thinker_to_omni_state_dict
+
+    model, _, cfg = thinker3
+    streamed = dict(iter_thinker_state(omni3[layout], cfg.model.backbone))
+    checkpoint = read_omni_checkpoint(omni3[layout])
+    whole = qwen3_thinker_to_omni_state_dict(dict(iter_checkpoint_tensors(checkpoint)), cfg.model.backbone)
+    assert set(streamed) == set(whole) == set(model.state_dict())
+    assert all(torch.equal(streamed[key], whole[key]) for key in whole)
+    assert streamed["backbone.layers.0.mlp.gate_up_proj"].shape == (4, 2 * 32, 64)  # 4 experts fused from 12 keys
+
+
+@pytest.mark.parametrize("layout", ["release", "thinker"])
+def test_release_export_loads_in_transformers_with_every_key_and_equal_logits(omni3, media, tmp_path, layout):
+    """save_release (what `omni-train export --format hf` writes) of a changed model: the release layout with the
+    experts one key each and qkv fused, which transformers loads with no missing or mismatched key and whose logits
+    on a document with audio, an image and a video are ours."""
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (Qwen3OmniMoeForConditionalGeneration,
+                                                                            Qwen3OmniMoeThinkerForConditionalGeneration)
+
+    from omni_train.model.qwen2_5_omni import save_release
+
+    model, tokenizer, cfg = ours(omni3[layout])
+    with torch.no_grad():  # as if trained: every weight moves
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.01)
+    out = tmp_path / "export"
+    save_release(model.state_dict(), omni3[layout], out, backbone=model.cfg.backbone, max_shard_bytes=200_000)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3OmniMoeForConditionalGeneration"] and config["model_type"] == "qwen3_omni_moe"
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "thinker.model.layers.0.mlp.experts.3.down_proj.weight" in index and "thinker.visual.blocks.2.attn.qkv.bias" in index
+    if layout == "release":
+        assert "talker.codec_head.weight" in index and "code2wav.code_embedding.weight" in index  # carried through
+
+    sample = decoded(cfg, tokenizer, media, DOCUMENTS["turns"])
+    batch = collate_packed([[sample]], len(sample), tokenizer.pad_id, cfg.data.audio)
+    thinker, info = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
+    assert all(k.startswith(("talker.", "code2wav.")) for k in info["unexpected_keys"]), info["unexpected_keys"]
+    with torch.no_grad():
+        logits = model(batch, return_logits=True).logits[0]
+        difference = float((thinker.eval()(**hf_inputs(sample)).logits[0] - logits).abs().max())
+    print(f"{layout}: export vs ours on {[m.modality for m in sample.media]}, logits max difference {difference:.2e}")
+    assert difference < 1e-4
+    if layout == "thinker":  # no talker in the source: the whole-model class loads it too (enable_audio_output false)
+        whole = Qwen3OmniMoeForConditionalGeneration.from_pretrained(str(out)).eval()
+        with torch.no_grad():
+            assert float((whole.thinker(**hf_inputs(sample)).logits[0] - logits).abs().max()) < 1e-4
+
+
+def test_greedy_generation_equals_transformers_with_deepstack_in_the_prompt(omni3, media, thinker3):
+    """generate_ids (what the probes call: deepstack's additions padded with the prompt, positions continued past
+    its largest id) gives transformers' greedy tokens after a prompt with audio, an image and a video."""
+    from omni_train.data.text import render_prompt
+    from omni_train.probes.generate import _fuse_prompts, generate_ids
+
+    model, tokenizer, cfg = thinker3
+    messages = DOCUMENTS["turns"]
+    sample = decoded(cfg, tokenizer, media, messages)
+    prompt = render_prompt(messages, sample.media, tokenizer, positions=cfg.data.positions)
+    ours = generate_ids(model, [prompt], tokenizer, max_new_tokens=8, audio_cfg=cfg.data.audio, stop_ids=[])[0]
+    inputs = hf_inputs(prompt)
+    with torch.no_grad():  # the generation path's first step: its fused prompt through the backbone, as generate_ids
+        embeds, positions, documents, last, _, (memory, deepstack) = _fuse_prompts(
+            model, [prompt], tokenizer, room=0, audio_cfg=cfg.data.audio)
+        hidden = model.backbone(inputs_embeds=embeds, position_ids=positions, document_ids=documents,
+                                after_layer=model.after_layer(memory, documents, deepstack))
+        first = model.backbone.logits(hidden[0, int(last[0])])
+        difference = float((first - omni3["reference"](**inputs).logits[0, -1]).abs().max())
+    assert deepstack is not None and difference < 1e-4, difference
+    inputs.pop("use_cache")
+    with torch.no_grad():
+        theirs = omni3["reference"].generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                             pad_token_id=tokenizer.pad_id)[0, len(prompt):].tolist()
+    print(f"greedy after {len(prompt)} prompt tokens: ours {ours}, transformers {theirs}")
+    assert ours == theirs

@@ -31,19 +31,25 @@ def finetuned(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("omni_finetune")
     tokenizer = tiny_tokenizer(root / "tokenizer")
     release = save_thinker(tiny_thinker(tokenizer), root / "release", tokenizer, layout="release", talker=False)
+    return {"root": root, "release": release,
+            **finetune_on_tiny_twin("recipes/qwen2.5-omni-3b-meeting.yaml", release, root, steps=STEPS)}
+
+
+def finetune_on_tiny_twin(recipe: str, release: Path, root: Path, *, steps: int) -> dict:
+    """`recipe` on 2 CPU ranks from the tiny thinker `release`: meeting folder shards and a ShareGPT manifest
+    (speech, tones, images, videos, text), fp32, short rows; {"meeting", "run", "output"}."""
     meeting = build_meeting_shards(root / "meeting", minutes=2)
-    corpus = build_corpus(root / "corpus")  # ShareGPT manifest: speech, tones, images, videos, text
+    corpus = build_corpus(root / "corpus")
     run = root / "run"
-    probe = PROBE % meeting["eval"]
     result = torchrun(
-        "launch/finetune.py", "--recipe", "recipes/qwen2.5-omni-3b-meeting.yaml", f"model.pretrained={release}",
+        "launch/finetune.py", "--recipe", recipe, f"model.pretrained={release}",
         f"name={run.name}", f"output_dir={run}", "data.seq_len=1536", "data.num_workers=0", "data.pack_pool=8",
         f"data.train=[{{shards: '{meeting['train']}'}}, {{shards: '{corpus['pattern']}'}}]",
         f"data.eval.0.shards={meeting['eval']}", "train.precision=fp32", "train.tracker=none", "train.progress=false",
-        f"train.steps={STEPS}", "train.log_every=5", f"train.eval_every={STEPS}", f"train.checkpoint_every={STEPS}",
+        f"train.steps={steps}", "train.log_every=5", f"train.eval_every={steps}", f"train.checkpoint_every={steps}",
         "train.warmup_steps=3", "train.lr=5e-3", "train.loss_chunk_tokens=96", "train.probes_at_start=false",
-        f"probes=[{probe}]", timeout_s=900)
-    return {"root": root, "release": release, "meeting": meeting, "run": run, "output": result.stdout + result.stderr}
+        f"probes=[{PROBE % meeting['eval']}]", timeout_s=900)
+    return {"meeting": meeting, "run": run, "output": result.stdout + result.stderr}
 
 
 @pytest.mark.outcome

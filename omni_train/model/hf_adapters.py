@@ -217,6 +217,24 @@ def _fuse_experts(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def unfuse_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SparseMoE's fused experts -> one key per expert and projection, as Qwen3-MoE checkpoints store them on disk
+    (the inverse of _fuse_experts for per-expert keys); other keys unchanged."""
+    out = {}
+    for key, tensor in state.items():
+        if key.endswith(".mlp.gate_up_proj"):
+            mlp, inter = key[: -len(".gate_up_proj")], tensor.shape[1] // 2
+            for e, expert in enumerate(tensor):                                   # (2I, D) each
+                out[f"{mlp}.experts.{e}.gate_proj.weight"] = expert[:inter]
+                out[f"{mlp}.experts.{e}.up_proj.weight"] = expert[inter:]
+        elif key.endswith(".mlp.down_proj") and tensor.dim() == 3:
+            mlp = key[: -len(".down_proj")]
+            out.update({f"{mlp}.experts.{e}.down_proj.weight": expert for e, expert in enumerate(tensor)})  # (D, I)
+        else:
+            out[key] = tensor
+    return out
+
+
 def backbone_to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Backbone keys -> HF Qwen keys (the reverse of hf_to_backbone_state_dict)."""
     return {(key if key == "lm_head.weight" else f"model.{key}"): tensor for key, tensor in state.items()}

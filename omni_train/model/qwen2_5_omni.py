@@ -434,9 +434,23 @@ def omni_to_thinker_state_dict(state: dict[str, torch.Tensor], checkpoint: OmniC
     return out
 
 
+def _fit_to_source(mapped: dict[str, torch.Tensor], checkpoint: OmniCheckpoint) -> dict[str, torch.Tensor]:
+    """Thinker tensors named as the source names them -> each in the source's shape; one error naming the keys the
+    model lacks or the source has no place for (Qwen3-Omni: its explicit inverse map, checked against the source)."""
+    shapes = checkpoint_shapes(checkpoint)
+    missing, extra = sorted(set(shapes) - set(mapped)), sorted(set(mapped) - set(shapes))
+    if missing:
+        raise ValueError(f"the model lacks {len(missing)} weights of {checkpoint.path}: {', '.join(missing[:5])}")
+    if extra:
+        raise ValueError(f"{len(extra)} weights of the model have no place in {checkpoint.path}'s layout: "
+                         f"{', '.join(extra[:5])}")
+    return {key: tensor.detach().reshape(shapes[key]) for key, tensor in mapped.items()}
+
+
 def save_release(state: dict[str, torch.Tensor], source: str | Path, out: Path, *, backbone: BackboneConfig,
                  max_shard_bytes: int = 5 * 1024**3) -> None:
-    """Write `state` (an OmniModel's full state dict, LoRA merged) into `out` in Qwen2.5-Omni's release layout.
+    """Write `state` (an OmniModel's full state dict, LoRA merged) into `out` in the source's release layout
+    (Qwen2.5-Omni's, or Qwen3-Omni's: experts one key each, qkv fused, `Qwen3OmniMoeForConditionalGeneration`).
 
     config.json is the source's, with `architectures` set and, for a source that was a bare thinker,
     wrapped as the release's `thinker_config` (without talker: `enable_audio_output: false`); weights
@@ -450,7 +464,14 @@ def save_release(state: dict[str, torch.Tensor], source: str | Path, out: Path, 
     from safetensors.torch import save_file
 
     checkpoint = read_omni_checkpoint(source)
-    thinker_state = omni_to_thinker_state_dict(state, checkpoint, backbone)
+    release_type, architectures = RELEASE_MODEL_TYPE, RELEASE_ARCHITECTURES
+    if checkpoint.family == "qwen3":
+        from omni_train.model import qwen3_omni
+
+        thinker_state = _fit_to_source(qwen3_omni.qwen3_omni_to_thinker_state_dict(state), checkpoint)
+        release_type, architectures = qwen3_omni.RELEASE_MODEL_TYPE, qwen3_omni.RELEASE_ARCHITECTURES
+    else:
+        thinker_state = omni_to_thinker_state_dict(state, checkpoint, backbone)
     dtype_name = checkpoint.thinker.get("dtype") or checkpoint.thinker.get("torch_dtype") or "float32"
     dtype = getattr(torch, str(dtype_name).removeprefix("torch."), None)
     if not isinstance(dtype, torch.dtype):
@@ -466,8 +487,8 @@ def save_release(state: dict[str, torch.Tensor], source: str | Path, out: Path, 
         config = dict(checkpoint.config)
     else:
         thinker = {k: v for k, v in checkpoint.config.items() if k not in ("architectures", "transformers_version")}
-        config = {"model_type": RELEASE_MODEL_TYPE, "thinker_config": thinker, "enable_audio_output": False}
-    config["architectures"] = list(RELEASE_ARCHITECTURES)
+        config = {"model_type": release_type, "thinker_config": thinker, "enable_audio_output": False}
+    config["architectures"] = list(architectures)
     out.mkdir(parents=True, exist_ok=True)
     shards: list[list[str]] = [[]]
     size = 0
@@ -492,6 +513,8 @@ def save_release(state: dict[str, torch.Tensor], source: str | Path, out: Path, 
             shutil.copyfile(checkpoint.path / name, out / name)
     # transformers' Qwen2_5OmniForConditionalGeneration.from_pretrained requires the talker's voices file (it reads
     # it weights-only). The source's is copied byte for byte, never read here; a bare thinker had none: an empty one.
+    if checkpoint.family == "qwen3":  # Qwen3-Omni's talker needs no voices file
+        return
     if (checkpoint.path / SPEAKERS_FILE).is_file():
         shutil.copyfile(checkpoint.path / SPEAKERS_FILE, out / SPEAKERS_FILE)
     else:
@@ -505,6 +528,12 @@ def iter_thinker_state(path: str | Path, backbone: BackboneConfig) -> Iterator[t
     any rank holding the whole model. The maps are per key (renames and reshapes), so each tensor is
     mapped alone.
     """
-    for key, tensor in iter_checkpoint_tensors(read_omni_checkpoint(path)):
+    checkpoint = read_omni_checkpoint(path)
+    if checkpoint.family == "qwen3":
+        from omni_train.model.qwen3_omni import iter_qwen3_thinker_state
+
+        yield from iter_qwen3_thinker_state(checkpoint, backbone)
+        return
+    for key, tensor in iter_checkpoint_tensors(checkpoint):
         if key not in UNUSED_KEYS:
             yield from thinker_to_omni_state_dict({key: tensor}, backbone).items()

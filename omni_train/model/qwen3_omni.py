@@ -24,6 +24,7 @@ per 1 s chunk, `_get_feat_extract_output_lengths`: (frames // 100) * 13 + the re
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -191,6 +192,7 @@ def qwen3_vision_tower_state_dict(hf_state: dict[str, torch.Tensor], prefix: str
 # lm_head.weight                                              backbone.lm_head.weight
 # talker.*, code2wav.* (release only)                         not read
 RELEASE_MODEL_TYPE = "qwen3_omni_moe"
+RELEASE_ARCHITECTURES = ["Qwen3OmniMoeForConditionalGeneration"]
 THINKER_MODEL_TYPE = "qwen3_omni_moe_thinker"
 # data fields the thinker's processor implies beyond data.audio: 16-pixel patches (Qwen3-VL's), SigLIP's 0.5 norms
 QWEN3_OMNI_IMAGE_DATA = {"patch_size": 16}
@@ -246,3 +248,82 @@ def qwen3_thinker_to_omni_state_dict(hf_state: dict[str, torch.Tensor], cfg) -> 
         state.update({f"{name}.{k}": v for k, v in part.items()})
     state.update({f"backbone.{k}": v for k, v in hf_to_backbone_state_dict(text, cfg).items()})
     return state
+
+
+def iter_qwen3_thinker_state(checkpoint, backbone) -> Iterator[tuple[str, torch.Tensor]]:
+    """(OmniModel key, tensor) of a Qwen3-Omni checkpoint's thinker weights for `zero3.load_state_partitioned`.
+
+    Every key maps alone (a fused qkv into three), but for the experts a layer keeps on disk one key per expert and
+    projection: those are held until the layer's are all read, then fused, so at most one layer's experts are in
+    memory at a time. An incomplete layer is passed on as it is, for the strict loader to name.
+    """
+    from omni_train.model.hf_adapters import EXPERT_ON_DISK
+    from omni_train.model.qwen2_5_omni import iter_checkpoint_tensors
+
+    per_layer = 3 * backbone.moe.experts if backbone.moe is not None else 0
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in iter_checkpoint_tensors(checkpoint):
+        if (match := EXPERT_ON_DISK.fullmatch(key)) is None:
+            yield from qwen3_thinker_to_omni_state_dict({key: tensor}, backbone).items()
+            continue
+        group = pending.setdefault(match[1], {})
+        group[key] = tensor
+        if len(group) == per_layer:
+            yield from qwen3_thinker_to_omni_state_dict(pending.pop(match[1]), backbone).items()
+    for group in pending.values():
+        yield from qwen3_thinker_to_omni_state_dict(group, backbone).items()
+
+
+def qwen3_omni_to_thinker_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """OmniModel keys -> Qwen3-Omni thinker keys as a release stores them (prefix removed): the inverse of
+    qwen3_thinker_to_omni_state_dict, with its own name tables inverted (q/k/v concatenated into qkv, the experts
+    split one key per expert and projection). A tensor keeps our shape; the caller reshapes it to the source's
+    (the patch embedding's Linear back into its Conv3d). A key this does not know raises, naming it."""
+    from omni_train.model.hf_adapters import unfuse_experts
+
+    audio = {f"audio_tower.{_invert(_AUDIO_NAMES, k[len('audio_encoder.'):])}": v
+             for k, v in state.items() if k.startswith("audio_encoder.")}
+    audio.update({f"audio_tower.{_invert(AUDIO_PROJECTOR_KEYS, k[len('audio_projector.'):])}": v
+                  for k, v in state.items() if k.startswith("audio_projector.")})
+    vision: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith("vision_encoder."):
+            name = key[len("vision_encoder."):]
+            if name.startswith("layers."):
+                index, rest = name[len("layers."):].split(".", 1)
+                parts = rest.split(".")                                       # e.g. self_attn, q_proj, weight
+                if parts[0] == "self_attn" and parts[1] in ("q_proj", "k_proj", "v_proj"):
+                    if parts[1] == "q_proj":  # q, k and v back into the fused qkv, in that order
+                        vision[f"blocks.{index}.attn.qkv.{parts[2]}"] = torch.cat(
+                            [state[f"vision_encoder.layers.{index}.self_attn.{p}_proj.{parts[2]}"] for p in "qkv"])
+                    continue
+                vision[f"blocks.{index}.{_invert(_VISION_LAYER_KEYS, rest)}"] = value
+            else:
+                vision[_invert(_VISION_NAMES, name)] = value
+        elif key.startswith("vision_projector."):
+            vision["merger." + _invert(_MERGER_KEYS, key[len("vision_projector."):])] = value
+        elif key.startswith("vision_deepstack."):
+            index, rest = key[len("vision_deepstack."):].split(".", 1)
+            vision[f"merger_list.{index}.{_invert(_MERGER_KEYS, rest)}"] = value
+    text = unfuse_experts({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
+    out = {**audio, **{f"visual.{k}": v for k, v in vision.items()}}
+    out.update({(k if k == "lm_head.weight" else f"model.{k}"): v for k, v in text.items()})
+    unknown = [k for k in state if not k.startswith(("audio_encoder.", "audio_projector.", "vision_encoder.",
+                                                     "vision_projector.", "vision_deepstack.", "backbone."))]
+    if unknown:
+        raise ValueError(f"{len(unknown)} weights of the model have no place in Qwen3-Omni's layout: {', '.join(unknown[:5])}")
+    return out
+
+
+# our -> HF names outside the layers' tables (prefix renames; the rest keeps its name)
+_AUDIO_NAMES = {"ln_post.": "layer_norm."}
+_VISION_NAMES = {"pos_embed.weight": "position_embedding.weight", "patch_embed.proj.": "patch_embedding.",
+                 "merger.ln_q.": "post_layernorm."}
+
+
+def _invert(table: dict[str, str], ours: str) -> str:
+    """Our name -> the HF name under `table` ({HF prefix: our prefix}): the first of our prefixes it starts with."""
+    for hf, mine in table.items():
+        if ours.startswith(mine):
+            return hf + ours[len(mine):]
+    return ours
