@@ -39,7 +39,7 @@ def thinker3(omni3):
 
 
 @pytest.mark.parametrize("layout", ["release", "thinker"])
-def test_pretrained_reads_both_layouts_with_the_checkpoints_tokenizer_and_processor(omni3, layout):
+def test_pretrained_reads_both_layouts_with_the_checkpoints_tokenizer_and_processor(omni3, media, layout):
     model, tokenizer, cfg = ours(omni3[layout])
     assert cfg.model.positions == "tmrope_qwen3" and cfg.model.backbone.moe is not None
     assert (cfg.model.audio.stem, cfg.model.vision.positions, cfg.model.vision.deepstack_layers) == (
@@ -49,6 +49,10 @@ def test_pretrained_reads_both_layouts_with_the_checkpoints_tokenizer_and_proces
     assert tokenizer.num_added == 0 and tokenizer.native["<|image_start|>"] == "<|vision_start|>"
     merger = omni3["reference"].get_submodule("model.visual.merger_list.1.mlp.2")  # saved as visual.merger_list.1...
     assert torch.equal(model.state_dict()["vision_deepstack.1.fc2.weight"], merger.weight)
+    sample = decoded(cfg, tokenizer, media, DOCUMENTS["turns"])  # audio, an image and a video: every tower's weights
+    with torch.no_grad():
+        logits = model(collate_packed([[sample]], len(sample), tokenizer.pad_id, cfg.data.audio), return_logits=True).logits
+        assert float((logits[0] - omni3["reference"](**hf_inputs(sample)).logits[0]).abs().max()) < 1e-4
 
 
 @pytest.mark.parametrize("name", list(DOCUMENTS))
