@@ -45,7 +45,10 @@ def test_pretrained_reads_both_layouts_with_the_checkpoints_tokenizer_and_proces
     assert (cfg.model.audio.stem, cfg.model.vision.positions, cfg.model.vision.deepstack_layers) == (
         "conv2d", "learned_rope2d", [0, 2])
     assert (cfg.data.audio.downsample, cfg.data.audio.chunk_frames, cfg.data.audio.valid_frames) == (8, 100, "ceil")
-    assert cfg.data.image.patch_size == 16
+    from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD  # Qwen3-VL's processor's
+
+    assert cfg.data.image.patch_size == 16 and cfg.data.image.mean == tuple(IMAGENET_STANDARD_MEAN)
+    assert cfg.data.image.std == tuple(IMAGENET_STANDARD_STD)
     assert tokenizer.num_added == 0 and tokenizer.native["<|image_start|>"] == "<|vision_start|>"
     merger = omni3["reference"].get_submodule("model.visual.merger_list.1.mlp.2")  # saved as visual.merger_list.1...
     assert torch.equal(model.state_dict()["vision_deepstack.1.fc2.weight"], merger.weight)

@@ -55,6 +55,9 @@ def test_pretrained_loads_both_layouts_with_the_checkpoints_tokenizer(omni, layo
     model, tokenizer, cfg = ours(omni[layout])
     assert cfg.data.tokenizer == str(omni[layout]) and cfg.model.positions == "tmrope"
     assert (cfg.data.audio.valid_frames, cfg.data.audio.pool_tail) == ("ceil", "drop")
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # Qwen2-VL's image processor's
+
+    assert cfg.data.image.mean == tuple(OPENAI_CLIP_MEAN) and cfg.data.image.std == tuple(OPENAI_CLIP_STD)
     # native markers, nothing added: the template writes the checkpoint's own tokens
     assert tokenizer.num_added == 0 and tokenizer.vocab_size == len(json.loads(
         (omni[layout] / "tokenizer.json").read_text())["model"]["vocab"]) + len(tokenizer.native) + 1

@@ -41,6 +41,8 @@ QWEN_OMNI_AUDIO_DEFAULTS = {"num_mel_bins": 128, "encoder_layers": 32, "encoder_
 # data.audio fields the tower's processor implies: WhisperFeatureExtractor's ceil(samples / 160) valid
 # frames, and 4 frames per token whose AvgPool1d(2) drops an odd last position.
 QWEN_OMNI_AUDIO_DATA = {"downsample": 4, "valid_frames": "ceil", "pool_tail": "drop"}
+# data.image fields: Qwen2-VL's image processor (Qwen2.5-Omni's) normalizes with OpenAI CLIP's mean and std
+QWEN_OMNI_IMAGE_DATA = {"mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711)}
 AUDIO_SKIPPED_KEYS = ("positional_embedding.positional_embedding", "audio_bos_eos_token.weight")
 
 
@@ -266,15 +268,16 @@ def read_omni_checkpoint(path: str | Path) -> OmniCheckpoint:
 
 
 def pretrained_data_fields(path: str | Path) -> dict[str, dict[str, Any]]:
-    """{data section: fields} the checkpoint's processor implies (model.pretrained): Qwen2.5-Omni's audio counts, or
-    Qwen3-Omni's audio counts and 16-pixel patches. The recipe has read the checkpoint already (OmniConfig)."""
+    """{data section: fields} the checkpoint's processor implies (model.pretrained), replacing the recipe's: Qwen2.5-Omni's
+    audio counts and CLIP's pixel normalization, or Qwen3-Omni's audio counts, 16-pixel patches and 0.5 normalization.
+    The recipe has read the checkpoint already (OmniConfig)."""
     checkpoint = read_omni_checkpoint(path)
     if checkpoint.family == "qwen3":
         from omni_train.model.qwen3_omni import QWEN3_OMNI_IMAGE_DATA, qwen3_audio_data, qwen3_audio_tower_config
 
         audio = qwen3_audio_tower_config(checkpoint.thinker.get("audio_config") or {}, where=checkpoint.where)
         return {"audio": qwen3_audio_data(audio), "image": QWEN3_OMNI_IMAGE_DATA}
-    return {"audio": QWEN_OMNI_AUDIO_DATA}
+    return {"audio": QWEN_OMNI_AUDIO_DATA, "image": QWEN_OMNI_IMAGE_DATA}
 
 
 def thinker_backbone_config(checkpoint: OmniCheckpoint) -> BackboneConfig:

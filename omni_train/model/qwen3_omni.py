@@ -194,8 +194,8 @@ def qwen3_vision_tower_state_dict(hf_state: dict[str, torch.Tensor], prefix: str
 RELEASE_MODEL_TYPE = "qwen3_omni_moe"
 RELEASE_ARCHITECTURES = ["Qwen3OmniMoeForConditionalGeneration"]
 THINKER_MODEL_TYPE = "qwen3_omni_moe_thinker"
-# data fields the thinker's processor implies beyond data.audio: 16-pixel patches (Qwen3-VL's), SigLIP's 0.5 norms
-QWEN3_OMNI_IMAGE_DATA = {"patch_size": 16}
+# data fields the thinker's processor implies beyond data.audio: Qwen3-VL's 16-pixel patches and 0.5 normalization
+QWEN3_OMNI_IMAGE_DATA = {"patch_size": 16, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
 
 
 def qwen3_thinker_model_fields(checkpoint) -> dict[str, Any]:
