@@ -148,6 +148,8 @@ def test_deepstack_projectors_train_and_run_on_batches_without_images(media):
     (the dummy path: the same modules on every rank under ZeRO-3), with zero gradients."""
     patches, grid_thw = media
     model = omni_model(reference_tower()).train()
+    counts = model.num_parameters()
+    assert counts["vision_deepstack"] > 0 and counts["total"] == sum(p.numel() for p in model.parameters())
     batch = batch_with_image(model, patches[: int(grid_thw[2].prod())], grid_thw[2])  # the 2 x 2 image
     model(batch).loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None and not n.startswith(("audio", "transfer"))]

@@ -39,7 +39,7 @@ per item against the positions the model makes (ValueError naming both), and fea
 with the same `data.sequence_tokens.group_sizes` the chat template reserved them with.
 
 Submodule names (`audio_encoder`, `vision_encoder`, `audio_projector`, `vision_projector`,
-`backbone`, `transfer`, `fusion`) are what the training engine groups parameters by.
+`vision_deepstack`, `backbone`, `transfer`, `fusion`) are what the training engine groups parameters by.
 """
 
 from __future__ import annotations
@@ -436,6 +436,7 @@ class OmniModel(nn.Module):
         counts = {name: sum(p.numel() for p in module.parameters()) if module is not None else 0
                   for name, module in (("audio_encoder", self.audio_encoder), ("audio_projector", self.audio_projector),
                                        ("vision_encoder", self.vision_encoder), ("vision_projector", self.vision_projector),
+                                       ("vision_deepstack", self.vision_deepstack),
                                        ("backbone", self.backbone), ("transfer", self.transfer), ("fusion", self.fusion))}
         counts["total"] = sum(counts.values())
         return counts
