@@ -291,6 +291,14 @@ def thinker_backbone_config(checkpoint: OmniCheckpoint) -> BackboneConfig:
     return backbone_config_from_hf(text, where=where)
 
 
+def check_tower_widths(thinker: dict, backbone: BackboneConfig, *, where: str, prefix: str = "") -> None:
+    """The towers' output widths (audio_config.output_dim, vision_config.out_hidden_size) must be the text model's."""
+    for key, out_dim in (("audio_config.output_dim", thinker["audio_config"].get("output_dim")),
+                         ("vision_config.out_hidden_size", thinker["vision_config"].get("out_hidden_size"))):
+        if out_dim is not None and out_dim != backbone.dim:
+            raise ValueError(f"{where}: {prefix}{key}={out_dim} differs from text_config.hidden_size={backbone.dim}")
+
+
 def thinker_model_fields(checkpoint: OmniCheckpoint) -> dict[str, Any]:
     """OmniConfig fields that reproduce the thinker: backbone, encoders, projectors, positions."""
     if checkpoint.family == "qwen3":
@@ -306,10 +314,7 @@ def thinker_model_fields(checkpoint: OmniCheckpoint) -> dict[str, Any]:
         raise ValueError(f"{where}: text_config.rope_parameters has no mrope_section (TMRoPE needs its three bands)")
     audio = audio_tower_config(thinker["audio_config"], where=f"{where}: audio_config")
     vision = vision_tower_config(thinker["vision_config"], where=f"{where}: vision_config")
-    for key, out_dim in (("audio_config.output_dim", thinker["audio_config"].get("output_dim")),
-                         ("vision_config.out_hidden_size", thinker["vision_config"].get("out_hidden_size"))):
-        if out_dim is not None and out_dim != backbone.dim:
-            raise ValueError(f"{where}: {key}={out_dim} differs from text_config.hidden_size={backbone.dim}")
+    check_tower_widths(thinker, backbone, where=where)
     for key, expected in (("position_id_per_seconds", 25), ("seconds_per_chunk", 2)):
         if thinker.get(key, expected) != expected:
             raise ValueError(f"{where}: {key}={thinker[key]} is not supported (the data layer's TMRoPE uses {expected})")

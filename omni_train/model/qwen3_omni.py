@@ -203,6 +203,7 @@ def qwen3_thinker_model_fields(checkpoint) -> dict[str, Any]:
     MoE backbone with interleaved M-RoPE, both towers, their projectors, deepstack, and positions tmrope_qwen3."""
     from omni_train.model.hf_adapters import backbone_config_from_hf
     from omni_train.model.projectors import ProjectorOptions
+    from omni_train.model.qwen2_5_omni import check_tower_widths
 
     thinker, where = checkpoint.thinker, checkpoint.where
     prefix = "thinker_config." if checkpoint.prefix else ""
@@ -216,10 +217,7 @@ def qwen3_thinker_model_fields(checkpoint) -> dict[str, Any]:
         raise ValueError(f"{where}: {prefix}text_config.rope_parameters has no mrope_section (TMRoPE needs its bands)")
     audio = qwen3_audio_tower_config(thinker["audio_config"], where=f"{where}: {prefix}audio_config")
     vision = qwen3_vision_tower_config(thinker["vision_config"], where=f"{where}: {prefix}vision_config")
-    for key, out_dim in (("audio_config.output_dim", thinker["audio_config"].get("output_dim")),
-                         ("vision_config.out_hidden_size", thinker["vision_config"].get("out_hidden_size"))):
-        if out_dim is not None and out_dim != backbone.dim:
-            raise ValueError(f"{where}: {prefix}{key}={out_dim} differs from text_config.hidden_size={backbone.dim}")
+    check_tower_widths(thinker, backbone, where=where, prefix=prefix)
     # the config class's default is 25, the released model's config.json and processor say 13: read what is there
     per_second = thinker.get("position_id_per_seconds", 25)
     if per_second != QWEN3_POSITION_IDS_PER_SECOND:
@@ -279,7 +277,7 @@ def qwen3_omni_to_thinker_state_dict(state: dict[str, torch.Tensor]) -> dict[str
     qwen3_thinker_to_omni_state_dict, with its own name tables inverted (q/k/v concatenated into qkv, the experts
     split one key per expert and projection). A tensor keeps our shape; the caller reshapes it to the source's
     (the patch embedding's Linear back into its Conv3d). A key this does not know raises, naming it."""
-    from omni_train.model.hf_adapters import unfuse_experts
+    from omni_train.model.hf_adapters import backbone_to_hf_state_dict, unfuse_experts
 
     audio = {f"audio_tower.{_invert(_AUDIO_NAMES, k[len('audio_encoder.'):])}": v
              for k, v in state.items() if k.startswith("audio_encoder.")}
@@ -306,8 +304,7 @@ def qwen3_omni_to_thinker_state_dict(state: dict[str, torch.Tensor]) -> dict[str
             index, rest = key[len("vision_deepstack."):].split(".", 1)
             vision[f"merger_list.{index}.{_invert(_MERGER_KEYS, rest)}"] = value
     text = unfuse_experts({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
-    out = {**audio, **{f"visual.{k}": v for k, v in vision.items()}}
-    out.update({(k if k == "lm_head.weight" else f"model.{k}"): v for k, v in text.items()})
+    out = {**audio, **{f"visual.{k}": v for k, v in vision.items()}, **backbone_to_hf_state_dict(text)}
     unknown = [k for k in state if not k.startswith(("audio_encoder.", "audio_projector.", "vision_encoder.",
                                                      "vision_projector.", "vision_deepstack.", "backbone."))]
     if unknown:
