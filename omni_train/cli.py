@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--train-variants", default=None,
                       help="espeak-ng variants half the train/eval speech is said in, comma-separated, or none "
                            "(default: the size's; demo and full: m1,m3,m4,m5,m6,f1,f3,f5)")
+    demo.add_argument("--synthetic-speakers", type=int, default=None,
+                      help="random espeak-ng speakers drawn with the train variants (default: the size's)")
     demo.add_argument("--force", action="store_true", help="rebuild even if --out holds this corpus; replace other shards there")
     demo.set_defaults(func=_shards_demo)
 

@@ -429,3 +429,33 @@ def test_train_variants_change_only_the_voices_of_trained_speech():
     demo_plan = demo.plan_corpus(demo.demo_config("demo"), fonts=[])  # the demo's own: no unseen variant trained
     trained = {s.meta.get("variant") for split in ("train", "eval") for s in demo_plan[split] if "variant" in s.meta}
     assert trained == set(demo.DEMO_TRAIN_VARIANTS) and not trained & set(demo.UNSEEN_VARIANTS)
+
+
+def test_synthetic_speakers_are_espeak_variants_drawn_from_the_seed(tmp_path):
+    """synthetic_speakers: variant files drawn from the seed (the same text for the same seed and index), said by
+    espeak-ng through a data directory of its own (the audio differs from the plain voice's, which espeak-ng would
+    give for a variant it does not find), drawn like train_variants for train and eval speech only."""
+    assert demo.synthetic_speaker(3, 0) == demo.synthetic_speaker(3, 0) != demo.synthetic_speaker(3, 1)
+    for i in range(40):
+        lines = demo.synthetic_speaker(i, 0).splitlines()
+        scales = [int(line.split()[2]) for line in lines if line.startswith("formant ")]
+        assert len(scales) == 9 and 83 <= min(scales) and max(scales) <= 135, lines
+    cfg = dataclasses.replace(demo.demo_config("tiny"), synthetic_speakers=3, train_variants=("f1",),
+                              train_variant_fraction=1.0)
+    plan = demo.plan_corpus(cfg, fonts=[])
+    assert plan["probe"] == demo.plan_corpus(dataclasses.replace(cfg, synthetic_speakers=0), fonts=[])["probe"]
+    said = Counter(s.meta["variant"] for split in ("train", "eval") for s in plan[split] if isinstance(s.job, demo.SpeechJob))
+    assert set(said) <= {"f1", *demo.synthetic_speaker_names(3)} and len(set(said) - {"f1"}) >= 2, said
+
+    path = demo.espeak_data_with_speakers(tmp_path / "espeak", 3, cfg.seed, ["f1", *cfg.unseen_variants])
+    listed = subprocess.run(["espeak-ng", "--path", str(path), "--voices=variant"], capture_output=True, text=True,
+                            check=True).stdout
+    assert all(f"!v/{name}" in listed for name in ("f1", "f2", *demo.synthetic_speaker_names(3))), listed
+    job = next(s.job for s in plan["train"] if s.meta.get("variant", "").startswith(demo.SYNTHETIC_PREFIX))
+    plain = dataclasses.replace(job, name="plain.wav", voice=job.voice.split("+")[0])
+    demo.render_speech(job, tmp_path, path)
+    demo.render_speech(plain, tmp_path, path)
+    assert (tmp_path / job.name).read_bytes() != (tmp_path / plain.name).read_bytes()
+    again = dataclasses.replace(job, name="again.wav")
+    demo.render_speech(again, tmp_path, path)
+    assert (tmp_path / again.name).read_bytes() == (tmp_path / job.name).read_bytes()

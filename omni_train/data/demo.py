@@ -60,7 +60,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -196,6 +196,63 @@ DEMO_TRAIN_VARIANTS = ("m1", "m3", "m4", "m5", "m6", "f1", "f3", "f5")
 # espeak-ng 1.51 drops a variant silently after these names (`-v fr-fr+f2` renders plain fr-fr); the
 # same voices under their voice files' names take it (`-v fr` is `-v fr-fr`, byte for byte).
 _VARIANT_BASE = {"en-gb": "en", "fr-fr": "fr"}
+
+
+# Synthetic speakers (`DemoCorpusConfig.synthetic_speakers`): espeak-ng variant files drawn at random, a continuum
+# of vocal tracts, voices and rooms where the named variants are a handful of points. Each scales every formant
+# by one vocal-tract factor (0.88-1.28, with a +-5% jitter per formant; the named variants span about 0.9-1.3),
+# draws formant heights and widths, a pitch range (a higher one above a factor of 1.08: the named female
+# variants' 140-240 Hz), flutter and roughness, and half of them an echo (60-160 ms at 5-20%, as m2, f2-f5 have).
+# No klatt source: the 22-variant run above shows that a second synthesizer is too much for the demo's budget.
+SYNTHETIC_PREFIX = "omni-synth"
+
+
+def synthetic_speaker(index: int, seed: int) -> str:
+    """The espeak-ng variant file of synthetic speaker `index` (`voices/!v/omni-synth<index>`), drawn from `seed`."""
+    rng = random.Random(f"omni_train demo synthetic speaker {seed} {index}")
+    tract = rng.uniform(0.88, 1.28)
+    low = rng.randint(135, 175) if tract > 1.08 else rng.randint(70, 110)
+    lines = ["language variant", f"name {SYNTHETIC_PREFIX}{index:03d}",
+             f"pitch {low} {low + (rng.randint(40, 90) if tract > 1.08 else rng.randint(25, 55))}",
+             f"flutter {rng.randint(0, 10)}", f"roughness {rng.randint(0, 4)}"]
+    lines += [f"formant {k} {round(100 * tract * rng.uniform(0.95, 1.05))} {rng.randint(60, 110)} {rng.randint(80, 160)}"
+              for k in range(9)]
+    if rng.random() < 0.5:
+        lines.append(f"echo {rng.randint(60, 160)} {rng.randint(5, 20)}")
+    return "\n".join(lines) + "\n"
+
+
+def synthetic_speaker_names(count: int) -> tuple[str, ...]:
+    return tuple(f"{SYNTHETIC_PREFIX}{i:03d}" for i in range(count))
+
+
+def espeak_data_with_speakers(root: Path, count: int, seed: int, variants: Sequence[str]) -> Path:
+    """A copy of espeak-ng's data directory under `root` (symbolic links to the installed files) whose `voices/!v`
+    holds the installed `variants` and the `count` synthetic speakers; espeak-ng takes it as `--path <returned
+    path>`. Only those: espeak-ng lists at most 350 voices and variants, and the installed ones are about 340."""
+    installed = _espeak_data_dir()
+    data = root / "espeak-ng-data"
+    (data / "voices" / "!v").mkdir(parents=True)
+    for entry in installed.iterdir():
+        if entry.name != "voices":
+            (data / entry.name).symlink_to(entry)
+    for entry in (installed / "voices").iterdir():
+        if entry.name != "!v":
+            (data / "voices" / entry.name).symlink_to(entry)
+    for name in variants:
+        (data / "voices" / "!v" / name).symlink_to(installed / "voices" / "!v" / name)
+    for i, name in enumerate(synthetic_speaker_names(count)):
+        (data / "voices" / "!v" / name).write_text(synthetic_speaker(i, seed), encoding="utf-8")
+    return root
+
+
+def _espeak_data_dir() -> Path:
+    """The installed espeak-ng-data directory (espeak-ng --version names it)."""
+    printed = subprocess.run([require("espeak-ng"), "--version"], capture_output=True, text=True).stdout
+    data = Path(printed.rsplit("Data at:", 1)[-1].strip()) if "Data at:" in printed else None
+    if data is None or not (data / "voices" / "!v").is_dir():
+        raise RuntimeError(f"could not find espeak-ng's data directory (espeak-ng --version printed {printed.strip()!r})")
+    return data
 
 
 def espeak_voice(voice: str, variant: str | None = None) -> str:
@@ -436,6 +493,8 @@ class DemoCorpusConfig:
     # seen items keep the voice's own, and none may be an unseen variant
     train_variants: tuple[str, ...] = ()
     train_variant_fraction: float = 0.5
+    # synthetic espeak-ng speakers (`synthetic_speaker`) drawn besides train_variants for those utterances
+    synthetic_speakers: int = 0
     num_text2code: int
     num_eval_text2code: int
     text_copy_fraction: float = 0.3
@@ -623,7 +682,7 @@ def resample(pcm: np.ndarray, from_hz: int, to_hz: int) -> np.ndarray:
     return resampled[: round(pcm.size * to_hz / from_hz)]
 
 
-def render_speech(job: SpeechJob, out_dir: Path) -> dict[str, Any]:
+def render_speech(job: SpeechJob, out_dir: Path, espeak_path: Path | None = None) -> dict[str, Any]:
     """espeak-ng -> 16 kHz -> optional noise at `snr_db` -> 16-bit WAV. Returns the duration.
 
     Everything after espeak-ng happens in numpy: an ffmpeg process per utterance costs about 0.2 s
@@ -631,7 +690,8 @@ def render_speech(job: SpeechJob, out_dir: Path) -> dict[str, Any]:
     """
     path = out_dir / job.name
     wav_path = path.with_suffix(".espeak.wav")
-    result = subprocess.run([require("espeak-ng"), "-v", job.voice, "-s", str(job.rate_wpm), "-p", str(job.pitch),
+    path_args = ["--path", str(espeak_path)] if espeak_path is not None else []
+    result = subprocess.run([require("espeak-ng"), *path_args, "-v", job.voice, "-s", str(job.rate_wpm), "-p", str(job.pitch),
                              "-w", str(wav_path), job.text], capture_output=True, text=True)
     if result.returncode != 0 or not wav_path.exists():
         raise RuntimeError(f"espeak-ng failed for voice {job.voice!r} on {job.text!r}: {result.stderr.strip()}")
@@ -725,10 +785,10 @@ def render_video(job: VideoJob, out_dir: Path) -> dict[str, Any]:
     return {"num_frames": len(frames), "video_duration_s": round(len(frames) / VIDEO_FPS, 4)}
 
 
-def _render(job_and_dir: tuple[Any, Path]) -> dict[str, Any]:
-    job, out_dir = job_and_dir
+def _render(job_and_dir: tuple[Any, Path, Path | None]) -> dict[str, Any]:
+    job, out_dir, espeak_path = job_and_dir
     if isinstance(job, SpeechJob):
-        return render_speech(job, out_dir)
+        return render_speech(job, out_dir, espeak_path)
     if isinstance(job, ImageJob):
         return render_image(job, out_dir)
     return render_video(job, out_dir)
@@ -815,8 +875,9 @@ class _Planner:
         expr = draw_expression(rng, split, parens=False, two_digit_fraction=cfg.speech_two_digit_fraction)
         noisy = rng.random() < cfg.noise_fraction
         variant = None
-        if split != "probe" and cfg.train_variants and self.variant_rng.random() < cfg.train_variant_fraction:
-            variant = self.variant_rng.choice(cfg.train_variants)
+        pool = cfg.train_variants + synthetic_speaker_names(cfg.synthetic_speakers)
+        if split != "probe" and pool and self.variant_rng.random() < cfg.train_variant_fraction:
+            variant = self.variant_rng.choice(pool)
         job = SpeechJob(name=self._name("wav"), voice=espeak_voice(voice, variant), text=expr.spoken(voice),
                         rate_wpm=rng.randint(*cfg.rate_wpm), pitch=rng.randint(*cfg.pitch),
                         snr_db=round(rng.uniform(*cfg.snr_db), 1) if noisy else None,
@@ -992,7 +1053,10 @@ def build_demo_corpus(out: str | Path, *, size: str = "demo", seed: int = 0, wor
     (out / "corpus.json").unlink(missing_ok=True)  # written last: its presence marks a complete build
     with tempfile.TemporaryDirectory(prefix=".demo-media-", dir=out) as tmp:
         media_dir = Path(tmp)
-        rendered = _render_all(jobs, media_dir, workers, say, start)
+        espeak_path = (espeak_data_with_speakers(media_dir / "espeak", cfg.synthetic_speakers, cfg.seed,
+                                                 sorted(set(cfg.train_variants) | set(cfg.unseen_variants)))
+                       if cfg.synthetic_speakers else None)
+        rendered = _render_all(jobs, media_dir, workers, say, start, espeak_path)
         for path in old:  # a smaller rebuild must not leave stale shards behind for a glob to pick up
             path.unlink()
         corpus = _write_shards(out, cfg, plan, media_dir, rendered)
@@ -1028,13 +1092,13 @@ def _train_tokenizer(out: Path, corpus: dict[str, Any]) -> Path:
 
 
 def _render_all(samples: list[PlannedSample], media_dir: Path, workers: int, say: Callable[[str], None],
-                start: float) -> dict[str, dict[str, Any]]:
+                start: float, espeak_path: Path | None = None) -> dict[str, dict[str, Any]]:
     """Render every job (in a process pool when workers > 1); returns each job's measurements by file name."""
     kinds = Counter(type(s.job).__name__.removesuffix("Job").lower() for s in samples)
     say("[demo] rendering " + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())))
     # Slow jobs (videos) first, so the pool does not wait on a straggler at the end.
     order = sorted(samples, key=lambda s: not isinstance(s.job, VideoJob))
-    args = [(s.job, media_dir) for s in order]
+    args = [(s.job, media_dir, espeak_path) for s in order]
     rendered: dict[str, dict[str, Any]] = {}
     step = max(1, len(args) // 10)
     pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
@@ -1116,6 +1180,8 @@ def demo_cli(args: argparse.Namespace) -> int:
     if args.train_variants is not None:  # "none": every utterance in its voice's own settings (the demo before issue 14)
         names = [] if args.train_variants == "none" else [v.strip() for v in args.train_variants.split(",") if v.strip()]
         cfg = dataclasses.replace(cfg, train_variants=tuple(names))
+    if args.synthetic_speakers is not None:
+        cfg = dataclasses.replace(cfg, synthetic_speakers=args.synthetic_speakers)
     summary = build_demo_corpus(args.out, cfg=cfg, workers=args.workers, force=args.force)
     print(summary.format())
     sys.stdout.flush()
