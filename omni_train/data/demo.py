@@ -21,7 +21,9 @@ expression, and for speech and images the `transcript` the probes' two-step pipe
 Unseen voices. Every speech sample's meta says `voice_seen: seen | unseen`. Training and eval speak
 with each voice's own espeak-ng settings or, for the share `train_variant_fraction` of them, in one of
 `train_variants` (`DEMO_TRAIN_VARIANTS` for the demo and full sizes: other speakers, so the recognizer
-meets more than one per language); the probe split adds, after everything else, the
+meets more than one per language), or, with `synthetic_speakers: N`, in one of those or of N espeak-ng variant
+files drawn from the seed (`synthetic_speaker`: a vocal-tract factor on the formants, a pitch range, an echo),
+said through an espeak-ng data directory of the build's own; the probe split adds, after everything else, the
 first `probe_unseen_per_voice` speech -> code items of every voice said again with an espeak-ng
 voice variant (`voice: de`, `variant: f2`; `espeak-ng -v de+f2`) that no train or eval sample uses
 (`UNSEEN_VARIANTS`), with the same words, rate, pitch setting and noise: a paired set, so
