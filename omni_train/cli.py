@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="espeak-ng variants half the train/eval speech is said in, comma-separated, or none "
                            "(default: the size's; demo and full: m1,m3,m4,m5,m6,f1,f3,f5)")
     demo.add_argument("--synthetic-speakers", type=int, default=None,
-                      help="random espeak-ng speakers drawn with the train variants (default: the size's)")
+                      help="espeak-ng speakers drawn at random (formants, pitch, echo), said like the train variants "
+                           "(default 0; at most 150)")
     demo.add_argument("--force", action="store_true", help="rebuild even if --out holds this corpus; replace other shards there")
     demo.set_defaults(func=_shards_demo)
 

@@ -447,6 +447,8 @@ def test_synthetic_speakers_are_espeak_variants_drawn_from_the_seed(tmp_path):
     said = Counter(s.meta["variant"] for split in ("train", "eval") for s in plan[split] if isinstance(s.job, demo.SpeechJob))
     assert set(said) <= {"f1", *demo.synthetic_speaker_names(3)} and len(set(said) - {"f1"}) >= 2, said
 
+    with pytest.raises(ValueError, match="synthetic_speakers must be at most 150"):
+        dataclasses.replace(cfg, synthetic_speakers=151)
     path = demo.espeak_data_with_speakers(tmp_path / "espeak", 3, cfg.seed, ["f1", *cfg.unseen_variants])
     listed = subprocess.run(["espeak-ng", "--path", str(path), "--voices=variant"], capture_output=True, text=True,
                             check=True).stdout

@@ -207,6 +207,7 @@ _VARIANT_BASE = {"en-gb": "en", "fr-fr": "fr"}
 # variants' 140-240 Hz), flutter and roughness, and half of them an echo (60-160 ms at 5-20%, as m2, f2-f5 have).
 # No klatt source: the 22-variant run above shows that a second synthesizer is too much for the demo's budget.
 SYNTHETIC_PREFIX = "omni-synth"
+MAX_SYNTHETIC_SPEAKERS = 150
 
 
 def synthetic_speaker(index: int, seed: int) -> str:
@@ -230,17 +231,15 @@ def synthetic_speaker_names(count: int) -> tuple[str, ...]:
 
 def espeak_data_with_speakers(root: Path, count: int, seed: int, variants: Sequence[str]) -> Path:
     """A copy of espeak-ng's data directory under `root` (symbolic links to the installed files) whose `voices/!v`
-    holds the installed `variants` and the `count` synthetic speakers; espeak-ng takes it as `--path <returned
-    path>`. Only those: espeak-ng lists at most 350 voices and variants, and the installed ones are about 340."""
+    holds the installed `variants` and the `count` synthetic speakers, and whose `voices` holds nothing else (no
+    MBROLA voices); espeak-ng takes it as `--path <returned path>`. Only those: espeak-ng lists at most 350 voices
+    and variants, its ~130 languages included, and the installed ones are about 340."""
     installed = _espeak_data_dir()
     data = root / "espeak-ng-data"
     (data / "voices" / "!v").mkdir(parents=True)
     for entry in installed.iterdir():
         if entry.name != "voices":
             (data / entry.name).symlink_to(entry)
-    for entry in (installed / "voices").iterdir():
-        if entry.name != "!v":
-            (data / "voices" / entry.name).symlink_to(entry)
     for name in variants:
         (data / "voices" / "!v" / name).symlink_to(installed / "voices" / "!v" / name)
     for i, name in enumerate(synthetic_speaker_names(count)):
@@ -553,6 +552,9 @@ class DemoCorpusConfig:
             raise ValueError(f"train_variants must be espeak-ng variant names such as m3 or f1, got {list(self.train_variants)}")
         if both := sorted(set(self.train_variants) & set(self.unseen_variants)):
             raise ValueError(f"train_variants {both} are also unseen_variants: a probe voice must never be trained")
+        if self.synthetic_speakers > MAX_SYNTHETIC_SPEAKERS:
+            raise ValueError(f"synthetic_speakers must be at most {MAX_SYNTHETIC_SPEAKERS} (espeak-ng lists at most 350 "
+                             f"voices and variants, its languages included), got {self.synthetic_speakers}")
         if not 0.0 <= self.train_variant_fraction <= 1.0:
             raise ValueError(f"train_variant_fraction must lie in [0, 1], got {self.train_variant_fraction}")
 
