@@ -215,7 +215,7 @@ def synthetic_speaker(index: int, seed: int) -> str:
     rng = random.Random(f"omni_train demo synthetic speaker {seed} {index}")
     tract = rng.uniform(0.88, 1.28)
     low = rng.randint(135, 175) if tract > 1.08 else rng.randint(70, 110)
-    lines = ["language variant", f"name {SYNTHETIC_PREFIX}{index:03d}",
+    lines = ["language variant", f"name {synthetic_speaker_names(index + 1)[index]}",
              f"pitch {low} {low + (rng.randint(40, 90) if tract > 1.08 else rng.randint(25, 55))}",
              f"flutter {rng.randint(0, 10)}", f"roughness {rng.randint(0, 4)}"]
     lines += [f"formant {k} {round(100 * tract * rng.uniform(0.95, 1.05))} {rng.randint(60, 110)} {rng.randint(80, 160)}"
@@ -856,6 +856,7 @@ class _Planner:
         self.cfg = cfg
         self.rng = random.Random(f"omni_train demo corpus {cfg.seed}")
         self.variant_rng = random.Random(f"omni_train demo voice variants {cfg.seed}")  # train_variants only
+        self.variant_pool = cfg.train_variants + synthetic_speaker_names(cfg.synthetic_speakers)
         self.fonts = fonts or [None]
         self.num_media = 0
         # (language, fonts that draw all of its words); symbolic text needs digits and + - * ( ).
@@ -879,9 +880,8 @@ class _Planner:
         expr = draw_expression(rng, split, parens=False, two_digit_fraction=cfg.speech_two_digit_fraction)
         noisy = rng.random() < cfg.noise_fraction
         variant = None
-        pool = cfg.train_variants + synthetic_speaker_names(cfg.synthetic_speakers)
-        if split != "probe" and pool and self.variant_rng.random() < cfg.train_variant_fraction:
-            variant = self.variant_rng.choice(pool)
+        if split != "probe" and self.variant_pool and self.variant_rng.random() < cfg.train_variant_fraction:
+            variant = self.variant_rng.choice(self.variant_pool)
         job = SpeechJob(name=self._name("wav"), voice=espeak_voice(voice, variant), text=expr.spoken(voice),
                         rate_wpm=rng.randint(*cfg.rate_wpm), pitch=rng.randint(*cfg.pitch),
                         snr_db=round(rng.uniform(*cfg.snr_db), 1) if noisy else None,
