@@ -15,8 +15,8 @@ from transformers import WhisperFeatureExtractor
 from transformers.audio_utils import mel_filter_bank
 
 from omni_train.data import synth
-from omni_train.data.audio import (AudioConfig, audio_token_timestamps, decode_audio, encode_audio, log_mel, mel_filters,
-                                   num_audio_tokens, split_windows)
+from omni_train.data.audio import (AudioConfig, audio_token_timestamps, decode_audio, encode_audio, log_mel, max_window_frames,
+                                   mel_filters, num_audio_tokens, split_windows)
 from omni_train.data.sample import MediaError
 
 CFG = AudioConfig()
@@ -225,6 +225,18 @@ def test_split_windows_short():
     windows, valid = split_windows(mel, AudioConfig(num_mel_bins=80))
     assert windows.shape == (1, 80, 3000) and valid.tolist() == [250]
     torch.testing.assert_close(windows[0, :, :250], mel, rtol=0, atol=0)
+    # a batch's collate pads to its longest window only: the same windows, cut; never below a window's valid frames
+    cfg = AudioConfig(num_mel_bins=80, window_s=2.0)  # 200-frame windows: 250 frames are two
+    for width in (250, 260):
+        narrow, narrow_valid = split_windows(mel, AudioConfig(num_mel_bins=80), width=width)
+        assert narrow.shape == (1, 80, width) and narrow_valid.tolist() == [250]
+        torch.testing.assert_close(narrow, windows[..., :width], rtol=0, atol=0)
+    two, two_valid = split_windows(mel, cfg)
+    narrow, _ = split_windows(mel, cfg, width=max_window_frames(250, cfg))
+    assert two_valid.tolist() == [200, 50] and max_window_frames(250, cfg) == 200
+    torch.testing.assert_close(narrow, two, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="width 249 must lie between the longest window's 250 frames and window_frames 3000"):
+        split_windows(mel, AudioConfig(num_mel_bins=80), width=249)
 
 
 def test_encode_audio(tmp_path):

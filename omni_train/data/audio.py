@@ -373,14 +373,29 @@ def audio_token_timestamps(num_frames: int, cfg: AudioConfig) -> torch.Tensor:
     return torch.cat(parts).to(torch.float32) if parts else torch.zeros(0, dtype=torch.float32)
 
 
-def split_windows(mel: torch.Tensor, cfg: AudioConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(num_mel_bins, frames) -> ((num_windows, num_mel_bins, window_frames) zero-padded, (num_windows,) valid frames)."""
+def split_windows(mel: torch.Tensor, cfg: AudioConfig, *, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(num_mel_bins, frames) -> ((num_windows, num_mel_bins, width) zero-padded, (num_windows,) valid frames).
+
+    `width` (default window_frames) may be less, down to the longest window's valid frames (`max_window_frames`): a
+    batch of short clips is padded to its longest, not to 30 s."""
     assert mel.ndim == 2, mel.shape
     num_mels, num_frames = mel.shape
     counts = _window_frame_counts(num_frames, cfg)
-    padded = torch.nn.functional.pad(mel, (0, len(counts) * cfg.window_frames - num_frames))
-    windows = padded.reshape(num_mels, len(counts), cfg.window_frames).transpose(0, 1).contiguous()  # (W, M, T)
-    return windows, torch.tensor(counts, dtype=torch.long)
+    width = cfg.window_frames if width is None else width
+    if not max(counts, default=0) <= width <= cfg.window_frames:
+        raise ValueError(f"split_windows: width {width} must lie between the longest window's {max(counts, default=0)} "
+                         f"frames and window_frames {cfg.window_frames}")
+    if len(counts) <= 1:  # one window (a clip under window_frames): padded straight to width
+        windows = torch.nn.functional.pad(mel, (0, width - num_frames))[None]
+    else:
+        padded = torch.nn.functional.pad(mel, (0, len(counts) * cfg.window_frames - num_frames))
+        windows = padded.reshape(num_mels, len(counts), cfg.window_frames).transpose(0, 1)[..., :width]
+    return windows.contiguous(), torch.tensor(counts, dtype=torch.long)  # (W, M, width)
+
+
+def max_window_frames(num_frames: int, cfg: AudioConfig) -> int:
+    """The valid frames of the longest window of `num_frames` frames."""
+    return min(num_frames, cfg.window_frames)
 
 
 def encode_audio(src: bytes | str | Path, cfg: AudioConfig, *, where: str = "", transform: MediaTransform | None = None,

@@ -170,17 +170,18 @@ def collate_packed(sequences: list[list[TokenizedSample]], seq_len: int, pad_id:
 def _collate_media(media: dict[str, list], audio_cfg) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     if media["audio"]:
-        from omni_train.data.audio import AudioConfig, split_windows
+        from omni_train.data.audio import AudioConfig, max_window_frames, split_windows
+        audio_cfg = audio_cfg or AudioConfig()
+        # Up to the longest valid window only: the encoder drops the rest anyway (zeros), and full 30 s windows
+        # of short clips would be most of what crosses from the loader workers.
+        longest = max(max_window_frames(item.tensors["mel"].shape[1], audio_cfg) for item in media["audio"])
         mels, frames, windows_per_item = [], [], []
         for item in media["audio"]:
-            windows, valid = split_windows(item.tensors["mel"], audio_cfg or AudioConfig())
+            windows, valid = split_windows(item.tensors["mel"], audio_cfg, width=longest)
             mels.append(windows)
             frames.append(valid)
             windows_per_item.append(windows.shape[0])
-        # Up to the longest valid window only: the encoder drops the rest anyway (zeros), and full 30 s windows
-        # of short clips would be most of what crosses from the loader workers.
-        longest = int(max(int(valid.max()) for valid in frames))
-        out["audio_mel"] = torch.cat([m[..., :longest] for m in mels])  # (num_windows, n_mels, <= window_frames)
+        out["audio_mel"] = torch.cat(mels)                      # (num_windows, n_mels, <= window_frames)
         out["audio_window_frames"] = torch.cat(frames)          # (num_windows,) valid frames per window
         out["audio_windows_per_item"] = torch.tensor(windows_per_item)
         out["audio_num_tokens"] = torch.tensor([item.num_tokens for item in media["audio"]])
