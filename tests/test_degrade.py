@@ -175,6 +175,33 @@ def test_speed_changes_the_length_and_pitch_keeps_it():
         assert abs(peak_hz(out) / (440.0 * 2 ** (semitones / 12)) - 1) < 0.01, (semitones, peak_hz(out))
 
 
+def test_eq_applies_its_drawn_gains_at_its_control_frequencies():
+    """White noise through the random equalizer: at each control frequency the power ratio out / in is the drawn gain
+    (within 0.5 dB, averaged over the neighbouring bins), the gains lie in [-gain_db, gain_db], and a larger gain_db
+    scales the same draws."""
+    from omni_train.data.degrade import eq_frequencies_hz
+
+    noise = torch.from_numpy(np.random.default_rng(0).standard_normal(8 * SAMPLE_RATE_HZ)).float()
+    spectrum_in = np.abs(np.fft.rfft(noise.numpy().astype(np.float64))) ** 2
+    bins_hz = np.fft.rfftfreq(noise.numpy().size, 1 / SAMPLE_RATE_HZ)
+    controls_hz = eq_frequencies_hz(6, SAMPLE_RATE_HZ)
+    measured = {}
+    for gain_db in (6.0, 12.0):
+        out, transform = degrade_audio({"op": "eq", "gain_db": gain_db, "bands": 6}, noise, seed=[3, 4])
+        draws = transform._rng(0, 0).uniform(-1.0, 1.0, 6)  # the transform's own draws, again
+        spectrum_out = np.abs(np.fft.rfft(out)) ** 2
+        gains = []
+        for f in controls_hz[:-1]:  # Nyquist has bins on one side only
+            near = np.abs(np.log(np.maximum(bins_hz, 1.0) / f)) < 0.01
+            gains.append(db(spectrum_out[near].sum() / spectrum_in[near].sum()))
+        assert np.abs(np.array(gains) - gain_db * draws[:-1]).max() < 0.5, (gain_db, gains, gain_db * draws)
+        assert np.abs(gain_db * draws).max() <= gain_db and np.ptp(draws) > 0.5
+        measured[gain_db] = np.array(gains)
+    assert np.allclose(measured[12.0], 2 * measured[6.0], atol=0.5)  # the same shape, twice as deep
+    flat, _ = degrade_audio({"op": "eq", "gain_db": 0.0}, noise)
+    assert np.allclose(flat, noise.numpy(), atol=1e-5)
+
+
 def test_clipping_and_packet_loss_do_what_they_say(utterances):
     clean = utterances[0].numpy()
     clipped, _ = degrade_audio({"op": "clip", "level": 0.3}, utterances[0])
@@ -244,10 +271,11 @@ def test_jpeg_blur_and_downscale_change_the_pixels(video):
 # ------------------------------------------------------------------------------------------------ determinism
 
 
-RANDOM_OPS = {"white_noise", "brown_noise", "babble", "reverb", "packet_loss", "overlap", "frame_drop"}
+RANDOM_OPS = {"white_noise", "brown_noise", "babble", "reverb", "eq", "packet_loss", "overlap", "frame_drop"}
 ONE_OF_EACH = [{"op": "white_noise", "snr_db": 10}, {"op": "brown_noise", "snr_db": 10}, {"op": "babble", "snr_db": 5},
                {"op": "reverb", "rt60_s": 0.5}, {"op": "mp3"}, {"op": "opus"}, {"op": "telephone"},
-               {"op": "speed", "factor": 1.1}, {"op": "pitch", "semitones": 2}, {"op": "clip", "level": 0.5},
+               {"op": "speed", "factor": 1.1}, {"op": "pitch", "semitones": 2}, {"op": "eq", "gain_db": 10},
+               {"op": "clip", "level": 0.5},
                {"op": "packet_loss", "rate": 0.3}, {"op": "overlap", "level_db": -5}, {"op": "frame_drop", "rate": 0.5},
                {"op": "downscale", "factor": 2}, {"op": "jpeg", "quality": 20}, {"op": "blur", "radius": 1.5}]
 

@@ -39,7 +39,7 @@ from omni_train.data import degrade
 MODALITIES = ("audio", "image", "video")
 NEEDS_OTHERS = ("babble", "overlap")
 # degrade.OPS fields whose values are integers ("an integer in ..."): their ranges are drawn among the integers
-INTEGER_FIELDS = ("talkers", "quality", "sample_rate_hz")
+INTEGER_FIELDS = ("talkers", "quality", "sample_rate_hz", "bands")
 _STREAMS = {modality: i for i, modality in enumerate(MODALITIES)}
 
 

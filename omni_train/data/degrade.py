@@ -25,6 +25,7 @@ range, or a condition given twice raises ValueError naming the field (`degrade[1
 | telephone | sample_rate_hz (8000) | low_hz (300), high_hz (3400) | down to that rate, the band kept, back up |
 | speed | factor | | resampled: factor 1.1 is 10% faster and shorter, and higher |
 | pitch | semitones | | pitch shifted, length kept (resampling, then a phase vocoder back to the length) |
+| eq | gain_db | bands (8) | a gain in [-gain_db, gain_db] at `bands` log-spaced frequencies, interpolated (eq) |
 | clip | level | | clipped at level x the waveform's peak |
 | packet_loss | rate | frame_ms (20) | each frame_ms frame zeroed with probability rate |
 | overlap | level_db | | another utterance added from a random point of the first half, at level_db to the speech |
@@ -113,6 +114,9 @@ OPS: dict[str, Op] = {
         "high_hz": _number("a frequency > 0", lambda v: v > 0, 3400)}),
     "speed": Op(("audio",), "factor", {"factor": _number("a factor in [0.5, 2]", lambda v: 0.5 <= v <= 2)}),
     "pitch": Op(("audio",), "semitones", {"semitones": _number("semitones in [-12, 12]", lambda v: -12 <= v <= 12)}),
+    "eq": Op(("audio",), "gain_db", {
+        "gain_db": _number("dB in [0, 30]", lambda v: 0 <= v <= 30),
+        "bands": _number("an integer in 2..32", lambda v: v == int(v) and 2 <= v <= 32, 8)}),
     "clip": Op(("audio",), "level", {"level": _number("a fraction of the peak in (0, 1]", lambda v: 0 < v <= 1)}),
     "packet_loss": Op(("audio",), "rate", {
         "rate": RATE,
@@ -347,6 +351,24 @@ def shift_pitch(waveform: np.ndarray, semitones: float) -> np.ndarray:
     return _time_stretch(faster, waveform.size)
 
 
+def eq_frequencies_hz(bands: int, sample_rate_hz: int) -> np.ndarray:
+    """The equalizer's `bands` control frequencies: log-spaced from 100 Hz to Nyquist."""
+    return np.geomspace(100.0, sample_rate_hz / 2, int(bands))
+
+
+def equalize(waveform: np.ndarray, sample_rate_hz: int, gains_db: np.ndarray) -> np.ndarray:
+    """Each frequency's amplitude times the gain (dB) interpolated in log frequency between the control frequencies
+    of eq_frequencies_hz(len(gains_db)) (held below the first), with phases kept: a channel, a microphone, another
+    vocal tract's tilt."""
+    from scipy.fft import irfft, next_fast_len, rfft
+
+    size = next_fast_len(waveform.size, real=True)  # zero-padded: a length with a large prime factor took 10x as long
+    bins_hz = np.fft.rfftfreq(size, 1.0 / sample_rate_hz)
+    controls = np.log(eq_frequencies_hz(len(gains_db), sample_rate_hz))
+    gain_db = np.interp(np.log(np.maximum(bins_hz, 1.0)), controls, gains_db)
+    return irfft(rfft(waveform, n=size) * 10.0 ** (gain_db / 20.0), n=size)[: waveform.size]
+
+
 def clip(waveform: np.ndarray, level: float) -> np.ndarray:
     """Clipped at `level` x the waveform's peak."""
     limit = level * np.abs(waveform).max(initial=0.0)
@@ -470,6 +492,8 @@ class Degradation:
             y = change_speed(x, c.severity)
         elif c.op == "pitch":
             y = shift_pitch(x, c.severity)
+        elif c.op == "eq":  # the same shape at every gain_db: the draws are in units of it
+            y = equalize(x, sample_rate_hz, c.severity * rng.uniform(-1.0, 1.0, int(c["bands"])))
         elif c.op == "clip":
             y = clip(x, c.severity)
         elif c.op == "packet_loss":
