@@ -215,7 +215,7 @@ def synthetic_speaker(index: int, seed: int) -> str:
     rng = random.Random(f"omni_train demo synthetic speaker {seed} {index}")
     tract = rng.uniform(0.88, 1.28)
     low = rng.randint(135, 175) if tract > 1.08 else rng.randint(70, 110)
-    lines = ["language variant", f"name {synthetic_speaker_names(index + 1)[index]}",
+    lines = ["language variant", f"name {synthetic_speaker_name(index)}",
              f"pitch {low} {low + (rng.randint(40, 90) if tract > 1.08 else rng.randint(25, 55))}",
              f"flutter {rng.randint(0, 10)}", f"roughness {rng.randint(0, 4)}"]
     lines += [f"formant {k} {round(100 * tract * rng.uniform(0.95, 1.05))} {rng.randint(60, 110)} {rng.randint(80, 160)}"
@@ -225,8 +225,12 @@ def synthetic_speaker(index: int, seed: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def synthetic_speaker_name(index: int) -> str:
+    return f"{SYNTHETIC_PREFIX}{index:03d}"
+
+
 def synthetic_speaker_names(count: int) -> tuple[str, ...]:
-    return tuple(f"{SYNTHETIC_PREFIX}{i:03d}" for i in range(count))
+    return tuple(synthetic_speaker_name(i) for i in range(count))
 
 
 def espeak_data_with_speakers(root: Path, count: int, seed: int, variants: Sequence[str]) -> Path:
