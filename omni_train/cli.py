@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--per-voice", type=int, default=None, help="training utterances per voice (overrides the size's count)")
     demo.add_argument("--train-variants", default=None,
                       help="espeak-ng variants half the train/eval speech is said in, comma-separated, or none "
-                           "(default: the size's; demo and full: m1,m3,m4,m5,m6,f1,f3,f5)")
+                           "(default: the size's; demo and full: the 14 voices of DEMO_TRAIN_VARIANTS in omni_train/data/demo.py)")
     demo.add_argument("--synthetic-speakers", type=int, default=None,
                       help="espeak-ng speakers drawn at random (formants, pitch, echo), said like the train variants "
                            "(default 0; at most 150)")

@@ -362,3 +362,30 @@ def test_from_epoch_delays_an_op_without_changing_its_draws():
     assert fired[0] == fired[1] == 0 and fired[2] > 30 and fired[3] > 30, fired
     with pytest.raises(ValueError, match=r"audio.augment\[0\].from_epoch must be an epoch number >= 0, got -1"):
         parse_augment([{**op, "from_epoch": -1}], "audio.augment", "audio")
+
+
+def test_speed_factors_are_drawn_on_a_grid_and_resampled_as_scipy_does():
+    """Speeds drawn for augmentation lie on the 0.005 grid (each factor's filter is designed once) and cover it; a
+    range narrower than a step keeps its own values; the cached filter resamples exactly as resample_poly's own."""
+    from fractions import Fraction
+
+    from scipy.signal import resample_poly
+
+    from omni_train.data.augment import SPEED_STEP, parse_augment
+    from omni_train.data.degrade import change_speed
+
+    def factors(low, high, count=2000):
+        (op,) = parse_augment([{"op": "speed", "p": 1, "factor": [low, high]}], "audio.augment", "audio")
+        return {op.draw(np.random.default_rng([0, i])).severity for i in range(count)}
+
+    drawn = factors(0.88, 1.12)
+    assert len(drawn) == 49 and min(drawn) >= 0.88 - 1e-9 and max(drawn) <= 1.12 + 1e-9, sorted(drawn)
+    assert all(abs(f / SPEED_STEP - round(f / SPEED_STEP)) < 1e-9 for f in drawn)
+    narrow = factors(1.001, 1.002, 50)
+    assert all(1.001 <= f <= 1.002 for f in narrow), narrow
+    x = np.random.default_rng(1).standard_normal(16000)
+    for factor in (0.9, 1.115, 0.88):
+        ratio = 1 / Fraction(factor).limit_denominator(1000)
+        assert np.array_equal(change_speed(x, factor), resample_poly(x, ratio.numerator, ratio.denominator)), factor
+    same = change_speed(x, 1.0)
+    assert np.array_equal(same, x) and same is not x

@@ -175,6 +175,20 @@ def test_speed_changes_the_length_and_pitch_keeps_it():
         assert abs(peak_hz(out) / (440.0 * 2 ** (semitones / 12)) - 1) < 0.01, (semitones, peak_hz(out))
 
 
+def test_gain_changes_the_level_by_its_decibels_and_shifts_every_feature_alike(utterances):
+    """A gain of g dB multiplies the power by 10^(g/10); Whisper's log-mel (log10, then / 4) moves by g / 40 in every
+    cell above the floor: the level the model hears, which no feature normalizes away."""
+    from omni_train.data.audio import AudioConfig, log_mel
+
+    clean = utterances[0]
+    for gain_db in (-6.0, 3.0):
+        out, _ = degrade_audio({"op": "gain", "gain_db": gain_db}, clean)
+        assert abs(db(np.mean(out ** 2) / np.mean(clean.numpy().astype(np.float64) ** 2)) - gain_db) < 1e-3
+        cfg = AudioConfig()
+        shift = log_mel(torch.from_numpy(out).float(), cfg) - log_mel(clean, cfg)
+        assert torch.allclose(shift, torch.full_like(shift, gain_db / 40), atol=2e-3), (gain_db, shift.min(), shift.max())
+
+
 def test_eq_applies_its_drawn_gains_at_its_control_frequencies():
     """White noise through the random equalizer: at each control frequency the power ratio out / in is the drawn gain
     (within 0.5 dB, averaged over the neighbouring bins), the gains lie in [-gain_db, gain_db], and a larger gain_db
@@ -275,7 +289,7 @@ RANDOM_OPS = {"white_noise", "brown_noise", "babble", "reverb", "eq", "packet_lo
 ONE_OF_EACH = [{"op": "white_noise", "snr_db": 10}, {"op": "brown_noise", "snr_db": 10}, {"op": "babble", "snr_db": 5},
                {"op": "reverb", "rt60_s": 0.5}, {"op": "mp3"}, {"op": "opus"}, {"op": "telephone"},
                {"op": "speed", "factor": 1.1}, {"op": "pitch", "semitones": 2}, {"op": "eq", "gain_db": 10},
-               {"op": "clip", "level": 0.5},
+               {"op": "gain", "gain_db": -6}, {"op": "clip", "level": 0.5},
                {"op": "packet_loss", "rate": 0.3}, {"op": "overlap", "level_db": -5}, {"op": "frame_drop", "rate": 0.5},
                {"op": "downscale", "factor": 2}, {"op": "jpeg", "quality": 20}, {"op": "blur", "radius": 1.5}]
 

@@ -2,7 +2,8 @@
 
 Each list holds ops of `degrade.OPS` (the probes' degradations), each with a probability `p` and, for each of the
 op's fields, one value or a `[low, high]` range drawn uniformly per application (integer fields: uniformly among
-the integers); a field left out takes its default. Ops are applied in list order, each independently with its p; an op with
+the integers; speed factors: on a grid of 0.005 inside the range, so that each factor's resampling filter is
+designed once); a field left out takes its default. Ops are applied in list order, each independently with its p; an op with
 `from_epoch: E` starts at epoch E of its sample's source (0-based; a curriculum: clean first, messy later):
 
     data:
@@ -40,6 +41,7 @@ MODALITIES = ("audio", "image", "video")
 NEEDS_OTHERS = ("babble", "overlap")
 # degrade.OPS fields whose values are integers ("an integer in ..."): their ranges are drawn among the integers
 INTEGER_FIELDS = ("talkers", "quality", "sample_rate_hz", "bands")
+SPEED_STEP = 0.005  # the grid of the speed factors drawn (49 over 0.88-1.12)
 _STREAMS = {modality: i for i, modality in enumerate(MODALITIES)}
 
 
@@ -57,6 +59,8 @@ class AugmentOp:
             u = rng.random()
             if name in INTEGER_FIELDS:
                 values[name] = float(min(int(high), int(low) + math.floor(u * (int(high) - int(low) + 1))))
+            elif self.op == "speed":  # on a grid: each factor's resampling filter is designed once (degrade._lowpass)
+                values[name] = min(high, max(low, round((low + u * (high - low)) / SPEED_STEP) * SPEED_STEP))
             else:
                 values[name] = low + u * (high - low)
         severity = degrade.OPS[self.op].severity
