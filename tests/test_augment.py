@@ -24,7 +24,8 @@ from omni_train.data import synth
 from omni_train.data.augment import Augmenter, sample_seed
 from omni_train.data.audio import AudioConfig, encode_audio
 from omni_train.data.image import ImageConfig, encode_image
-from omni_train.data.pipeline import DataConfig, DataPipeline, SourceConfig, decode_sample
+from omni_train.data.pipeline import (CleanSample, DataConfig, DataPipeline, SourceConfig, decode_sample, redecode_sample,
+                                      sample_nbytes)
 from omni_train.data.text import Tokenizer
 from omni_train.data.video import VideoConfig, encode_video
 from omni_train.model.audio_encoder import AudioEncoder, AudioEncoderConfig, SpecAugmentConfig, spec_augment
@@ -213,6 +214,34 @@ def test_ops_fire_at_their_probability():
     assert (abs(fired - 200) < 30).all(), fired
 
 
+def test_a_sample_left_as_it_was_is_rendered_once(media):
+    """From the decode cache's clean parts, an epoch whose ops fire on no part returns the sample's first rendering
+    (the very object: the text is not tokenized again); one whose op fires renders the changed parts anew."""
+    cfg = augmented(audio=AudioConfig(augment=[{"op": "white_noise", "p": 1.0, "snr_db": [10, 20], "from_epoch": 1}]),
+                    image=ImageConfig(max_pixels=50176), video=SMALL["video"])
+    raw, where = raw_sample(media, MIXED), "shard-000000.tar:a"
+
+    def augmenter(epoch):
+        return Augmenter.from_config(cfg, sample_seed(0, epoch, "shard-000000.tar", "a"), epoch)
+
+    keep = []
+    first = decode_sample(raw, where, cfg, TOK, transform=augmenter(0), keep=keep)
+    (clean,) = keep
+    assert clean.rendered is first
+    assert_same(first, decode_sample(raw, where, cfg, TOK))  # before from_epoch nothing fires
+    assert redecode_sample(clean, where, cfg, TOK, transform=augmenter(0)) is first
+    noisy = redecode_sample(clean, where, cfg, TOK, transform=augmenter(1))  # the speech and the video's track change
+    assert noisy is not first and clean.rendered is first
+    assert not torch.equal(noisy.media[0].tensors["mel"], first.media[0].tensors["mel"])
+    assert not torch.equal(noisy.media[2].audio.tensors["mel"], first.media[2].audio.tensors["mel"])
+    assert_same(redecode_sample(clean, where, cfg, TOK, transform=augmenter(1)), noisy)
+    assert redecode_sample(clean, where, cfg, TOK, transform=augmenter(0)) is first
+    # the cache counts the kept rendering's tokens beside the clean signals and features
+    assert sample_nbytes(clean) == sample_nbytes(CleanSample(clean.sample, clean.parts)) + sum(
+        t.numel() * t.element_size() for t in (first.input_ids, first.labels, first.modality_ids, first.timestamps_s,
+                                               first.audio_transcript_ids) if t is not None)
+
+
 @pytest.fixture(scope="module")
 def pipeline_cfg(shards) -> DataConfig:
     return augmented(seq_len=512, batch_size=2, num_workers=0, pack_pool=4, train=[SourceConfig(shards=shards)])
@@ -295,6 +324,28 @@ def test_spec_augment_masks_only_in_training():
     assert not zeros[1, :, 150:].all(dim=0).any()  # time masks stay within a window's valid frames
 
 
+def test_spec_augment_masks_from_its_step_on():
+    """from_step: before it the encoder in training mode is the unmasked one, from it on it masks; the step is the
+    one the training loop sets (`AudioEncoder.step`), and an encoder no loop told a step stays at 0."""
+    masks = SpecAugmentConfig(num_time_masks=2, max_time_frames=30, num_freq_masks=2, max_freq_bins=8, from_step=5)
+    kwargs = dict(dim=32, num_layers=1, num_heads=2, ffn_dim=64, num_mel_bins=32)
+    torch.manual_seed(0)
+    plain = AudioEncoder(AudioEncoderConfig(**kwargs)).train()
+    later = AudioEncoder(AudioEncoderConfig(**kwargs, spec_augment=masks)).train()
+    later.load_state_dict(plain.state_dict())
+    mel, frames = torch.randn(2, 32, 400) + 2.0, torch.tensor([400, 150])
+    assert later.step == 0
+    for step in (0, 4):
+        later.step = step
+        state = torch.get_rng_state()
+        assert torch.equal(later(mel, frames), plain(mel, frames)), step
+        assert torch.equal(torch.get_rng_state(), state)  # no draws before from_step: the run's RNG stream is unchanged
+    later.step = 5
+    assert not torch.equal(later(mel, frames), plain(mel, frames))
+    with pytest.raises(ValueError, match=r"^model\.audio\.spec_augment\.from_step must be an integer >= 0, got -1"):
+        SpecAugmentConfig(num_time_masks=1, max_time_frames=5, from_step=-1).check(32)
+
+
 def test_spec_augment_survives_a_pretrained_audio_config(tmp_path):
     """model.pretrained_audio replaces model.audio with the checkpoint's architecture; the masks are the recipe's."""
     import transformers
@@ -318,7 +369,9 @@ def test_spec_augment_survives_a_pretrained_audio_config(tmp_path):
 
 @pytest.mark.slow
 def test_training_resume_is_exact_with_augmentation(shards, tmp_path):
-    """A single-process run, 6 steps, checkpoint at 3; resumed from it, steps 4-6 have the same losses."""
+    """A single-process run, 6 steps, checkpoint at 3; resumed from it, steps 4-6 have the same losses. SpecAugment
+    starts at step 5 (from_step): the loop tells the encoder its step, the resumed run's too, and before it the
+    losses are those of a run without masks."""
     def run(name: str, *extra: str) -> dict[int, float]:
         out = tmp_path / name
         overrides = {"name": name, "output_dir": str(out), "data.train.0.shards": shards, "data.eval.0.shards": shards,
@@ -328,7 +381,7 @@ def test_training_resume_is_exact_with_augmentation(shards, tmp_path):
                      "data.audio.augment": json.dumps(AUDIO_OPS), "data.image.augment": json.dumps(IMAGE_OPS),
                      "data.video.augment": json.dumps(VIDEO_OPS),
                      "model.audio.spec_augment": json.dumps({"num_time_masks": 2, "max_time_frames": 20,
-                                                            "num_freq_masks": 2, "max_freq_bins": 16})}
+                                                            "num_freq_masks": 2, "max_freq_bins": 16, "from_step": 5})}
         args = [f"{k}={v}" for k, v in overrides.items()] + list(extra)
         result = subprocess.run([sys.executable, "launch/pretrain.py", "--recipe", "recipes/smoke.yaml", *args], cwd=REPO,
                                 capture_output=True, text=True, timeout=300,
@@ -341,6 +394,8 @@ def test_training_resume_is_exact_with_augmentation(shards, tmp_path):
     resumed = run("resumed", f"train.resume={tmp_path / 'full' / 'checkpoints' / 'step_00000003'}")
     assert sorted(resumed) == [4, 5, 6]
     assert all(resumed[step] == full[step] for step in resumed), (full, resumed)
+    unmasked = run("unmasked", "model.audio.spec_augment.from_step=100")
+    assert [unmasked[step] == full[step] for step in range(1, 7)] == [True] * 4 + [False] * 2, (full, unmasked)
 
 
 def test_from_epoch_delays_an_op_without_changing_its_draws():

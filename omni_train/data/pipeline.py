@@ -460,9 +460,12 @@ class CleanPart:
 
 @dataclass
 class CleanSample:
-    """A sample decoded up to its clean media parts: the decode cache's entry when augmentation is on."""
+    """A sample decoded up to its clean media parts: the decode cache's entry when augmentation is on. `rendered`:
+    the sample rendered from its clean parts, kept the first time an epoch changes none of them (no op fires on it,
+    or it has no media) and returned as it is whenever that happens again."""
     sample: dict
     parts: list[CleanPart]
+    rendered: TokenizedSample | None = None
 
 
 def decode_sample(raw: dict[str, bytes], where: str, cfg: DataConfig, tokenizer: Tokenizer, *,
@@ -498,28 +501,35 @@ def decode_sample(raw: dict[str, bytes], where: str, cfg: DataConfig, tokenizer:
             parts.append(decoded)
         return decoded
 
-    return _build_sample(sample, clean_part, where, cfg, tokenizer, max_tokens=max_tokens, transform=transform)
+    return _build_sample(sample, clean_part, where, cfg, tokenizer, max_tokens=max_tokens, transform=transform,
+                         clean=keep[-1] if keep is not None else None)
 
 
 def redecode_sample(clean: CleanSample, where: str, cfg: DataConfig, tokenizer: Tokenizer, *,
                     max_tokens: int | None = None, transform: MediaTransform | None = None) -> TokenizedSample:
     """`decode_sample` from a sample's clean parts (kept by it): the same result, decoding nothing again. A part that
-    `transform` leaves as it was (returns the object it was given) reuses its clean features."""
+    `transform` leaves as it was (returns the object it was given) reuses its clean features, and a sample whose
+    parts it all leaves so is its `clean.rendered` (the same object each time: treat it as read-only)."""
     return _build_sample(clean.sample, lambda index, part, at: clean.parts[index], where, cfg, tokenizer,
-                         max_tokens=max_tokens, transform=transform)
+                         max_tokens=max_tokens, transform=transform, clean=clean)
 
 
 def _build_sample(sample: dict, clean_part, where: str, cfg: DataConfig, tokenizer: Tokenizer, *,
-                  max_tokens: int | None, transform: MediaTransform | None) -> TokenizedSample:
-    """Parts (`clean_part(index, part, at)` -> CleanPart) -> transformed -> features -> the rendered sample."""
-    media = []
+                  max_tokens: int | None, transform: MediaTransform | None,
+                  clean: CleanSample | None = None) -> TokenizedSample:
+    """Parts (`clean_part(index, part, at)` -> CleanPart) -> transformed -> features -> the rendered sample. With
+    `clean` (the sample's CleanSample), a rendering from unchanged parts is kept as, or taken from, `clean.rendered`."""
+    media, unchanged = [], True
     for index, part in enumerate(media_parts(sample)):
         at = f"{where}.{part['member']}"
-        media.append(_part_media(clean_part(index, part, at), index, part, at, cfg, transform))
-        media[-1] = apply_sequence_tokens(media[-1], cfg.sequence_tokens)  # the positions the fusion makes of its tokens
+        item, same = _part_media(clean_part(index, part, at), index, part, at, cfg, transform)
+        unchanged = unchanged and same
+        media.append(apply_sequence_tokens(item, cfg.sequence_tokens))  # the positions the fusion makes of its tokens
         if max_tokens is not None and (num_tokens := sum(m.total_tokens for m in media)) > max_tokens:
             raise OverlongSample(f"{where}: sample's media alone have {num_tokens} tokens > "
                                  f"data.seq_len={max_tokens}; raise data.seq_len or set data.overlong=skip")
+    if unchanged and clean is not None and clean.rendered is not None:
+        return clean.rendered
     tokenized = render_chat(sample["messages"], media, tokenizer, where=where, positions=cfg.positions)
     if max_tokens is not None and len(tokenized) > max_tokens:
         raise OverlongSample(f"{where}: sample has {len(tokenized)} tokens > data.seq_len={max_tokens}; "
@@ -529,6 +539,8 @@ def _build_sample(sample: dict, clean_part, where: str, cfg: DataConfig, tokeniz
     transcript = tokenized.meta.get("transcript")
     if isinstance(transcript, str) and sum(m.modality == "audio" for m in media) == 1:
         tokenized.audio_transcript_ids = torch.tensor(tokenizer.encode(transcript), dtype=torch.long)
+    if unchanged and clean is not None:
+        clean.rendered = tokenized
     return tokenized
 
 
@@ -550,25 +562,27 @@ def _decode_part(raw: dict[str, bytes], part: dict, at: str, cfg: DataConfig) ->
 
 
 def _part_media(clean: CleanPart, index: int, part: dict, at: str, cfg: DataConfig,
-                transform: MediaTransform | None) -> EncodedMedia:
-    """A part's EncodedMedia from its clean signal through `transform`. A signal the transform returns as the very
-    object it was given is unchanged: its clean features are computed once and kept on the part."""
+                transform: MediaTransform | None) -> tuple[EncodedMedia, bool]:
+    """A part's EncodedMedia from its clean signal through `transform`, and whether the transform left the part as it
+    was: returned every signal as the very object it was given. An unchanged signal's clean features are computed
+    once and kept on the part."""
     if clean.modality == "audio":
         (waveform,) = clean.signal
         out = transform.audio(waveform, cfg.audio.sample_rate_hz, index) if transform is not None else waveform
-        return _features(clean, "media", out is waveform, lambda: audio_features(out, cfg.audio, where=at))
+        return _features(clean, "media", out is waveform, lambda: audio_features(out, cfg.audio, where=at)), out is waveform
     if clean.modality == "image":
         (pixels,) = clean.signal  # (1, 3, H, W) uint8
         out = transform.frames(pixels, torch.zeros(1), index, "image")[0] if transform is not None else pixels
         assert out.shape[0] == 1 and out.dtype == torch.uint8, (out.shape, out.dtype)
-        return _features(clean, "media", out is pixels, lambda: image_features(out[0], cfg.image))
+        return _features(clean, "media", out is pixels, lambda: image_features(out[0], cfg.image)), out is pixels
     frames, timestamps_s, duration_s = clean.signal
     new_frames, new_timestamps_s = (transform.frames(frames, timestamps_s, index, "video") if transform is not None
                                     else (frames, timestamps_s))
-    media = _features(clean, "media", new_frames is frames and new_timestamps_s is timestamps_s,
+    unchanged = new_frames is frames and new_timestamps_s is timestamps_s
+    media = _features(clean, "media", unchanged,
                       lambda: video_features(new_frames, new_timestamps_s, duration_s, cfg.video, cfg.image))
     if clean.track is None:
-        return media
+        return media, unchanged
     track = transform.audio(clean.track, cfg.audio.sample_rate_hz, index) if transform is not None else clean.track
     track_at = f"{at} ({part['audio_member']}, audio in video)" if "audio_member" in part else at
     try:
@@ -576,7 +590,7 @@ def _part_media(clean: CleanPart, index: int, part: dict, at: str, cfg: DataConf
                                 lambda: audio_features(track, cfg.audio, where=track_at))
     except MediaError as e:
         raise _no_track(e, part, at) from None
-    return dataclasses.replace(media, audio=track_media)
+    return dataclasses.replace(media, audio=track_media), unchanged and track is clean.track
 
 
 def _features(clean: CleanPart, name: str, unchanged: bool, compute) -> EncodedMedia:
@@ -618,15 +632,18 @@ def sample_nbytes(sample: TokenizedSample | CleanSample) -> int:
     if isinstance(sample, CleanSample):
         media = [m for p in sample.parts for m in (p.media, p.track_media) if m is not None]
         tensors = [t for p in sample.parts for t in (*p.signal, p.track) if isinstance(t, torch.Tensor)]
+        if sample.rendered is not None:  # its media are the parts' (or hold the same tensors): counted above
+            tensors += _token_tensors(sample.rendered)
     else:
-        tensors = [sample.input_ids, sample.labels, sample.modality_ids, sample.timestamps_s]
-        if sample.position_ids is not None:
-            tensors.append(sample.position_ids)
-        if sample.audio_transcript_ids is not None:
-            tensors.append(sample.audio_transcript_ids)
+        tensors = _token_tensors(sample)
         media = [*sample.media, *(m.audio for m in sample.media if m.audio is not None)]
     tensors += [t for m in media for t in (m.token_timestamps_s, *m.tensors.values())]
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _token_tensors(sample: TokenizedSample) -> list[torch.Tensor]:
+    tensors = [sample.input_ids, sample.labels, sample.modality_ids, sample.timestamps_s]
+    return tensors + [t for t in (sample.position_ids, sample.audio_transcript_ids) if t is not None]
 
 
 class DecodeCache:
@@ -640,7 +657,8 @@ class DecodeCache:
 
     With augmentation (data.*.augment) an entry is the sample's CleanSample instead: its decoded clean signals
     (waveforms, frames as decoded) and their features, from which each epoch's augmentation is drawn anew
-    (`redecode_sample`); only the parts an op fires on get new features, and the text is rendered again.
+    (`redecode_sample`): only the parts an op fires on get new features, and only a sample with such a part is
+    rendered again (one without is its first rendering, `CleanSample.rendered`).
     """
 
     def __init__(self, max_mb: int):

@@ -111,15 +111,18 @@ class SpecAugmentConfig:
     only (module.training): each window gets num_time_masks spans of 0..max_time_frames frames (at most
     max_time_fraction of its valid frames: their adaptive masks) and num_freq_masks bands of 0..max_freq_bins mel bins,
     set to 0 (the value of padding). The draws come from torch's global CPU generator, which checkpoints save and
-    restore (train/checkpoint.py), so a resumed run masks as the uninterrupted one. No masks: off (the default)."""
+    restore (train/checkpoint.py), so a resumed run masks as the uninterrupted one. No masks: off (the default).
+    `from_step`: masks only from that training step on (the loop tells the encoder its step, `AudioEncoder.step`),
+    a curriculum like the data ops' `from_epoch`: a recognizer that must first leave its plateau learns it unmasked."""
     num_time_masks: int = 0
     max_time_frames: int = 0
     max_time_fraction: float = 0.2
     num_freq_masks: int = 0
     max_freq_bins: int = 0
+    from_step: int = 0
 
     def check(self, num_mel_bins: int) -> None:
-        for name in ("num_time_masks", "max_time_frames", "num_freq_masks", "max_freq_bins"):
+        for name in ("num_time_masks", "max_time_frames", "num_freq_masks", "max_freq_bins", "from_step"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"model.audio.spec_augment.{name} must be an integer >= 0, got {value!r}")
@@ -365,6 +368,7 @@ class AudioEncoder(nn.Module):
     def __init__(self, cfg: AudioEncoderConfig, *, activation_checkpointing: bool = False, attn_backend: str = "auto"):
         super().__init__()
         self.cfg = cfg
+        self.step = 0  # the training step, set by the training loop: spec_augment masks from its from_step on
         self.activation_checkpointing = activation_checkpointing
         self.attn_backend = check_backend(attn_backend)
         # The data layer's token arithmetic after conv1, conv2 and the pool: one definition of the counts.
@@ -427,7 +431,7 @@ class AudioEncoder(nn.Module):
         window_frames = window_frames.to(mel.device)
         # Frames past the longest valid window are zeros in every window; dropping them changes no valid output.
         mel = mel[..., : max(int(window_frames.max()), 1)]  # (W, M, T)
-        if self.training and self.cfg.spec_augment.enabled:
+        if self.training and self.cfg.spec_augment.enabled and self.step >= self.cfg.spec_augment.from_step:
             mel = spec_augment(mel, window_frames, self.cfg.spec_augment)
         mel = mel.to(self.layer_norm.weight.dtype)
         if self.cfg.stem == "conv2d":

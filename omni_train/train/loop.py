@@ -297,6 +297,7 @@ def train(cfg) -> TrainState:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     from omni_train.probes.runner import format_table, probes_due, run_probes
     from omni_train.train.runs import BASE_DIR, build_run_model
+    from omni_train.model.audio_encoder import AudioEncoder
     from omni_train.model.hf_adapters import weights_label
     from omni_train.model.omni import build_model
     from omni_train.model.qwen2_5_omni import iter_thinker_state
@@ -367,6 +368,7 @@ def train(cfg) -> TrainState:
     preemption = Preemption().install()  # before the loader forks its workers, which ignore the signals
     batches = iter(data)
     reduce = lambda values: all_reduce(values, dist)  # noqa: E731
+    audio_encoders = [m for m in engine.module.modules() if isinstance(m, AudioEncoder)]  # told the step (SpecAugment's from_step)
 
     with loader_faults():  # a loader worker that dies stops the run in one line, wherever it is noticed
         while state.step < tcfg.steps:
@@ -375,6 +377,8 @@ def train(cfg) -> TrainState:
             loader_wait_s = time.perf_counter() - start
             step = state.step + 1
             logs_due = every(step, tcfg.log_every) or step in (1, tcfg.steps)
+            for encoder in audio_encoders:
+                encoder.step = step
 
             def judge(losses: list[float]):
                 injector.at("step", step)  # a fault due mid-step: after the forward, before the backward and the update
