@@ -24,8 +24,8 @@ from omni_train.data import synth
 from omni_train.data.augment import Augmenter, sample_seed
 from omni_train.data.audio import AudioConfig, encode_audio
 from omni_train.data.image import ImageConfig, encode_image
-from omni_train.data.pipeline import (CleanSample, DataConfig, DataPipeline, SourceConfig, decode_sample, redecode_sample,
-                                      sample_nbytes)
+from omni_train.data.pipeline import (CleanSample, DataConfig, DataPipeline, SourceConfig, decode_sample,
+                                      redecode_sample, sample_nbytes)
 from omni_train.data.text import Tokenizer
 from omni_train.data.video import VideoConfig, encode_video
 from omni_train.model.audio_encoder import AudioEncoder, AudioEncoderConfig, SpecAugmentConfig, spec_augment

@@ -569,12 +569,14 @@ def _part_media(clean: CleanPart, index: int, part: dict, at: str, cfg: DataConf
     if clean.modality == "audio":
         (waveform,) = clean.signal
         out = transform.audio(waveform, cfg.audio.sample_rate_hz, index) if transform is not None else waveform
-        return _features(clean, "media", out is waveform, lambda: audio_features(out, cfg.audio, where=at)), out is waveform
+        same = out is waveform
+        return _features(clean, "media", same, lambda: audio_features(out, cfg.audio, where=at)), same
     if clean.modality == "image":
         (pixels,) = clean.signal  # (1, 3, H, W) uint8
         out = transform.frames(pixels, torch.zeros(1), index, "image")[0] if transform is not None else pixels
         assert out.shape[0] == 1 and out.dtype == torch.uint8, (out.shape, out.dtype)
-        return _features(clean, "media", out is pixels, lambda: image_features(out[0], cfg.image)), out is pixels
+        same = out is pixels
+        return _features(clean, "media", same, lambda: image_features(out[0], cfg.image)), same
     frames, timestamps_s, duration_s = clean.signal
     new_frames, new_timestamps_s = (transform.frames(frames, timestamps_s, index, "video") if transform is not None
                                     else (frames, timestamps_s))

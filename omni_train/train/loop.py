@@ -368,7 +368,8 @@ def train(cfg) -> TrainState:
     preemption = Preemption().install()  # before the loader forks its workers, which ignore the signals
     batches = iter(data)
     reduce = lambda values: all_reduce(values, dist)  # noqa: E731
-    audio_encoders = [m for m in engine.module.modules() if isinstance(m, AudioEncoder)]  # told the step (SpecAugment's from_step)
+    # each step is told to the audio encoders: SpecAugment's from_step
+    audio_encoders = [m for m in engine.module.modules() if isinstance(m, AudioEncoder)]
 
     with loader_faults():  # a loader worker that dies stops the run in one line, wherever it is noticed
         while state.step < tcfg.steps:
