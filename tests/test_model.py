@@ -162,9 +162,12 @@ def test_fusion_fills_placeholders_in_row_major_order():
     assert fused[..., 0].tolist() == [[0, 1, 2, 0, 4], [3, 0, 5, 6, 0]]
 
 
-def test_audio_encoder_windows_are_independent_and_counted_exactly(samples):
+@pytest.mark.parametrize("conv_kernel", [0, 7])
+def test_audio_encoder_windows_are_independent_and_counted_exactly(samples, conv_kernel):
+    """conv_kernel 7: each layer's convolution block sees only its window's valid positions."""
     torch.manual_seed(0)
-    encoder = AudioEncoder(AudioEncoderConfig(dim=32, num_layers=2, num_heads=4, ffn_dim=64)).eval()
+    encoder = AudioEncoder(AudioEncoderConfig(dim=32, num_layers=2, num_heads=4, ffn_dim=64,
+                                              conv_kernel=conv_kernel)).eval()
     with torch.no_grad():  # non-zero biases: with zero ones, a conv over zero padding outputs exact zeros
         for name, param in encoder.named_parameters():
             if name.endswith("bias"):
@@ -192,6 +195,27 @@ def test_audio_encoder_windows_are_independent_and_counted_exactly(samples):
             alone = encoder(changed[1:, :, :num_frames], frames[1:])
             assert alone.shape[0] == num_audio_tokens(num_frames, AUDIO_CFG)
             torch.testing.assert_close(alone, padded, rtol=1e-5, atol=1e-5)
+
+
+def test_audio_encoder_convolution_block_is_an_option(samples):
+    """model.audio.conv_kernel adds a depthwise convolution block to each layer; 0 keeps Whisper's parameters."""
+    kwargs = dict(dim=32, num_layers=2, num_heads=4, ffn_dim=64)
+    torch.manual_seed(0)
+    plain = AudioEncoder(AudioEncoderConfig(**kwargs))
+    torch.manual_seed(0)
+    conv = AudioEncoder(AudioEncoderConfig(**kwargs, conv_kernel=5))
+    added = sorted(set(dict(conv.named_parameters())) - set(dict(plain.named_parameters())))
+    assert added == [f"layers.{i}.{name}" for i in range(2) for name in (
+        "conv_depthwise.bias", "conv_depthwise.weight", "conv_layer_norm.bias", "conv_layer_norm.weight",
+        "conv_proj.bias", "conv_proj.weight")]
+    assert conv.layers[0].conv_depthwise.weight.shape == (32, 1, 1, 5)  # one filter per channel
+    mel = samples["media"]["short"].tensors["mel"]
+    windows, frames = split_windows(mel, AUDIO_CFG)
+    with torch.no_grad():
+        assert not torch.allclose(conv(windows, frames), plain(windows, frames))
+    for bad in (2, -1, True):
+        with pytest.raises(ValueError, match=r"^model\.audio\.conv_kernel must be 0 \(no convolution block\) or an odd"):
+            AudioEncoderConfig(**kwargs, conv_kernel=bad)
 
 
 def test_vision_encoder_merges_and_keeps_images_apart(samples):

@@ -163,6 +163,9 @@ class OmniConfig:
 
         # a training option, not architecture: the recipe's model.audio.spec_augment outlives the checkpoint's config
         spec_augment = self.audio.spec_augment if self.audio is not None else None
+        if (self.pretrained or self.pretrained_audio) and self.audio is not None and self.audio.conv_kernel:
+            raise ValueError(f"model.audio.conv_kernel={self.audio.conv_kernel} adds convolution blocks that a pretrained "
+                             f"audio encoder does not have: leave it at 0 with model.pretrained or pretrained_audio")
         if self.pretrained:
             if self.pretrained_backbone or self.pretrained_audio or self.pretrained_vision:
                 raise ValueError("model.pretrained (a whole Omni thinker) excludes model.pretrained_backbone, "
