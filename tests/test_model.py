@@ -17,7 +17,7 @@ from omni_train.data.packing import collate_packed
 from omni_train.data.sample import MODALITY_IDS
 from omni_train.data.text import Tokenizer, render_chat
 from omni_train.data.video import VideoConfig, encode_video
-from omni_train.model.audio_encoder import AudioEncoder, AudioEncoderConfig
+from omni_train.model.audio_encoder import AudioEncoder, AudioEncoderConfig, normalize_windows, row_depthwise_conv
 from omni_train.model.backbone import BackboneConfig
 from omni_train.model.omni import OmniConfig, OmniModel, fuse_interleave
 from omni_train.model.projectors import build_projector
@@ -216,6 +216,61 @@ def test_audio_encoder_convolution_block_is_an_option(samples):
     for bad in (2, -1, True):
         with pytest.raises(ValueError, match=r"^model\.audio\.conv_kernel must be 0 \(no convolution block\) or an odd"):
             AudioEncoderConfig(**kwargs, conv_kernel=bad)
+
+
+def test_mel_norm_window_normalizes_each_window_over_its_valid_frames(samples):
+    """model.audio.mel_norm window: each bin of each window at zero mean and unit variance over the valid frames, a
+    per-bin offset (a voice's or a channel's spectral envelope) and the gain of the log-mel removed, the padding zero
+    and never read; the encoder's windows stay independent."""
+    mel = samples["media"]["long"].tensors["mel"]  # (128, 3500): windows of 3000 and 500 frames
+    windows, frames = split_windows(mel, AUDIO_CFG)
+    out = normalize_windows(windows, frames)
+    valid = out[1, :, :500]
+    torch.testing.assert_close(valid.mean(-1), torch.zeros(128), rtol=0, atol=1e-5)
+    raw = windows[1, :, :500].std(-1, unbiased=False)  # a bin spread under 0.1 (4 dB) is divided by 0.1
+    torch.testing.assert_close(valid.std(-1, unbiased=False), raw / raw.clamp(min=0.1), rtol=1e-4, atol=1e-5)
+    assert (raw > 0.1).any() and (raw < 0.1).any()  # both cases are met
+    assert (out[1, :, 500:] == 0).all()
+    offset = torch.linspace(-0.5, 0.5, 128)[None, :, None]
+    moved = (windows + offset) * (torch.arange(windows.shape[-1]) < frames[:, None]).unsqueeze(1)
+    moved[1, :, 500:] = 7.0  # padding the normalization must not read
+    torch.testing.assert_close(normalize_windows(moved, frames), out, rtol=0, atol=1e-5)
+    torch.testing.assert_close(normalize_windows(windows[1:, :, :500], frames[1:]), out[1:, :, :500], rtol=0, atol=1e-5)
+
+    torch.manual_seed(0)
+    kwargs = dict(dim=32, num_layers=2, num_heads=4, ffn_dim=64)
+    plain = AudioEncoder(AudioEncoderConfig(**kwargs)).eval()
+    torch.manual_seed(0)
+    normed = AudioEncoder(AudioEncoderConfig(**kwargs, mel_norm="window")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(normed(windows, frames), plain(out, frames))
+        torch.testing.assert_close(normed(moved, frames)[:750], normed(windows, frames)[:750], rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match=r"^model\.audio\.mel_norm must be one of none, window, got 'cmvn'"):
+        AudioEncoderConfig(**kwargs, mel_norm="cmvn")
+
+
+@pytest.mark.parametrize("kernel", [1, 5, 15])
+def test_row_depthwise_conv_has_the_convolutions_gradients(kernel):
+    """The conv block's own backward (its weight gradient as one grouped Conv1d) gives the gradients autograd gives
+    through the Conv2d module: the output and the input's gradient the very same, the weight's and the bias's the
+    same sums in another order. Rows of different lengths, zero-padded as the encoder leaves them."""
+    generator = torch.Generator().manual_seed(kernel)
+    conv = torch.nn.Conv2d(24, 24, (1, kernel), padding=(0, kernel // 2), groups=24)
+    lengths = torch.tensor([31, 9, 20])
+    x = torch.randn(3, 31, 24, generator=generator) * (torch.arange(31) < lengths[:, None]).unsqueeze(-1)
+    out_grad = torch.randn(3, 31, 24, generator=generator)
+    results = []
+    for run in (lambda h: conv(h.transpose(1, 2).unsqueeze(2)).squeeze(2).transpose(1, 2),
+                lambda h: row_depthwise_conv(h, conv)):
+        h = x.clone().requires_grad_()
+        conv.zero_grad()
+        out = run(h)
+        out.backward(out_grad)
+        results.append((out.detach(), h.grad, conv.weight.grad.clone(), conv.bias.grad.clone()))
+    (out, h_grad, w_grad, b_grad), (ours, ours_h_grad, ours_w_grad, ours_b_grad) = results
+    assert torch.equal(ours, out) and torch.equal(ours_h_grad, h_grad)
+    torch.testing.assert_close(ours_w_grad, w_grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_b_grad, b_grad, rtol=1e-5, atol=1e-5)
 
 
 def test_vision_encoder_merges_and_keeps_images_apart(samples):

@@ -103,6 +103,7 @@ def check_activation(activation: str, key: str) -> None:
 
 AUDIO_POSITIONS = ("learned", "sinusoid")
 AUDIO_STEMS = ("conv1d", "conv2d")
+MEL_NORMS = ("none", "window")
 
 
 @dataclass(kw_only=True)
@@ -160,6 +161,9 @@ class AudioEncoderConfig:
     key_bias: bool = False         # a bias on k_proj (Qwen3-Omni's; without rotary positions softmax cancels it)
     # 0: none (Whisper, Qwen); k (odd): each layer adds a convolution block after its attention (`EncoderLayer`)
     conv_kernel: int = 0
+    # MEL_NORMS: none (Whisper, Qwen) | window: each mel bin of each window at zero mean and unit variance over its
+    # valid frames (`normalize_windows`), before the stem
+    mel_norm: str = "none"
     layer_norm_eps: float = 1e-5   # Whisper's
     init_std: float = 0.02
     spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)  # training-time masks; default off
@@ -181,6 +185,8 @@ class AudioEncoderConfig:
             raise ValueError(f"model.audio.dim must be even (sinusoidal positions pair sin and cos), got {self.dim}")
         if self.stem not in AUDIO_STEMS:
             raise ValueError(f"model.audio.stem must be one of {', '.join(AUDIO_STEMS)}, got {self.stem!r}")
+        if self.mel_norm not in MEL_NORMS:
+            raise ValueError(f"model.audio.mel_norm must be one of {', '.join(MEL_NORMS)}, got {self.mel_norm!r}")
         if self.stem == "conv2d" and (not isinstance(self.stem_channels, int) or isinstance(self.stem_channels, bool)
                                       or self.stem_channels <= 0):
             raise ValueError(f"model.audio.stem_channels must be a positive integer, got {self.stem_channels!r}")
@@ -281,6 +287,47 @@ class EncoderAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(batch, seq_len, dim))
 
 
+class _RowDepthwiseConv(torch.autograd.Function):
+    """(B, L, D) -> each channel convolved along L with its own k weights (`EncoderLayer`'s conv block), on the CPU.
+
+    The forward and the input's gradient are the (1, k) Conv2d's own. Its weight gradient is not: oneDNN takes 8.7 ms
+    for the demo's (42, 128, 89) on one core, where the same sums as one grouped Conv1d forward (each (row, channel)'s
+    padded input against its output gradient, k outputs, summed over rows) take 1.7 ms
+    (benchmarks/audio_conv_block.py)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(h, weight)
+        out = F.conv2d(h.transpose(1, 2).unsqueeze(2), weight, bias, padding=(0, weight.shape[-1] // 2),
+                       groups=weight.shape[0])                                               # (B, D, 1, L)
+        return out.squeeze(2).transpose(1, 2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        h, weight = ctx.saved_tensors
+        (B, L, D), k = h.shape, weight.shape[-1]
+        grad_h = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_h = torch.nn.grad.conv2d_input((B, D, 1, L), weight, grad.transpose(1, 2).unsqueeze(2),
+                                                padding=(0, k // 2), groups=D).squeeze(2).transpose(1, 2)
+        if ctx.needs_input_grad[1]:
+            padded = F.pad(h, (0, 0, k // 2, k // 2)).transpose(1, 2).reshape(1, B * D, L + k - 1)
+            sums = F.conv1d(padded, grad.transpose(1, 2).reshape(B * D, 1, L), groups=B * D)  # (1, B * D, k)
+            grad_weight = sums.view(B, D, k).sum(0).view_as(weight)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum((0, 1))
+        return grad_h, grad_weight, grad_bias
+
+
+def row_depthwise_conv(h: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """(B, L, D) through `conv`, a depthwise (1, k) Conv2d, along L: `_RowDepthwiseConv` on the CPU, the module
+    itself elsewhere."""
+    if h.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+        return _RowDepthwiseConv.apply(h, conv.weight, conv.bias)
+    return conv(h.transpose(1, 2).unsqueeze(2)).squeeze(2).transpose(1, 2)
+
+
 class EncoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
 
@@ -313,7 +360,8 @@ class EncoderLayer(nn.Module):
         if conv_kernel:
             self.conv_layer_norm = norm_cls(dim, eps=eps)
             # a (1, k) Conv2d over (B, D, 1, L): oneDNN's depthwise Conv1d took 5.8 ms forward for the demo's
-            # (44, 128, 80) on one CPU core, this 0.2 ms (12.7 against 5.0 ms with the backward); the same sums
+            # (44, 128, 80) on one CPU core, this 0.2 ms (12.7 against 5.0 ms with the backward); the same sums.
+            # Run by `row_depthwise_conv`, which on the CPU takes its weight gradient elsewhere.
             self.conv_depthwise = nn.Conv2d(dim, dim, (1, conv_kernel), padding=(0, conv_kernel // 2), groups=dim)
             self.conv_proj = nn.Linear(dim, dim)
         self.final_layer_norm = norm_cls(dim, eps=eps)
@@ -332,7 +380,7 @@ class EncoderLayer(nn.Module):
                                cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         if self.conv_kernel:
             h = self.conv_layer_norm(x) * (document_ids >= 0).unsqueeze(-1).to(x.dtype)  # (B, L, D), padding zeroed
-            h = self.conv_depthwise(h.transpose(1, 2).unsqueeze(2)).squeeze(2).transpose(1, 2)
+            h = row_depthwise_conv(h, self.conv_depthwise)
             x = x + self.conv_proj(F.gelu(h, approximate=self.approximate))
         h = self.final_layer_norm(x)
         if self.mlp == "gelu":
@@ -455,6 +503,8 @@ class AudioEncoder(nn.Module):
         window_frames = window_frames.to(mel.device)
         # Frames past the longest valid window are zeros in every window; dropping them changes no valid output.
         mel = mel[..., : max(int(window_frames.max()), 1)]  # (W, M, T)
+        if self.cfg.mel_norm == "window":
+            mel = normalize_windows(mel, window_frames)
         if self.training and self.cfg.spec_augment.enabled and self.step >= self.cfg.spec_augment.from_step:
             mel = spec_augment(mel, window_frames, self.cfg.spec_augment)
         mel = mel.to(self.layer_norm.weight.dtype)
@@ -591,6 +641,19 @@ def spec_augment(mel: torch.Tensor, window_frames: torch.Tensor, cfg: SpecAugmen
         mel.mul_((~spans(cfg.num_freq_masks, torch.full_like(valid, float(cfg.max_freq_bins)),
                          torch.full_like(valid, float(num_mels)), num_mels)).to(mel.dtype)[:, :, None])
     return mel
+
+
+def normalize_windows(mel: torch.Tensor, window_frames: torch.Tensor, min_std: float = 0.1) -> torch.Tensor:
+    """(W, M, T) log-mel -> each window's mel bins at zero mean and unit variance over its `window_frames` valid frames
+    (cepstral mean and variance normalization, per window); the padding stays zero. The mean a voice or a channel
+    puts on each bin is removed, and noise that lifts the quiet bins compresses them less. A bin whose standard
+    deviation is under `min_std` (0.1: 4 dB in Whisper's scaling, a bin held at the floor) is divided by min_std."""
+    valid = _prefix_mask(mel.shape[-1], window_frames).unsqueeze(1).to(mel.dtype)  # (W, 1, T)
+    count = valid.sum(-1, keepdim=True).clamp(min=1)
+    mean = (mel * valid).sum(-1, keepdim=True) / count                              # (W, M, 1)
+    centered = (mel - mean) * valid
+    std = (centered.square().sum(-1, keepdim=True) / count).sqrt().clamp(min=min_std)
+    return centered / std
 
 
 def _prefix_mask(length: int, num_valid: torch.Tensor) -> torch.Tensor:

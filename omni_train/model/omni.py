@@ -166,6 +166,9 @@ class OmniConfig:
         if (self.pretrained or self.pretrained_audio) and self.audio is not None and self.audio.conv_kernel:
             raise ValueError(f"model.audio.conv_kernel={self.audio.conv_kernel} adds convolution blocks that a pretrained "
                              f"audio encoder does not have: leave it at 0 with model.pretrained or pretrained_audio")
+        if (self.pretrained or self.pretrained_audio) and self.audio is not None and self.audio.mel_norm != "none":
+            raise ValueError(f"model.audio.mel_norm={self.audio.mel_norm} changes the features a pretrained audio encoder "
+                             f"was trained on: leave it at none with model.pretrained or pretrained_audio")
         if self.pretrained:
             if self.pretrained_backbone or self.pretrained_audio or self.pretrained_vision:
                 raise ValueError("model.pretrained (a whole Omni thinker) excludes model.pretrained_backbone, "
