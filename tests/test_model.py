@@ -17,7 +17,7 @@ from omni_train.data.packing import collate_packed
 from omni_train.data.sample import MODALITY_IDS
 from omni_train.data.text import Tokenizer, render_chat
 from omni_train.data.video import VideoConfig, encode_video
-from omni_train.model.audio_encoder import AudioEncoder, AudioEncoderConfig, normalize_windows, row_depthwise_conv
+from omni_train.model.audio_encoder import AudioEncoder, AudioEncoderConfig, normalize_windows
 from omni_train.model.backbone import BackboneConfig
 from omni_train.model.omni import OmniConfig, OmniModel, fuse_interleave
 from omni_train.model.projectors import build_projector
@@ -247,30 +247,6 @@ def test_mel_norm_window_normalizes_each_window_over_its_valid_frames(samples):
         torch.testing.assert_close(normed(moved, frames)[:750], normed(windows, frames)[:750], rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match=r"^model\.audio\.mel_norm must be one of none, window, got 'cmvn'"):
         AudioEncoderConfig(**kwargs, mel_norm="cmvn")
-
-
-@pytest.mark.parametrize("kernel", [1, 5, 15])
-def test_row_depthwise_conv_has_the_convolutions_gradients(kernel):
-    """The conv block's own backward (its weight gradient as one grouped Conv1d) gives the gradients autograd gives
-    through the Conv2d module: the output and the input's gradient the very same, the weight's and the bias's the
-    same sums in another order. Rows of different lengths, zero-padded as the encoder leaves them."""
-    generator = torch.Generator().manual_seed(kernel)
-    conv = torch.nn.Conv2d(24, 24, (1, kernel), padding=(0, kernel // 2), groups=24)
-    lengths = torch.tensor([31, 9, 20])
-    x = torch.randn(3, 31, 24, generator=generator) * (torch.arange(31) < lengths[:, None]).unsqueeze(-1)
-    out_grad = torch.randn(3, 31, 24, generator=generator)
-    results = []
-    for run in (lambda h: conv(h.transpose(1, 2).unsqueeze(2)).squeeze(2).transpose(1, 2),
-                lambda h: row_depthwise_conv(h, conv)):
-        h = x.clone().requires_grad_()
-        conv.zero_grad()
-        out = run(h)
-        out.backward(out_grad)
-        results.append((out.detach(), h.grad, conv.weight.grad.clone(), conv.bias.grad.clone()))
-    (out, h_grad, w_grad, b_grad), (ours, ours_h_grad, ours_w_grad, ours_b_grad) = results
-    assert torch.equal(ours, out) and torch.equal(ours_h_grad, h_grad)
-    torch.testing.assert_close(ours_w_grad, w_grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ours_b_grad, b_grad, rtol=1e-5, atol=1e-5)
 
 
 def test_vision_encoder_merges_and_keeps_images_apart(samples):

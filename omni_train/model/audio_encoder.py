@@ -287,47 +287,6 @@ class EncoderAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(batch, seq_len, dim))
 
 
-class _RowDepthwiseConv(torch.autograd.Function):
-    """(B, L, D) -> each channel convolved along L with its own k weights (`EncoderLayer`'s conv block), on the CPU.
-
-    The forward and the input's gradient are the (1, k) Conv2d's own. Its weight gradient is not: oneDNN takes 8.7 ms
-    for the demo's (42, 128, 89) on one core, where the same sums as one grouped Conv1d forward (each (row, channel)'s
-    padded input against its output gradient, k outputs, summed over rows) take 1.7 ms
-    (benchmarks/audio_conv_block.py)."""
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(h, weight)
-        out = F.conv2d(h.transpose(1, 2).unsqueeze(2), weight, bias, padding=(0, weight.shape[-1] // 2),
-                       groups=weight.shape[0])                                               # (B, D, 1, L)
-        return out.squeeze(2).transpose(1, 2)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        h, weight = ctx.saved_tensors
-        (B, L, D), k = h.shape, weight.shape[-1]
-        grad_h = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_h = torch.nn.grad.conv2d_input((B, D, 1, L), weight, grad.transpose(1, 2).unsqueeze(2),
-                                                padding=(0, k // 2), groups=D).squeeze(2).transpose(1, 2)
-        if ctx.needs_input_grad[1]:
-            padded = F.pad(h, (0, 0, k // 2, k // 2)).transpose(1, 2).reshape(1, B * D, L + k - 1)
-            sums = F.conv1d(padded, grad.transpose(1, 2).reshape(B * D, 1, L), groups=B * D)  # (1, B * D, k)
-            grad_weight = sums.view(B, D, k).sum(0).view_as(weight)
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad.sum((0, 1))
-        return grad_h, grad_weight, grad_bias
-
-
-def row_depthwise_conv(h: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """(B, L, D) through `conv`, a depthwise (1, k) Conv2d, along L: `_RowDepthwiseConv` on the CPU, the module
-    itself elsewhere."""
-    if h.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
-        return _RowDepthwiseConv.apply(h, conv.weight, conv.bias)
-    return conv(h.transpose(1, 2).unsqueeze(2)).squeeze(2).transpose(1, 2)
-
-
 class EncoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
 
@@ -360,8 +319,7 @@ class EncoderLayer(nn.Module):
         if conv_kernel:
             self.conv_layer_norm = norm_cls(dim, eps=eps)
             # a (1, k) Conv2d over (B, D, 1, L): oneDNN's depthwise Conv1d took 5.8 ms forward for the demo's
-            # (44, 128, 80) on one CPU core, this 0.2 ms (12.7 against 5.0 ms with the backward); the same sums.
-            # Run by `row_depthwise_conv`, which on the CPU takes its weight gradient elsewhere.
+            # (44, 128, 80) on one CPU core, this 0.2 ms (12.7 against 5.0 ms with the backward); the same sums
             self.conv_depthwise = nn.Conv2d(dim, dim, (1, conv_kernel), padding=(0, conv_kernel // 2), groups=dim)
             self.conv_proj = nn.Linear(dim, dim)
         self.final_layer_norm = norm_cls(dim, eps=eps)
@@ -380,7 +338,7 @@ class EncoderLayer(nn.Module):
                                cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         if self.conv_kernel:
             h = self.conv_layer_norm(x) * (document_ids >= 0).unsqueeze(-1).to(x.dtype)  # (B, L, D), padding zeroed
-            h = row_depthwise_conv(h, self.conv_depthwise)
+            h = self.conv_depthwise(h.transpose(1, 2).unsqueeze(2)).squeeze(2).transpose(1, 2)
             x = x + self.conv_proj(F.gelu(h, approximate=self.approximate))
         h = self.final_layer_norm(x)
         if self.mlp == "gelu":

@@ -146,11 +146,8 @@ class Engine:
         # LoRA: what checkpoints hold (None: every parameter)
         self.saved_parameters = ({name for name, p in model.named_parameters() if p.requires_grad}
                                  if cfg.lora is not None else None)
-        # On the CPU without DeepSpeed, torch's fused kernel: 1.7 against 7.5 ms a step for the demo's 141 tensors
-        # on one core (the per-tensor loop's Python is most of it); DeepSpeed keeps the loop it was tested with.
-        fused = dist.device.type == "cpu" and cfg.engine != "deepspeed"
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
-                                      foreach=dist.device.type == "cuda", fused=fused or None)
+                                      foreach=dist.device.type == "cuda")
         make_scheduler = lambda opt: build_scheduler(opt, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,  # noqa: E731
                                                      min_lr_ratio=cfg.min_lr_ratio, decay_steps=cfg.decay_steps,
                                                      stages=cfg.stages)
