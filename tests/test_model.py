@@ -220,8 +220,8 @@ def test_audio_encoder_convolution_block_is_an_option(samples):
 
 def test_mel_norm_window_normalizes_each_window_over_its_valid_frames(samples):
     """model.audio.mel_norm window: each bin of each window at zero mean and unit variance over the valid frames, a
-    per-bin offset (a voice's or a channel's spectral envelope) and the gain of the log-mel removed, the padding zero
-    and never read; the encoder's windows stay independent."""
+    per-bin offset (a voice's or a channel's spectral envelope) removed, the padding zero and never read; the
+    encoder's windows stay independent."""
     mel = samples["media"]["long"].tensors["mel"]  # (128, 3500): windows of 3000 and 500 frames
     windows, frames = split_windows(mel, AUDIO_CFG)
     out = normalize_windows(windows, frames)
