@@ -10,7 +10,7 @@ CPU_PINS := $(if $(shell command -v nvidia-smi 2>/dev/null),,-r requirements-cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 export WANDB_MODE ?= offline
 
-.PHONY: install system-deps demo demo-compare test test-all test-cpus test-reliability bench clean
+.PHONY: install system-deps demo demo-compare demo-recognizer test test-all test-cpus test-reliability bench clean
 
 install: system-deps $(STAMP)
 
@@ -47,6 +47,22 @@ demo-compare: install
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc_per_node=2 launch/pretrain.py --recipe recipes/demo.yaml model.transfer.kind=none name=demo-naive
 	$(VENV)/bin/omni-train compare runs/demo runs/demo-naive
 	$(VENV)/bin/omni-train plot runs/demo runs/demo-naive
+
+# The demo's recognizer alone (docs/robustness.md, "A recognizer-only proxy"): recipes/demo.yaml on its speech only
+# (the backbone then runs nothing until the CTC gate opens), at a constant learning rate, 700 steps without probes
+# (~4 minutes a run on 2 cores), once per grid cell and seed; then each variant's CTC loss and exact fraction over
+# steps 450-650, where the recognizer leaves its plateau, as mean and paired difference over the seeds. Another grid
+# key needs another RECOGNIZER_SWEEP name.
+RECOGNIZER_GRID ?= --grid model.audio.conv_kernel=15,31
+RECOGNIZER_SEEDS ?= 0,1,2
+RECOGNIZER_SWEEP ?= demo-recognizer
+demo-recognizer: install
+	$(VENV)/bin/omni-train shards demo --out shards/demo --size demo
+	OMP_NUM_THREADS=1 $(VENV)/bin/omni-train sweep --recipe recipes/demo.yaml --name $(RECOGNIZER_SWEEP) $(RECOGNIZER_GRID) \
+	  --seeds $(RECOGNIZER_SEEDS) --nproc 2 -- 'data.train=[{shards: "shards/demo/train-{000000..000007}.tar", tasks: [asr]}]' \
+	  data.batch_size=10 train.steps=700 'probes=[]' train.eval_every=0 train.checkpoint_every=700 train.tracker=none \
+	  train.decay_steps=0 train.min_lr_ratio=1.0
+	$(VENV)/bin/omni-train compare runs/$(RECOGNIZER_SWEEP) --train-window ctc_loss@450:650 --train-window ctc_exact@450:650
 
 # The default suite excludes tests marked slow; it must collect tests (pytest exits 5 otherwise).
 test: install

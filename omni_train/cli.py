@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--png", default=None, help="write the sweep figure to this PNG")
     compare.add_argument("--languages", default=None, help="comma-separated languages whose rows to show, e.g. all "
                          "(default: every language); aggregates even single runs")
+    compare.add_argument("--train-window", action="append", metavar="METRIC@FIRST:LAST",
+                         help="a row of a metrics.jsonl key's mean over the steps FIRST..LAST of each run, e.g. "
+                              "ctc_loss@450:650 (repeatable); aggregates even single runs")
     compare.set_defaults(func=_compare)
 
     plot = commands.add_parser("plot", help="PNG curves of one or more runs side by side, or a sweep's figure")

@@ -345,7 +345,7 @@ def sweep_figure(agg):
     each seed's value as a dot. Returns the matplotlib Figure."""
     import matplotlib.pyplot as plt
 
-    from omni_train.probes.compare import TRAIN, is_rate
+    from omni_train.probes.compare import TRAIN, TRAIN_METRICS, is_rate
 
     headline = [row for row in agg.rows if row["key"][0] != TRAIN and row["key"][1] in ("all", "")
                 and row["key"][2] in ("all", "") and row["key"][0] not in agg.conditions]
@@ -386,7 +386,8 @@ def sweep_figure(agg):
             seeds = list(row["values"][v].values())
             offsets = [0.12 * (j - (len(seeds) - 1) / 2) / max(1, len(seeds) - 1) for j in range(len(seeds))]
             ax.plot([i + 0.18 + o for o in offsets], [scale * s for s in seeds], ".", color="0.45", markersize=5)
-        ax.set(title=f"final {metric}" if probe == TRAIN else f"{probe} {metric}", xticks=x,
+        title = (f"final {metric}" if metric in TRAIN_METRICS else metric) if probe == TRAIN else f"{probe} {metric}"
+        ax.set(title=title, xticks=x,
                ylabel="%" if scale == 100.0 else "")
         ax.set_xticklabels(agg.variants, rotation=20 if len(agg.variants) > 3 else 0, fontsize=8)
         ax.set_xlim(-0.5, len(agg.variants) - 0.5)

@@ -314,6 +314,37 @@ def test_aggregate_by_hand_on_written_rows(tmp_path, capsys):
     assert error.count("\n") == 1 and "'z' is not one of the variants: a, b, c" in error
 
 
+def test_train_window_rows_are_the_mean_over_the_steps_named(tmp_path, capsys):
+    """`--train-window ctc_loss@20:40`: per run, the mean of the rows logged at steps 20..40 (both ends in, the
+    rows outside and those without the key left out), summarised per variant and paired like every row."""
+    logged = {("a", 0): [9.0, 3.0, 2.0, 1.0, 0.5], ("a", 1): [9.0, 4.0, 3.0, 2.0, 0.5],
+              ("b", 0): [9.0, 2.0, 1.0, 1.0, 0.5], ("b", 1): [9.0, 2.5, 2.0, 1.5, 0.5]}
+    runs = []
+    for (name, seed), ctc in logged.items():
+        run = write_run(tmp_path, name, seed, 1e-3 if name == "a" else 2e-3, {"all": 0.5}, [5.0, 4.0])
+        rows = [{"step": 10 * (i + 1), "loss": 1.0, "ctc_loss": value} for i, value in enumerate(ctc)]
+        rows.insert(2, {"step": 25, "loss": 1.0})  # a row without the key: not a zero
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs.append(run)
+    assert main(["compare", *map(str, runs), "--train-window", "ctc_loss@20:40"]) == 0
+    text = capsys.readouterr().out
+    window = {key: statistics.fmean(values[1:4]) for key, values in logged.items()}  # steps 20, 30, 40
+    a, b = [window[("a", s)] for s in (0, 1)], [window[("b", s)] for s in (0, 1)]
+    line = next(line for line in text.splitlines() if "ctc_loss, mean of steps 20-40" in line)
+    diffs = [y - x for x, y in zip(a, b)]
+    assert cells(line)[4:] == [f"{statistics.fmean(a):.4f} ± {statistics.stdev(a):.4f} (n=2)",
+                               f"{statistics.fmean(b):.4f} ± {statistics.stdev(b):.4f} (n=2)",
+                               f"{statistics.fmean(diffs):+.4f} ± {statistics.stdev(diffs):.4f} (n=2)"]
+    # a metric no run logged there, or a window that is not one: one line, exit 2, nothing printed
+    for bad, message in (("ctc_los@20:40", "no run logged 'ctc_los' at steps 20-40"),
+                         ("ctc_loss@60:70", "no run logged 'ctc_loss' at steps 60-70"),
+                         ("ctc_loss@40:20", "--train-window must be METRIC@FIRST:LAST"),
+                         ("ctc_loss", "--train-window must be METRIC@FIRST:LAST")):
+        assert main(["compare", *map(str, runs), "--train-window", bad]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1 and message in captured.err, (bad, captured.err)
+
+
 @pytest.mark.slow
 @pytest.mark.multiproc
 def test_a_failed_run_is_reported_and_the_sweep_goes_on(corpus, tmp_path, capsys, monkeypatch):

@@ -61,6 +61,7 @@ HEADLINES = (
 PER_RUN_KEYS = ("seed", "name", "output_dir")  # what differs between the seeds of one variant
 TRAIN = "train"        # the probe column of the rows read from metrics.jsonl
 TRAIN_METRICS = ("loss", "eval_loss")  # their last logged value
+WINDOW_FORMAT = "METRIC@FIRST:LAST"
 MIN_INTERVAL_N = 4     # from this many seeds on, a 95% t-interval; below, mean +- std
 
 
@@ -294,11 +295,40 @@ def degraded_probe(probe: str, degradation: str, severity) -> str:
     return f"{probe} · {severity_label(degradation, severity)}"
 
 
-def run_values(run: Path, conditions: dict[str, tuple[str, str, object]] | None = None
-               ) -> dict[tuple[str, str, str, str], float]:
+@dataclass(frozen=True)
+class TrainWindow:
+    """A training metric's mean over the rows metrics.jsonl logged at steps first..last (`--train-window
+    ctc_loss@450:650`): a number of the middle of a run, such as how far a recognizer is off its plateau, where
+    the last logged value says how the run ended."""
+    metric: str
+    first: int
+    last: int
+
+    @classmethod
+    def parse(cls, text: str) -> TrainWindow:
+        metric, _, steps = text.partition("@")
+        first, _, last = steps.partition(":")
+        if not (metric and first.isdigit() and last.isdigit() and int(first) <= int(last)):
+            raise ValueError(f"--train-window must be {WINDOW_FORMAT} with steps FIRST <= LAST "
+                             f"(e.g. ctc_loss@450:650), got {text!r}")
+        return cls(metric, int(first), int(last))
+
+    @property
+    def label(self) -> str:
+        return f"{self.metric}, mean of steps {self.first}-{self.last}"
+
+    def value(self, metrics: list[dict]) -> float | None:
+        logged = [r[self.metric] for r in metrics
+                  if self.first <= r.get("step", -1) <= self.last and r.get(self.metric) is not None]
+        return statistics.fmean(logged) if logged else None
+
+
+def run_values(run: Path, conditions: dict[str, tuple[str, str, object]] | None = None,
+               windows: tuple[TrainWindow, ...] = ()) -> dict[tuple[str, str, str, str], float]:
     """(probe, task, language, metric) -> value: every probe row at the probe's latest step (no group_by rows),
-    and ("train", "", "", m) for the last logged value of each TRAIN_METRICS in metrics.jsonl. A degraded pass's
-    rows have `degraded_probe` as their probe; `conditions` (when given) gets label -> (probe, degradation, severity)."""
+    ("train", "", "", m) for the last logged value of each TRAIN_METRICS in metrics.jsonl, and ("train", "", "",
+    window.label) for each of `windows` the run logged. A degraded pass's rows have `degraded_probe` as their probe;
+    `conditions` (when given) gets label -> (probe, degradation, severity)."""
     from omni_train.plot import read_jsonl
 
     values: dict[tuple[str, str, str, str], float] = {}
@@ -307,6 +337,9 @@ def run_values(run: Path, conditions: dict[str, tuple[str, str, object]] | None 
         logged = [r[metric] for r in metrics if r.get(metric) is not None]
         if logged:
             values[(TRAIN, "", "", metric)] = logged[-1]
+    for window in windows:
+        if (mean := window.value(metrics)) is not None:
+            values[(TRAIN, "", "", window.label)] = mean
     rows = [r for r in read_jsonl(run / "probes.jsonl") if "group_by" not in r]
     latest: dict[str, int] = {}
     for r in rows:
@@ -388,10 +421,11 @@ def _shown(keys: list[tuple[str, str, str, str]], languages: list[str] | None) -
 
 
 def aggregate(paths: list[Path], *, baseline: str | None = None, with_parameters: bool = True,
-              languages: list[str] | None = None) -> Aggregate:
+              languages: list[str] | None = None, windows: tuple[TrainWindow, ...] = ()) -> Aggregate:
     """The runs under `paths` (a sweep directory, or run directories) grouped into variants and summarised;
     `with_parameters=False` skips the meta-device model builds (the plots do not show them); `languages`
-    keeps only those languages' rows (e.g. ["all"])."""
+    keeps only those languages' rows (e.g. ["all"]); `windows` adds a row per TrainWindow (one that no run
+    logged is an error: a misspelt metric would otherwise be a row that silently is not there)."""
     from omni_train.plot import read_jsonl
 
     runs, variants, manifest, notes = collect(paths)
@@ -400,7 +434,11 @@ def aggregate(paths: list[Path], *, baseline: str | None = None, with_parameters
     elif baseline not in variants:
         raise ValueError(f"--baseline {baseline!r} is not one of the variants: {', '.join(variants)}")
     conditions: dict[str, tuple[str, str, object]] = {}
-    values = {run.path: run_values(run.path, conditions) for run in runs}
+    values = {run.path: run_values(run.path, conditions, windows) for run in runs}
+    for window in windows:
+        if not any((TRAIN, "", "", window.label) in v for v in values.values()):
+            raise ValueError(f"--train-window {window.metric}@{window.first}:{window.last}: no run logged "
+                             f"{window.metric!r} at steps {window.first}-{window.last} in its metrics.jsonl")
     first_seen: dict[str, int] = {}
     for run in runs:
         for probe, _, _, metric in values[run.path]:
@@ -485,7 +523,7 @@ def format_markdown(agg: Aggregate) -> str:
     seeds = "; ".join(f"{v}: {','.join(map(str, s))}" for v, s in agg.seeds.items())
     lines = [f"## {agg.title}", "",
              f"Cells: {_rule(agg)} (n = seeds; {seeds}). Probe values in % at each run's latest probe step, "
-             f"differences in points; `train` rows: the last logged loss; a probe of one task: its task `all` rows only. "
+             f"differences in points; `train` rows: the last logged loss, or a metric's mean over the steps named; a probe of one task: its task `all` rows only. "
              f"Δ: paired difference to `{agg.baseline}` over the seeds both ran (variant minus baseline).", ""]
     header = ["probe", "task", "language", "metric", *agg.variants, *(f"Δ {v}" for v in others)]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -524,14 +562,15 @@ def single_runs(paths: list[Path]) -> bool:
 
 def compare_cli(args) -> int:
     paths = [Path(run) for run in args.runs]
-    if single_runs(paths) and args.baseline is None and args.png is None and args.languages is None:
+    windows = tuple(TrainWindow.parse(text) for text in args.train_window or ())
+    if single_runs(paths) and args.baseline is None and args.png is None and args.languages is None and not windows:
         text = compare_table(paths)
         print(text)
         if args.out:
             Path(args.out).write_text(text + "\n")
         return 0
     languages = args.languages.split(",") if args.languages else None
-    agg = aggregate(paths, baseline=args.baseline, languages=languages)
+    agg = aggregate(paths, baseline=args.baseline, languages=languages, windows=windows)
     text = format_markdown(agg)
     print(text)
     written = []
