@@ -18,11 +18,11 @@ carry their row's document id, so they read its media. A row stops at `<|im_end|
 Row lengths come from the fused `document_ids` (>= 0 on real positions), never from the batch:
 a fusion or transfer mechanism may replace a media span by fewer vectors.
 
-Distributed rule: under DeepSpeed ZeRO-3 each forward gathers parameters collectively, so every
-rank must make the same calls. `generate` therefore runs exactly `max_new_tokens` steps (finished
-rows stop changing) unless `stop_early` is set, which only a single process may do; the runner
-gives every rank the same number of batches. The parameters themselves must be whole on every
-rank (`runner.run_probes` says how under ZeRO-3).
+Distributed rule: the parameters must be whole on every rank (`runner.run_probes` says how under
+ZeRO-3), so no forward here is collective. `generate` runs exactly `max_new_tokens` steps (finished
+rows stop changing) unless `stop_early` is set, which stops once every row has ended and changes no
+output; the probe runner sets it. Only a module whose forward gathers parameters collectively
+(ZeRO-3's own, which probes never get) would need every rank to make the same calls.
 """
 
 from __future__ import annotations
