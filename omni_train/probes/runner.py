@@ -39,8 +39,9 @@ at most `max_items`, and gives rank r the items r, r + W, ..., which it batches 
 one-token text prompt whose output is dropped), and `generate` stops once every row of a batch has
 ended: the probe model holds whole parameters on every rank (`run_probes`; under ZeRO-3 a replica),
 so no forward is collective and ranks may run different numbers of decoding steps (on the demo's
-final probes 34 s against 72 s in one process for the same 830 rows). Results are gathered to rank 0, which computes the metrics per (task, language),
-per task over all languages ("all"), per language over all tasks and over everything, appends
+final probes 34 s against 72 s in one process for the same 830 rows). Results are gathered to rank
+0, which computes the metrics per (task, language), per task over all languages ("all"), per
+language over all tasks and over everything, appends
 `{"step", "probe", "task", "language", "metric", "value", "n"}` rows to `probes.jsonl` and a few
 examples to `probe_examples.jsonl`.
 
