@@ -364,6 +364,8 @@ def test_spec_augment_survives_a_pretrained_audio_config(tmp_path):
         load_recipe(REPO / "recipes" / "smoke.yaml", [f"model.pretrained_audio={tmp_path}", "model.audio.conv_kernel=5"])
     with pytest.raises(RecipeError, match=r"model\.audio\.mel_norm=window changes the features a pretrained audio"):
         load_recipe(REPO / "recipes" / "smoke.yaml", [f"model.pretrained_audio={tmp_path}", "model.audio.mel_norm=window"])
+    with pytest.raises(RecipeError, match=r"model\.audio\.mel_lifter=24 changes the features a pretrained audio"):
+        load_recipe(REPO / "recipes" / "smoke.yaml", [f"model.pretrained_audio={tmp_path}", "model.audio.mel_lifter=24"])
     with pytest.raises(RecipeError, match=r"^model\.audio\.spec_augment\.max_freq_bins must be <= "):
         load_recipe(REPO / "recipes" / "smoke.yaml", ["model.audio.spec_augment.max_freq_bins=200"])
     with pytest.raises(RecipeError, match=r"^data\.audio\.augment\[1\]\.p must be a probability"):

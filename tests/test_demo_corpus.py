@@ -236,12 +236,16 @@ def test_demo_plan_keeps_probe_expressions_out_of_training():
 
 
 def speech_plan_digest(plan: dict[str, list]) -> str:
-    """SHA-256 over the train and eval utterances' jobs and meta (`voice_seen` aside), ordered by file name.
+    """SHA-256 over the train and eval utterances' jobs and meta (`voice_seen` and the label `variant: base`, both
+    added after the golden digests were recorded, aside), ordered by file name.
 
     Speech is drawn first from the planner's RNG, so this part of the plan does not depend on the
     machine's fonts."""
+    def recorded(key: str, value) -> bool:
+        return key != "voice_seen" and (key, value) != ("variant", demo.BASE_VARIANT)
+
     rows = sorted([s.job.name, s.job.voice, s.job.text, s.job.rate_wpm, s.job.pitch, s.job.snr_db, s.job.noise,
-                   s.job.noise_seed, s.expression.text, sorted([k, v] for k, v in s.meta.items() if k != "voice_seen")]
+                   s.job.noise_seed, s.expression.text, sorted([k, v] for k, v in s.meta.items() if recorded(k, v))]
                   for split in ("train", "eval") for s in plan[split] if isinstance(s.job, demo.SpeechJob))
     return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
 
@@ -265,7 +269,8 @@ def test_unseen_voices_only_add_probe_items(size):
     speech = {split: [s for s in samples if isinstance(s.job, demo.SpeechJob)] for split, samples in plan.items()}
     for split in ("train", "eval"):
         assert {s.meta["voice_seen"] for s in speech[split]} == {"seen"}
-        assert not any("+" in s.job.voice or "variant" in s.meta for s in speech[split])  # no variant is ever trained
+        assert not any("+" in s.job.voice for s in speech[split])  # no variant is ever trained
+        assert {s.meta["variant"] for s in speech[split]} == {demo.BASE_VARIANT}  # each voice's own settings
     unseen = plan["probe"][num_seen:]
     assert {s.meta["voice_seen"] for s in speech["probe"][:len(speech["probe"]) - len(unseen)]} == {"seen"}
     assert len(unseen) == cfg.probe_unseen_per_voice * len(cfg.voices) == {"tiny": 8, "demo": 80}[size]
@@ -276,7 +281,8 @@ def test_unseen_voices_only_add_probe_items(size):
         twin = seen_by_utterance[(s.meta["voice"], s.job.text, s.job.noise_seed)]  # the same item in a trained voice
         assert dataclasses.replace(s.job, name=twin.job.name, voice=twin.job.voice) == twin.job
         assert {k: v for k, v in s.meta.items() if k not in ("voice_seen", "variant")} == \
-            {k: v for k, v in twin.meta.items() if k != "voice_seen"}
+            {k: v for k, v in twin.meta.items() if k not in ("voice_seen", "variant")}
+        assert twin.meta["variant"] == demo.BASE_VARIANT
         assert s.expression == twin.expression and s.job.name not in {x.job.name for x in speech["probe"] if x is not s}
     per_voice = Counter(s.language for s in unseen)
     assert per_voice == {voice: cfg.probe_unseen_per_voice for voice in cfg.voices}
@@ -413,13 +419,14 @@ def test_train_variants_change_only_the_voices_of_trained_speech():
     for split in ("train", "eval"):
         assert len(varied[split]) == len(plain[split])
         for a, b in zip(plain[split], varied[split]):
-            if not isinstance(a.job, demo.SpeechJob) or "variant" not in b.meta:
+            if not isinstance(a.job, demo.SpeechJob) or b.meta["variant"] == demo.BASE_VARIANT:
                 assert a == b
                 continue
             said[b.meta["variant"]] += 1
             assert b.job.voice == demo.espeak_voice(a.language, b.meta["variant"])
             assert dataclasses.replace(b.job, voice=a.job.voice) == a.job
-            assert {k: v for k, v in b.meta.items() if k != "variant"} == a.meta
+            assert {k: v for k, v in b.meta.items() if k != "variant"} == {k: v for k, v in a.meta.items() if k != "variant"}
+            assert a.meta["variant"] == demo.BASE_VARIANT
     speech = sum(isinstance(s.job, demo.SpeechJob) for split in ("train", "eval") for s in plain[split])
     assert set(said) == {"f1", "m3", "klatt2"} and abs(sum(said.values()) / speech - 0.5) < 0.05, (said, speech)
     with pytest.raises(ValueError, match=r"train_variants \['f2'\] are also unseen_variants"):
@@ -427,8 +434,8 @@ def test_train_variants_change_only_the_voices_of_trained_speech():
     with pytest.raises(ValueError, match="train_variant_fraction must lie in \\[0, 1\\]"):
         dataclasses.replace(cfg, train_variants=("f1",), train_variant_fraction=1.5)
     demo_plan = demo.plan_corpus(demo.demo_config("demo"), fonts=[])  # the demo's own: no unseen variant trained
-    trained = {s.meta.get("variant") for split in ("train", "eval") for s in demo_plan[split] if "variant" in s.meta}
-    assert trained == set(demo.DEMO_TRAIN_VARIANTS) and not trained & set(demo.UNSEEN_VARIANTS)
+    trained = {s.meta["variant"] for split in ("train", "eval") for s in demo_plan[split] if isinstance(s.job, demo.SpeechJob)}
+    assert trained == {demo.BASE_VARIANT, *demo.DEMO_TRAIN_VARIANTS} and not trained & set(demo.UNSEEN_VARIANTS)
 
 
 def test_synthetic_speakers_are_espeak_variants_drawn_from_the_seed(tmp_path):

@@ -17,7 +17,7 @@ from omni_train.data.packing import collate_packed
 from omni_train.data.sample import MODALITY_IDS
 from omni_train.data.text import Tokenizer, render_chat
 from omni_train.data.video import VideoConfig, encode_video
-from omni_train.model.audio_encoder import AudioEncoder, AudioEncoderConfig, normalize_windows
+from omni_train.model.audio_encoder import AudioEncoder, AudioEncoderConfig, dct_basis, lifter_mels, normalize_windows
 from omni_train.model.backbone import BackboneConfig
 from omni_train.model.omni import OmniConfig, OmniModel, fuse_interleave
 from omni_train.model.projectors import build_projector
@@ -247,6 +247,38 @@ def test_mel_norm_window_normalizes_each_window_over_its_valid_frames(samples):
         torch.testing.assert_close(normed(moved, frames)[:750], normed(windows, frames)[:750], rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match=r"^model\.audio\.mel_norm must be one of none, window, got 'cmvn'"):
         AudioEncoderConfig(**kwargs, mel_norm="cmvn")
+
+
+def test_mel_lifter_keeps_each_frames_spectral_envelope(samples):
+    """model.audio.mel_lifter k: each frame's log-mel keeps its first k DCT coefficients over the mel bins and loses
+    the rest (a voice's harmonics), the padding stays zero, the weights and checkpoints are Whisper's."""
+    mel = samples["media"]["long"].tensors["mel"]  # real speech features: (128, 3500), windows of 3000 and 500 frames
+    windows, frames = split_windows(mel, AUDIO_CFG)
+    basis = dct_basis(128, 24)
+    torch.testing.assert_close(basis @ basis.T, torch.eye(24), rtol=0, atol=1e-6)  # orthonormal rows
+    bins = torch.arange(128, dtype=torch.float64)
+    cosine = lambda j: torch.cos(torch.pi * j * (bins + 0.5) / 128).float()  # noqa: E731
+    envelope, ripple = 0.7 * cosine(0) + 0.4 * cosine(3) - 0.2 * cosine(23), 0.5 * cosine(40)  # DCT indices < / >= 24
+    frame = (envelope + ripple)[None, :, None].expand(1, 128, 5)
+    torch.testing.assert_close(lifter_mels(frame, basis), envelope[None, :, None].expand(1, 128, 5), rtol=0, atol=1e-5)
+    out = lifter_mels(windows, basis)
+    assert (out[1, :, 500:] == 0).all()  # padding frames are zero and stay zero
+    # a projection: applying it twice changes nothing, and it keeps most of real speech but not all of it
+    torch.testing.assert_close(lifter_mels(out, basis), out, rtol=0, atol=1e-4)
+    kept = out[1, :, :500].square().sum() / windows[1, :, :500].square().sum()
+    assert 0.8 < float(kept) < 1.0, float(kept)
+
+    torch.manual_seed(0)
+    kwargs = dict(dim=32, num_layers=2, num_heads=4, ffn_dim=64)
+    plain = AudioEncoder(AudioEncoderConfig(**kwargs)).eval()
+    torch.manual_seed(0)
+    liftered = AudioEncoder(AudioEncoderConfig(**kwargs, mel_lifter=24)).eval()
+    assert liftered.state_dict().keys() == plain.state_dict().keys()  # the basis is a constant, not a weight
+    with torch.no_grad():
+        torch.testing.assert_close(liftered(windows, frames), plain(out, frames))
+    for bad in (-1, 129, True, 2.0):
+        with pytest.raises(ValueError, match=r"^model\.audio\.mel_lifter must be 0 \(off\) or a number of DCT"):
+            AudioEncoderConfig(**kwargs, mel_lifter=bad)
 
 
 def test_vision_encoder_merges_and_keeps_images_apart(samples):

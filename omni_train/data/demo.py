@@ -27,7 +27,8 @@ said through an espeak-ng data directory of the build's own; the probe split add
 first `probe_unseen_per_voice` speech -> code items of every voice said again with an espeak-ng
 voice variant (`voice: de`, `variant: f2`; `espeak-ng -v de+f2`) that no train or eval sample uses
 (`UNSEEN_VARIANTS`), with the same words, rate, pitch setting and noise: a paired set, so
-`group_by: [voice_seen]` compares the same items in a heard and an unheard voice.
+`group_by: [voice_seen]` compares the same items in a heard and an unheard voice. `meta.variant` names the
+variant a speech sample is said in (`base`: its voice's own settings), so `group_by: [variant]` scores each voice.
 
 Splits by expression. An expression's split comes from a hash of its text (`expression_split`):
 probe expressions are never used for train or eval, and a train or eval expression is refused when
@@ -70,7 +71,7 @@ from omni_train.data.degrade import add_at_snr, brown_noise, white_noise
 from omni_train.data.synth import require
 from omni_train.data.writer import PreparedSample, ShardSink, existing_shards
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: every speech sample's meta names its variant (`base`: the voice's own settings)
 SOURCE = "demo"
 SIZES = ("tiny", "demo", "full")
 SPLITS = ("train", "eval", "probe")
@@ -190,6 +191,7 @@ TINY_VOICES = ("en-us", "de", "fr-fr", "ru")
 # speech faster or lower than ever heard would measure a condition, not a new voice. Whisper,
 # croak and the novelty voices are left out: they change how anyone would speak, not who speaks.
 UNSEEN_VARIANTS = ("f2", "m7", "klatt", "f4", "m2")
+BASE_VARIANT = "base"  # meta.variant of speech said in its voice's own settings (`group_by: [variant]`)
 # Variants half of the demo's train and eval utterances are said in (issue 14, docs/robustness.md): other female
 # and male voices, none of them unseen, so the probe's unseen voices are new speakers rather than the first
 # speaker other than one per language. 22 variants (named voices and klatt2-4 added) at two thirds of the
@@ -895,9 +897,8 @@ class _Planner:
                         rate_wpm=rng.randint(*cfg.rate_wpm), pitch=rng.randint(*cfg.pitch),
                         snr_db=round(rng.uniform(*cfg.snr_db), 1) if noisy else None,
                         noise=rng.choice(("white", "brown")), noise_seed=rng.getrandbits(32))
-        meta = {"voice": voice, "utterance": job.text, "rate_wpm": job.rate_wpm, "pitch": job.pitch, "noise": "none"}
-        if variant is not None:
-            meta["variant"] = variant
+        meta = {"voice": voice, "utterance": job.text, "rate_wpm": job.rate_wpm, "pitch": job.pitch, "noise": "none",
+                "variant": variant or BASE_VARIANT}
         if job.snr_db is not None:  # probes can score clean and noisy speech apart (group_by: [noise])
             meta.update(noise=job.noise, snr_db=job.snr_db)
         meta["voice_seen"] = "seen"  # its voice is trained (the unseen ones: `unseen_voices`)

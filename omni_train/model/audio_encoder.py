@@ -164,6 +164,9 @@ class AudioEncoderConfig:
     # MEL_NORMS: none (Whisper, Qwen) | window: each mel bin of each window at zero mean and unit variance over its
     # valid frames (`normalize_windows`), before the stem
     mel_norm: str = "none"
+    # 0: none (Whisper, Qwen) | k: each frame's log-mel keeps its first k DCT coefficients over the mel bins (its
+    # spectral envelope; `lifter_mels`), after mel_norm: the harmonics of the voice's pitch, finer, are left out
+    mel_lifter: int = 0
     layer_norm_eps: float = 1e-5   # Whisper's
     init_std: float = 0.02
     spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)  # training-time masks; default off
@@ -187,6 +190,10 @@ class AudioEncoderConfig:
             raise ValueError(f"model.audio.stem must be one of {', '.join(AUDIO_STEMS)}, got {self.stem!r}")
         if self.mel_norm not in MEL_NORMS:
             raise ValueError(f"model.audio.mel_norm must be one of {', '.join(MEL_NORMS)}, got {self.mel_norm!r}")
+        if (not isinstance(self.mel_lifter, int) or isinstance(self.mel_lifter, bool)
+                or not 0 <= self.mel_lifter <= self.num_mel_bins):
+            raise ValueError(f"model.audio.mel_lifter must be 0 (off) or a number of DCT coefficients in 1.."
+                             f"{self.num_mel_bins} (model.audio.num_mel_bins), got {self.mel_lifter!r}")
         if self.stem == "conv2d" and (not isinstance(self.stem_channels, int) or isinstance(self.stem_channels, bool)
                                       or self.stem_channels <= 0):
             raise ValueError(f"model.audio.stem_channels must be a positive integer, got {self.stem_channels!r}")
@@ -419,6 +426,8 @@ class AudioEncoder(nn.Module):
                                                  key_bias=cfg.key_bias, conv_kernel=cfg.conv_kernel)
                                     for _ in range(cfg.num_layers))
         self.layer_norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
+        if cfg.mel_lifter:  # a constant of the config, not a weight: checkpoints stay as they are
+            self.register_buffer("lifter_basis", dct_basis(cfg.num_mel_bins, cfg.mel_lifter), persistent=False)
         self.init_weights()
 
     @torch.no_grad()
@@ -463,6 +472,8 @@ class AudioEncoder(nn.Module):
         mel = mel[..., : max(int(window_frames.max()), 1)]  # (W, M, T)
         if self.cfg.mel_norm == "window":
             mel = normalize_windows(mel, window_frames)
+        if self.cfg.mel_lifter:
+            mel = lifter_mels(mel, self.lifter_basis)
         if self.training and self.cfg.spec_augment.enabled and self.step >= self.cfg.spec_augment.from_step:
             mel = spec_augment(mel, window_frames, self.cfg.spec_augment)
         mel = mel.to(self.layer_norm.weight.dtype)
@@ -612,6 +623,24 @@ def normalize_windows(mel: torch.Tensor, window_frames: torch.Tensor, min_std: f
     centered = (mel - mean) * valid
     std = (centered.square().sum(-1, keepdim=True) / count).sqrt().clamp(min=min_std)
     return centered / std
+
+
+def dct_basis(num_mel_bins: int, k: int) -> torch.Tensor:
+    """(k, num_mel_bins): the first k rows of the orthonormal DCT-II over the mel bins (row j: cos(pi j (m + 1/2) / M),
+    scaled to unit norm), float32."""
+    m = torch.arange(num_mel_bins, dtype=torch.float64)
+    basis = torch.cos(math.pi * torch.arange(k, dtype=torch.float64)[:, None] * (m + 0.5) / num_mel_bins)
+    return (basis / basis.norm(dim=1, keepdim=True)).float()
+
+
+def lifter_mels(mel: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """(W, M, T) log-mel -> each frame projected onto the k cosines of `basis` (k, M): its first k DCT coefficients
+    kept and the rest zeroed, transformed back to M bins (a low-quefrency lifter, as MFCCs keep the first 13 of 40).
+    Over the demo's 128 Slaney bins a voice's harmonics are a ripple of 4-9 bins (F0 100-200 Hz, 23 Hz a bin under
+    1 kHz), DCT index 30-60; k 24 keeps ripples of 11 bins and wider, the formants. A zero frame (padding) stays
+    zero."""
+    coefficients = torch.einsum("kn,wnt->wkt", basis, mel.to(basis.dtype))                  # (W, k, T)
+    return torch.einsum("km,wkt->wmt", basis, coefficients)
 
 
 def _prefix_mask(length: int, num_valid: torch.Tensor) -> torch.Tensor:
