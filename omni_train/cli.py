@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     probe.add_argument("--probes", default=None, help="comma-separated probe names of the recipe (default: all)")
     probe.add_argument("--max-items", type=int, default=None, help="cap every probe at this many items")
+    probe.add_argument("--group-by", default=None,
+                       help="comma-separated meta fields to score separately in every probe, instead of its group_by "
+                            "(e.g. variant); an empty string: none")
     probe.add_argument("--probe-shards", default=None, help="run one ad-hoc probe over these shards instead of the recipe's")
     probe.add_argument("--probe-kind", default="generative", help="ad-hoc probe: generative | pipeline | retrieval")
     probe.add_argument("--probe-tasks", default=None, help="ad-hoc probe: comma-separated meta.task values (default: all)")

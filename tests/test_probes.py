@@ -104,7 +104,8 @@ def omni(recipe) -> OmniModel:
 @pytest.fixture(scope="module")
 def code_shards(tmp_path_factory) -> str:
     entries = [{"messages": [{"role": "user", "content": f"{x}\nWrite the code."}, {"role": "assistant", "content": y}],
-                "meta": {"task": "text2code", "language": "en" if i % 2 else "de"}} for i, (x, y) in enumerate(TEXT_TO_CODE)]
+                "meta": {"task": "text2code", "language": "en" if i % 2 else "de", "parity": "odd" if i % 2 else "even"}}
+               for i, (x, y) in enumerate(TEXT_TO_CODE)]
     return build(tmp_path_factory.mktemp("probe_code"), entries)
 
 
@@ -406,8 +407,18 @@ def test_probe_cli_on_a_checkpoint(recipe, code_shards, tmp_path, capsys):
     rows = [json.loads(line) for line in (run / "probes.jsonl").read_text().splitlines()]
     assert rows and all(r["step"] == 2 and r["probe"] == "adhoc" for r in rows)
     assert by_key(rows)[("all", "all", "exact")]["n"] == 3
+    assert not any("group_by" in r for r in rows)
+
+    # --group-by scores a meta field apart in every probe, as a recipe's group_by would (here the ad-hoc probe's)
+    assert main(["probe", "--run", str(run), "--probe-shards", code_shards, "--max-items", "3", "--group-by", "parity"]) == 0
+    assert "by parity: even" in capsys.readouterr().out
+    grouped = [json.loads(line) for line in (run / "probes.jsonl").read_text().splitlines()][len(rows):]
+    counts = {r["group"]: r["n"] for r in grouped if r.get("group_by") == "parity" and r["metric"] == "exact"}
+    assert counts == {"even": 2, "odd": 1}, counts  # the first three items: indices 0, 1, 2
 
     for argv, words in ((["--run", str(tmp_path / "nope")], "is not a run directory"),
+                        (["--run", str(run), "--probe-shards", code_shards, "--group-by", "language"],
+                         "--group-by: group_by names language, which is always grouped"),
                         (["--run", str(run), "--step", "5", "--probe-shards", code_shards], "no checkpoint of step 5"),
                         (["--run", str(run)], "defines no probes"),
                         (["--run", str(run), "--probe-shards", code_shards, "--probe-kind", "bogus"], "kind must be one of")):

@@ -766,7 +766,8 @@ def _cell(row: dict | None) -> str:
 
 
 def probe_cli(args) -> int:
-    """`omni-train probe --run runs/NAME [--step S] [--probes a,b]`: the recipe's probes on one checkpoint."""
+    """`omni-train probe --run runs/NAME [--step S] [--probes a,b] [--group-by f,g]`: the recipe's probes on one
+    checkpoint."""
     from omni_train.config import load_recipe
     from omni_train.train.engine import Dist
     from omni_train.train.runs import checkpoint_path, load_run
@@ -791,10 +792,17 @@ def probe_cli(args) -> int:
                 raise ValueError(f"--probes: no probe named {unknown[0]!r} in {config} "
                                  f"(probes: {', '.join(p.name for p in probes)})")
             probes = [p for p in probes if p.name in names]
-    if args.max_items is not None:
-        import dataclasses
+    import dataclasses
 
+    if args.max_items is not None:
         probes = [dataclasses.replace(p, max_items=args.max_items) for p in probes]
+    if args.group_by is not None:  # e.g. per voice on a run whose recipe grouped otherwise; buckets kept for the fields kept
+        fields = [f for f in args.group_by.split(",") if f]
+        try:
+            probes = [dataclasses.replace(p, group_by=fields, buckets={k: v for k, v in p.buckets.items() if k in fields})
+                      for p in probes]
+        except ValueError as e:
+            raise ValueError(f"--group-by: {e}") from None
 
     model, cfg, tokenizer, checkpoint = load_run(run, args.step)  # a LoRA run: its base, then its adapters
     step = int(checkpoint.name.removeprefix("step_"))
