@@ -166,12 +166,10 @@ class OmniConfig:
         if (self.pretrained or self.pretrained_audio) and self.audio is not None and self.audio.conv_kernel:
             raise ValueError(f"model.audio.conv_kernel={self.audio.conv_kernel} adds convolution blocks that a pretrained "
                              f"audio encoder does not have: leave it at 0 with model.pretrained or pretrained_audio")
-        if (self.pretrained or self.pretrained_audio) and self.audio is not None and self.audio.mel_norm != "none":
-            raise ValueError(f"model.audio.mel_norm={self.audio.mel_norm} changes the features a pretrained audio encoder "
-                             f"was trained on: leave it at none with model.pretrained or pretrained_audio")
-        if (self.pretrained or self.pretrained_audio) and self.audio is not None and self.audio.mel_lifter:
-            raise ValueError(f"model.audio.mel_lifter={self.audio.mel_lifter} changes the features a pretrained audio "
-                             f"encoder was trained on: leave it at 0 with model.pretrained or pretrained_audio")
+        for name, off in (("mel_norm", "none"), ("mel_lifter", 0)):  # feature transforms: off for a pretrained encoder
+            if (self.pretrained or self.pretrained_audio) and self.audio is not None and getattr(self.audio, name) != off:
+                raise ValueError(f"model.audio.{name}={getattr(self.audio, name)} changes the features a pretrained audio "
+                                 f"encoder was trained on: leave it at {off} with model.pretrained or pretrained_audio")
         if self.pretrained:
             if self.pretrained_backbone or self.pretrained_audio or self.pretrained_vision:
                 raise ValueError("model.pretrained (a whole Omni thinker) excludes model.pretrained_backbone, "

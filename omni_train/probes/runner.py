@@ -81,7 +81,7 @@ import re
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -792,14 +792,12 @@ def probe_cli(args) -> int:
                 raise ValueError(f"--probes: no probe named {unknown[0]!r} in {config} "
                                  f"(probes: {', '.join(p.name for p in probes)})")
             probes = [p for p in probes if p.name in names]
-    import dataclasses
-
     if args.max_items is not None:
-        probes = [dataclasses.replace(p, max_items=args.max_items) for p in probes]
+        probes = [replace(p, max_items=args.max_items) for p in probes]
     if args.group_by is not None:  # e.g. per voice on a run whose recipe grouped otherwise; buckets kept for the fields kept
         fields = [f for f in args.group_by.split(",") if f]
         try:
-            probes = [dataclasses.replace(p, group_by=fields, buckets={k: v for k, v in p.buckets.items() if k in fields})
+            probes = [replace(p, group_by=fields, buckets={k: v for k, v in p.buckets.items() if k in fields})
                       for p in probes]
         except ValueError as e:
             raise ValueError(f"--group-by: {e}") from None
