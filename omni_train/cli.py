@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--per-voice", type=int, default=None, help="training utterances per voice (overrides the size's count)")
     demo.add_argument("--train-variants", default=None,
                       help="espeak-ng variants half the train/eval speech is said in, comma-separated, or none "
-                           "(default: the size's; demo and full: the 14 voices of DEMO_TRAIN_VARIANTS in omni_train/data/demo.py)")
+                           "(default: the size's; demo and full: the 17 voices of DEMO_TRAIN_VARIANTS in omni_train/data/demo.py, "
+                           "three of them Klatt-source speakers of the project's own, KLATT_SPEAKERS)")
     demo.add_argument("--synthetic-speakers", type=int, default=None,
                       help="espeak-ng speakers drawn at random (formants, pitch, echo), said like the train variants "
                            "(default 0; at most 150)")

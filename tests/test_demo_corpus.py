@@ -468,3 +468,49 @@ def test_synthetic_speakers_are_espeak_variants_drawn_from_the_seed(tmp_path):
     again = dataclasses.replace(job, name="again.wav")
     demo.render_speech(again, tmp_path, path)
     assert (tmp_path / again.name).read_bytes() == (tmp_path / job.name).read_bytes()
+
+
+def test_klatt_speakers_are_far_from_the_probe_klatt(tmp_path):
+    """KLATT_SPEAKERS speak through the Klatt synthesizer in the corpus's own espeak-ng data directory, and each lies
+    from the probe's klatt about as far as the unseen f2 lies from the trained f5, its nearest trained voice (DTW over
+    log-mel frames, the mean over three sentences, over the distance between two sentences of one voice; at least
+    0.9 of it, measured 0.92-1.17): klatt stays a voice never heard in training. A Klatt speaker with the probe voice's
+    own vocal tract and pitch, the case this guards against, lies about four times closer."""
+    import numpy as np
+
+    from omni_train.data.audio import AudioConfig, decode_audio, log_mel
+
+    assert set(demo.KLATT_SPEAKERS) <= set(demo.DEMO_TRAIN_VARIANTS) and not set(demo.KLATT_SPEAKERS) & set(demo.UNSEEN_VARIANTS)
+    path = demo.espeak_data_with_speakers(tmp_path / "espeak", 0, 0, [*demo.KLATT_SPEAKERS, "f5", *demo.UNSEEN_VARIANTS])
+    near = "omni-klatt-near"  # the probe klatt's tract and pitch range (espeak-ng's defaults) through another Klatt source
+    (path / "espeak-ng-data" / "voices" / "!v" / near).write_text(
+        "language variant\nname omni-klatt-near\nklatt 2\npitch 82 118\n", encoding="utf-8")
+    cfg = AudioConfig(num_mel_bins=128)
+
+    def frames(voice: str, text: str = "3 plus 5 mal 2") -> np.ndarray:
+        job = demo.SpeechJob(name=f"{voice.replace('+', '_')}-{len(text)}.wav", voice=voice, text=text, rate_wpm=150,
+                             pitch=50, snr_db=None, noise="white", noise_seed=0)
+        demo.render_speech(job, tmp_path, path)
+        return log_mel(decode_audio(tmp_path / job.name, cfg), cfg).T.numpy().astype(np.float64)
+
+    def dtw(a: np.ndarray, b: np.ndarray) -> float:
+        cost = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).mean(-1))
+        total = np.full((len(a) + 1, len(b) + 1), np.inf)
+        total[0, 0] = 0.0
+        for i in range(1, len(a) + 1):
+            for j in range(1, len(b) + 1):
+                total[i, j] = cost[i - 1, j - 1] + min(total[i - 1, j], total[i, j - 1], total[i - 1, j - 1])
+        return float(total[-1, -1] / (len(a) + len(b)))
+
+    sentences = ("3 plus 5 mal 2", "7 minus 4 plus 9", "12 mal 6 minus 1")
+    mel = {name: [frames(f"de+{name}", text) for text in sentences] for name in [*demo.KLATT_SPEAKERS, near, "f5", "f2", "klatt"]}
+    within = dtw(frames("de", sentences[0]), frames("de", sentences[1]))
+
+    def distance(a: str, b: str) -> float:
+        return float(np.mean([dtw(x, y) for x, y in zip(mel[a], mel[b])])) / within
+
+    f2_to_trained = distance("f2", "f5")
+    to_klatt = {name: distance(name, "klatt") for name in [*demo.KLATT_SPEAKERS, near]}
+    print(f"f2 to f5 {f2_to_trained:.2f}; to the probe's klatt:", {k: round(v, 2) for k, v in to_klatt.items()})
+    assert all(to_klatt[name] >= 0.9 * f2_to_trained for name in demo.KLATT_SPEAKERS), (f2_to_trained, to_klatt)
+    assert to_klatt[near] < 0.4 * f2_to_trained, (f2_to_trained, to_klatt)

@@ -21,7 +21,8 @@ expression, and for speech and images the `transcript` the probes' two-step pipe
 Unseen voices. Every speech sample's meta says `voice_seen: seen | unseen`. Training and eval speak
 with each voice's own espeak-ng settings or, for the share `train_variant_fraction` of them, in one of
 `train_variants` (`DEMO_TRAIN_VARIANTS` for the demo and full sizes: other speakers, so the recognizer
-meets more than one per language), or, with `synthetic_speakers: N`, in one of those or of N espeak-ng variant
+meets more than one per language; three of them, `KLATT_SPEAKERS`, are variant files of the project's own that
+speak through the Klatt synthesizer), or, with `synthetic_speakers: N`, in one of those or of N espeak-ng variant
 files drawn from the seed (`synthetic_speaker`: a vocal-tract factor on the formants, a pitch range, an echo),
 said through an espeak-ng data directory of the build's own; the probe split adds, after everything else, the
 first `probe_unseen_per_voice` speech -> code items of every voice said again with an espeak-ng
@@ -71,7 +72,7 @@ from omni_train.data.degrade import add_at_snr, brown_noise, white_noise
 from omni_train.data.synth import require
 from omni_train.data.writer import PreparedSample, ShardSink, existing_shards
 
-FORMAT_VERSION = 3  # 3: every speech sample's meta names its variant (`base`: the voice's own settings)
+FORMAT_VERSION = 4  # 3: every speech sample's meta names its variant (`base`: the voice's own settings); 4: Klatt-source training speakers
 SOURCE = "demo"
 SIZES = ("tiny", "demo", "full")
 SPLITS = ("train", "eval", "probe")
@@ -197,14 +198,35 @@ BASE_VARIANT = "base"  # meta.variant of speech said in its voice's own settings
 # speaker other than one per language. 22 variants (named voices and klatt2-4 added) at two thirds of the
 # utterances were too many for 1,700 steps: the recognizer never left its plateau (held-out transcripts 23.5%).
 # At 2,400 steps six named espeak-ng voices beside the eight numbered ones (the same half of the utterances)
-# raised the unseen voices from 66.2 to 71.2%. None of them uses the Klatt synthesizer: klatt2-6 render almost
-# the probe's klatt (their log-mel 0.035-0.06 from it against 0.23-0.36 for the other voices), which would make
-# it a voice heard in training.
+# raised the unseen voices from 66.2 to 71.2%. Those use espeak-ng's own source. espeak-ng's klatt2-6 render almost
+# the probe's klatt (their log-mel 0.035-0.06 from it against 0.23-0.36 for the other voices), which would make it a
+# voice heard in training, so the Klatt source comes in through three speakers of the project's own instead
+# (`KLATT_SPEAKERS`, below), whose vocal tracts and pitches lie far from the probe voice's.
 DEMO_TRAIN_VARIANTS = ("m1", "m3", "m4", "m5", "m6", "f1", "f3", "f5",
-                       "linda", "belinda", "grandma", "travis", "gustave", "victor")
+                       "linda", "belinda", "grandma", "travis", "gustave", "victor",
+                       "omni-klatt-m", "omni-klatt-f", "omni-klatt-f2")
 # espeak-ng 1.51 drops a variant silently after these names (`-v fr-fr+f2` renders plain fr-fr); the
 # same voices under their voice files' names take it (`-v fr` is `-v fr-fr`, byte for byte).
 _VARIANT_BASE = {"en-gb": "en", "fr-fr": "fr"}
+
+
+# Klatt-source speakers: espeak-ng variant files of the project's own that speak through the Klatt synthesizer
+# (Klatt's glottal source and formant model, the probe's klatt's), each with a vocal tract and a pitch range far from
+# the probe voice's: name -> (klatt version, formant factor in %, pitch low, pitch high in Hz). Every espeak-ng voice
+# trained before spoke through espeak-ng's own source, and klatt read 6-50% over eight runs (docs/robustness.md).
+# How far they lie from the probe's klatt is measured by DTW over log-mel frames of the same sentence, over the distance
+# between two sentences of one voice: 0.44 / 0.51 / 0.62 from it, where f2 lies 0.43 from its nearest trained voice (f5)
+# and m7 0.45 from m1; at a factor of 0.88-1.08 (0.27-0.31 from it) klatt would be a voice heard in training
+# (`tests/test_demo_corpus.py::test_klatt_speakers_are_far_from_the_probe_klatt`).
+KLATT_SPEAKERS = {"omni-klatt-m": (2, 80, 70, 110), "omni-klatt-f": (3, 112, 150, 210), "omni-klatt-f2": (4, 116, 160, 230)}
+
+
+def klatt_speaker(name: str) -> str:
+    """The espeak-ng variant file of Klatt-source speaker `name` (`KLATT_SPEAKERS`)."""
+    version, tract, low, high = KLATT_SPEAKERS[name]
+    lines = ["language variant", f"name {name}", f"klatt {version}", f"pitch {low} {high}"]
+    lines += [f"formant {k} {tract} 100 100" for k in range(9)]
+    return "\n".join(lines) + "\n"
 
 
 # Synthetic speakers (`DemoCorpusConfig.synthetic_speakers`): espeak-ng variant files drawn at random, a continuum
@@ -242,9 +264,9 @@ def synthetic_speaker_names(count: int) -> tuple[str, ...]:
 
 def espeak_data_with_speakers(root: Path, count: int, seed: int, variants: Sequence[str]) -> Path:
     """A copy of espeak-ng's data directory under `root` (symbolic links to the installed files) whose `voices/!v`
-    holds the installed `variants` and the `count` synthetic speakers, and whose `voices` holds nothing else (no
-    MBROLA voices); espeak-ng takes it as `--path <returned path>`. Only those: espeak-ng lists at most 350 voices
-    and variants, its ~130 languages included, and the installed ones are about 340."""
+    holds `variants` (installed ones linked, `KLATT_SPEAKERS` written) and the `count` synthetic speakers, and whose
+    `voices` holds nothing else (no MBROLA voices); espeak-ng takes it as `--path <returned path>`. Only those:
+    espeak-ng lists at most 350 voices and variants, its ~130 languages included, and the installed ones are about 340."""
     installed = _espeak_data_dir()
     data = root / "espeak-ng-data"
     (data / "voices" / "!v").mkdir(parents=True)
@@ -252,7 +274,10 @@ def espeak_data_with_speakers(root: Path, count: int, seed: int, variants: Seque
         if entry.name != "voices":
             (data / entry.name).symlink_to(entry)
     for name in variants:
-        (data / "voices" / "!v" / name).symlink_to(installed / "voices" / "!v" / name)
+        if name in KLATT_SPEAKERS:
+            (data / "voices" / "!v" / name).write_text(klatt_speaker(name), encoding="utf-8")
+        else:
+            (data / "voices" / "!v" / name).symlink_to(installed / "voices" / "!v" / name)
     for i, name in enumerate(synthetic_speaker_names(count)):
         (data / "voices" / "!v" / name).write_text(synthetic_speaker(i, seed), encoding="utf-8")
     return root
@@ -1069,7 +1094,7 @@ def build_demo_corpus(out: str | Path, *, size: str = "demo", seed: int = 0, wor
         media_dir = Path(tmp)
         espeak_path = (espeak_data_with_speakers(media_dir / "espeak", cfg.synthetic_speakers, cfg.seed,
                                                  sorted(set(cfg.train_variants) | set(cfg.unseen_variants)))
-                       if cfg.synthetic_speakers else None)
+                       if cfg.synthetic_speakers or set(cfg.train_variants) & set(KLATT_SPEAKERS) else None)
         rendered = _render_all(jobs, media_dir, workers, say, start, espeak_path)
         for path in old:  # a smaller rebuild must not leave stale shards behind for a glob to pick up
             path.unlink()
@@ -1084,6 +1109,7 @@ def _check_variants(cfg: DemoCorpusConfig) -> None:
     as an unseen one: refuse before rendering instead."""
     listed = subprocess.run([require("espeak-ng"), "--voices=variant"], capture_output=True, text=True).stdout
     installed = {word.removeprefix("!v/") for line in listed.splitlines() for word in line.split() if word.startswith("!v/")}
+    installed |= set(KLATT_SPEAKERS)  # written into the build's own data directory
     for name, variants in (("unseen_variants", cfg.unseen_variants if cfg.probe_unseen_per_voice else ()),
                            ("train_variants", cfg.train_variants)):
         if missing := [v for v in variants if v not in installed]:
