@@ -216,7 +216,7 @@ _VARIANT_BASE = {"en-gb": "en", "fr-fr": "fr"}
 # trained before spoke through espeak-ng's own source, and klatt read 6-50% over eight runs (docs/robustness.md).
 # How far they lie from the probe's klatt is measured by DTW over log-mel frames of the same sentence, over the distance
 # between two sentences of one voice: 0.44 / 0.51 / 0.62 from it, where f2 lies 0.43 from its nearest trained voice (f5)
-# and m7 0.45 from m1; at a factor of 0.88-1.08 (0.27-0.31 from it) klatt would be a voice heard in training
+# and m7 0.45 from m1; at a factor of 0.84-1.08 (0.26-0.38 from it) klatt would be a voice heard in training
 # (`tests/test_demo_corpus.py::test_klatt_speakers_are_far_from_the_probe_klatt`).
 KLATT_SPEAKERS = {"omni-klatt-m": (2, 80, 70, 110), "omni-klatt-f": (3, 112, 150, 210), "omni-klatt-f2": (4, 116, 160, 230)}
 
@@ -1092,9 +1092,9 @@ def build_demo_corpus(out: str | Path, *, size: str = "demo", seed: int = 0, wor
     (out / "corpus.json").unlink(missing_ok=True)  # written last: its presence marks a complete build
     with tempfile.TemporaryDirectory(prefix=".demo-media-", dir=out) as tmp:
         media_dir = Path(tmp)
-        espeak_path = (espeak_data_with_speakers(media_dir / "espeak", cfg.synthetic_speakers, cfg.seed,
-                                                 sorted(set(cfg.train_variants) | set(cfg.unseen_variants)))
-                       if cfg.synthetic_speakers or set(cfg.train_variants) & set(KLATT_SPEAKERS) else None)
+        variants = set(cfg.train_variants) | set(cfg.unseen_variants)
+        espeak_path = (espeak_data_with_speakers(media_dir / "espeak", cfg.synthetic_speakers, cfg.seed, sorted(variants))
+                       if cfg.synthetic_speakers or variants & set(KLATT_SPEAKERS) else None)
         rendered = _render_all(jobs, media_dir, workers, say, start, espeak_path)
         for path in old:  # a smaller rebuild must not leave stale shards behind for a glob to pick up
             path.unlink()
